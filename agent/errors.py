@@ -15,10 +15,11 @@ __all__ = [
     "LLMTimeoutError",
     "ModelError",
     "ModelTimeoutError",
-    "PlanningError",
     "PlanParseError",
     "PlanValidationError",
+    "PlanningError",
     "ResourceError",
+    "RetryableModelError",
 ]
 
 
@@ -60,6 +61,17 @@ class ModelError(ExecutionError):
 
 class ModelTimeoutError(ModelError, TimeoutError):
     """A model did not answer within the task timeout."""
+
+
+class RetryableModelError(ModelError):
+    """A model failed in a way that may pass if asked again later (loading, rate limited, connection lost).
+
+    ``retry_after`` is the server's hint in seconds (``Retry-After``), if it gave one.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class BackendUnavailableError(ExecutionError):

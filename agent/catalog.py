@@ -99,23 +99,28 @@ class ModelInfo:
 
 
 class Catalog:
-    """An immutable set of models, indexed by id and by task."""
+    """An immutable set of models, indexed by task and by id.
+
+    An entry is a (task, model) pair: one model may serve several tasks (the controller LLM does).
+    """
 
     def __init__(self, models: Iterable[ModelInfo]) -> None:
-        self._by_id: dict[str, ModelInfo] = {}
+        self._entries: dict[tuple[str, str], ModelInfo] = {}
         for m in models:
-            self._by_id[m.id] = m
+            self._entries[(m.task, m.id)] = m
+        self._by_id: dict[str, ModelInfo] = {}
         self._by_task: dict[str, list[ModelInfo]] = {}
-        for m in self._by_id.values():
+        for m in self._entries.values():
+            self._by_id.setdefault(m.id, m)
             self._by_task.setdefault(m.task, []).append(m)
         for ranked in self._by_task.values():
             ranked.sort(key=lambda m: (-m.downloads, m.id))
 
     def __len__(self) -> int:
-        return len(self._by_id)
+        return len(self._entries)
 
     def __iter__(self) -> Iterator[ModelInfo]:
-        return iter(self._by_id.values())
+        return iter(self._entries.values())
 
     def get(self, model_id: str) -> ModelInfo | None:
         return self._by_id.get(model_id)
@@ -133,7 +138,7 @@ class Catalog:
         return [m for m in ranked if available(m)] + [m for m in ranked if not available(m)]
 
     def with_models(self, extra: Iterable[ModelInfo]) -> Catalog:
-        return Catalog([*self._by_id.values(), *extra])
+        return Catalog([*self._entries.values(), *extra])
 
     @classmethod
     def load(cls, path: Path) -> Catalog:

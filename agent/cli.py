@@ -83,11 +83,15 @@ async def _conversation(rt: Runtime, conversation_id: str | None) -> str:
     return created.id
 
 
+def _read_file(path: Path) -> bytes:
+    return path.expanduser().read_bytes()
+
+
 async def _read_uploads(paths: Sequence[Path], settings: Settings) -> list[Upload]:
     uploads = []
     for path in paths:
         try:
-            data = await asyncio.to_thread(path.read_bytes)
+            data = await asyncio.to_thread(_read_file, path)
         except OSError as err:
             raise AgentError(f"{path}: cannot read the file ({err.strerror or err})") from err
         uploads.append(await check_upload(path.name, data, max_bytes=settings.max_attachment_bytes))
@@ -139,7 +143,7 @@ async def _export_files(rt: Runtime, result: RunResult, out_dir: Path) -> list[P
     """Copy the run's files under their short names (``out-1-0.png``) so a person can open them."""
     if not result.files:
         return []
-    out_dir.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
     paths = []
     for res in result.files:
         target = out_dir / res.name
@@ -147,7 +151,7 @@ async def _export_files(rt: Runtime, result: RunResult, out_dir: Path) -> list[P
             await asyncio.to_thread(shutil.copyfile, res.path, target)
         else:
             await asyncio.to_thread(target.write_bytes, await rt.storage.read_resource(res))
-        paths.append(target.resolve())
+        paths.append(target.absolute())
     return paths
 
 
@@ -202,7 +206,7 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
                 return 0
             if line.startswith("/attach "):
                 try:
-                    pending.extend(await _read_uploads([Path(line[8:].strip()).expanduser()], settings))
+                    pending.extend(await _read_uploads([Path(line[8:].strip())], settings))
                     print(f"attached {pending[-1].filename} ({pending[-1].kind})", file=sys.stderr)
                 except AgentError as err:
                     print(f"error: {err}", file=sys.stderr)

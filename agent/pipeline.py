@@ -105,7 +105,8 @@ class Agent:
                 yield ModelsSelected(choices)
                 if dry_run:
                     for t in plan.tasks:
-                        results[t.id] = _skipped(t.id, t.task, "dry run")
+                        chosen = choices[t.id].model if t.id in choices else None
+                        results[t.id] = TaskResult(t.id, t.task, chosen or None, "skipped", error="dry run")
                         yield TaskSkipped(t.id, t.task, "dry run")
                     answer_parts.append(_describe_dry_run(plan, choices))
                     yield finish("ok")

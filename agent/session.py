@@ -13,7 +13,17 @@ from collections.abc import AsyncIterator, Sequence
 from storage import Storage
 
 from .errors import AgentError
-from .events import Done, Event, LLMUsage, ModelsSelected, PlanReady, RunResult, TaskFailed, TaskFinished, TaskSkipped
+from .events import (
+    Done,
+    Event,
+    LLMUsage,
+    ModelsSelected,
+    PlanReady,
+    RunResult,
+    TaskFailed,
+    TaskFinished,
+    TaskSkipped,
+)
 from .pipeline import Agent
 from .plan import Plan
 from .request import ChatTurn, Request

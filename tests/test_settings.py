@@ -46,7 +46,7 @@ def test_embedded_llm_only_without_url_and_key() -> None:
 def test_allow_lists_parse_commas_and_spaces() -> None:
     s = Settings.from_mapping({"DISCORD_ALLOWED_CHANNELS": "1, 2 3"})
     assert s.discord_allowed_channels == frozenset({1, 2, 3})
-    with pytest.raises(ConfigurationError, match="DISCORD_ALLOWED_GUILDS|numeric"):
+    with pytest.raises(ConfigurationError, match=r"DISCORD_ALLOWED_GUILDS|numeric"):
         Settings.from_mapping({"DISCORD_ALLOWED_GUILDS": "general"})
 
 

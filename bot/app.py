@@ -1,0 +1,346 @@
+"""The Discord bot: a thin adapter from Discord messages to stored conversations of the agent.
+
+The whole flow, in order:
+
+- ``setup_hook``: start the agent ``Runtime`` (storage, LLM, backends), add the slash commands, and sync them
+  with Discord only when asked (``--sync-commands``).
+- ``on_ready``: report in their threads the runs a restart interrupted.
+- ``on_message``: a mention in an allowed channel opens a public thread on that message and starts a
+  conversation there (platform ``discord``, external id = thread id, owner = author id); in a thread that has
+  a conversation, every message continues it without a mention. Attachments are downloaded and checked, the
+  run happens in ``turn.run_in_thread`` (one at a time per thread, later ones queued), each user is rate
+  limited, and failures become a short message in the thread (details in the log).
+- ``close`` (SIGTERM/SIGINT in ``run_bot``): stop taking requests, cancel the runs (``Conversations`` records
+  them as interrupted), close the runtime and then the Discord client.
+
+``AllowedMentions.none()`` is set on the client, so nothing the model writes can ping anyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal
+from collections.abc import Sequence
+from typing import Literal
+
+import discord
+import yarl
+from discord import app_commands
+from discord.ext import commands
+
+from agent.errors import AgentError, ConfigurationError
+from agent.runtime import Runtime
+from agent.settings import Settings
+from storage import Conversation
+
+from .attachments import Downloader, IncomingFile, read_attachments
+from .commands import SlashCommands
+from .limits import AccessPolicy, RateLimiter, ThreadQueue
+from .text import request_text, thread_name
+from .turn import ThreadRequest, post_message, run_in_thread
+
+__all__ = ["PLATFORM", "HuggingGPTBot", "run_bot", "use_discord_endpoints"]
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "discord"
+THREAD_ARCHIVE_MINUTES: Literal[1440] = 1440  # a day without messages hides the thread
+_SHUTDOWN_SECONDS = 15.0
+
+INTERRUPTED_NOTICE = (
+    "⚠️ I was restarted while working on a request here, so it did not finish. "
+    "Send it again if you still need it."
+)
+ERROR_NOTICE = "❌ Something went wrong on my side; the details are in the bot's log."
+
+
+def use_discord_endpoints(api_base: str, gateway_url: str) -> None:
+    """Point discord.py at a Discord-compatible server (a self-hosted Spacebar, or a test server).
+
+    discord.py 2.7 builds every REST URL from the class attribute ``discord.http.Route.BASE`` (default
+    ``https://discord.com/api/v10``). A non-sharded client never asks ``GET /gateway/bot`` (only
+    ``AutoShardedClient`` calls ``HTTPClient.get_bot_gateway``, for the shard count):
+    ``DiscordWebSocket.from_client`` connects to the class attribute ``DiscordWebSocket.DEFAULT_GATEWAY``
+    (``wss://gateway.discord.gg/``), to which it also returns after an invalidated session, and resumes at
+    the ``resume_gateway_url`` the server gives in READY. Both attributes are process-wide, so they are set
+    here once, before login. Empty values keep Discord's. ``api_base`` without an ``/api/vN`` suffix gets
+    ``/api/v10``.
+    """
+    if api_base:
+        base = api_base.rstrip("/")
+        if not re.search(r"/api/v\d+$", base):
+            base += "/api/v10"
+        discord.http.Route.BASE = base
+    if gateway_url:
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
+
+
+class _Tree(app_commands.CommandTree):
+    async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        """A failed command gets a short answer; the traceback goes to the log only."""
+        if isinstance(error, app_commands.CheckFailure):
+            text = "You can't use that command here."
+        else:
+            log.error("/%s failed", interaction.command.name if interaction.command else "?", exc_info=error)
+            text = ERROR_NOTICE
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(text, ephemeral=True)
+            else:
+                await interaction.response.send_message(text, ephemeral=True)
+        except discord.HTTPException:
+            log.warning("could not tell the user that /%s failed", interaction.command.name if interaction.command else "?")
+
+
+class HuggingGPTBot(commands.Bot):
+    """HuggingGPT on Discord. ``downloader`` and ``edit_interval`` are for tests (a fake CDN, fast edits)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        sync_commands: bool = False,
+        downloader: Downloader | None = None,
+        edit_interval: float = 1.0,
+    ) -> None:
+        discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False  # no voice: silence the warnings
+        intents = discord.Intents.default()
+        intents.message_content = True
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=intents,
+            allowed_mentions=discord.AllowedMentions.none(),
+            help_command=None,
+            tree_cls=_Tree,
+        )
+        use_discord_endpoints(settings.discord_api_base, settings.discord_gateway_url)
+        self.settings = settings
+        self.sync_commands = sync_commands
+        self.downloader = downloader or Downloader()
+        self.edit_interval = edit_interval
+        self.access = AccessPolicy.from_settings(settings)
+        self.rate_limiter = RateLimiter(settings.discord_user_runs_per_minute)
+        self.queue = ThreadQueue()
+        self._runtime: Runtime | None = None
+        self._runs: set[asyncio.Task[object]] = set()
+        self._accepting = True
+        self._reported_interrupted = False
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            raise RuntimeError("the bot has not been set up (setup_hook has not run)")
+        return self._runtime
+
+    async def setup_hook(self) -> None:
+        self._runtime = await Runtime.start(self.settings)
+        await self.add_cog(SlashCommands(self))
+        if self.sync_commands:
+            synced = await self.tree.sync()
+            log.info("synced %d slash commands with Discord", len(synced))
+
+    async def on_ready(self) -> None:
+        log.info("logged in as %s (%s) in %d guilds", self.user, self.user.id if self.user else "?", len(self.guilds))
+        if not self._reported_interrupted:
+            self._reported_interrupted = True
+            await self._report_interrupted_runs()
+
+    async def _report_interrupted_runs(self) -> None:
+        storage = self.runtime.storage
+        for run in await storage.unreported_interrupted_runs():
+            conversation = await storage.get_conversation(run.conversation_id)
+            if conversation is None or conversation.platform != PLATFORM or conversation.external_id is None:
+                continue
+            try:
+                channel = self.get_channel(int(conversation.external_id)) or await self.fetch_channel(
+                    int(conversation.external_id)
+                )
+                if isinstance(channel, discord.abc.Messageable):
+                    await channel.send(INTERRUPTED_NOTICE)
+            except (discord.NotFound, discord.Forbidden):
+                log.info("thread %s of interrupted run %s is gone", conversation.external_id, run.id)
+            except discord.HTTPException as err:
+                log.warning("could not report interrupted run %s (HTTP %s); will retry at next start", run.id, err.status)
+                continue
+            await storage.mark_reported(run.id)
+
+    # ------------------------------------------------------------------ messages
+
+    async def on_message(self, message: discord.Message) -> None:
+        me = self.user
+        if not self._accepting or me is None or message.author.bot or message.guild is None:
+            return
+        if message.type not in (discord.MessageType.default, discord.MessageType.reply):
+            return  # system messages: pins, joins, thread notices
+        channel = message.channel
+        mentioned = any(user.id == me.id for user in message.mentions)
+        if isinstance(channel, discord.Thread):
+            if not self.allowed(message.guild, channel, message.author):
+                return
+            conversation = await self.conversation_of(channel)
+            if conversation is None:
+                if mentioned:
+                    await post_message(channel, "Mention me in a text channel to start a conversation in a new thread.")
+                return
+            if not await self._within_rate_limit(message.author, channel):
+                return
+            thread, conversation_id = channel, conversation.id
+        elif mentioned:
+            if not self.allowed(message.guild, channel, message.author):
+                return
+            if not isinstance(channel, discord.TextChannel):
+                await post_message(channel, "I can only start conversations in text channels.")
+                return
+            if not await self._within_rate_limit(message.author, channel):
+                return
+            opened = await self.open_thread(channel, message, request_text(message.content, me.id), message.author.id)
+            if opened is None:
+                return
+            thread, conversation_id = opened
+        else:
+            return
+        files = [IncomingFile(a.filename, a.url, a.size) for a in message.attachments]
+        await self.serve(
+            thread,
+            conversation_id,
+            request_text(message.content, me.id),
+            files,
+            author_id=message.author.id,
+            message_id=message.id,
+        )
+
+    def allowed(self, guild: discord.Guild | None, channel: object, user: discord.abc.User) -> bool:
+        """Whether the allow-lists let ``user`` use the bot in ``channel`` (a thread counts as its parent)."""
+        channel_ids = {channel.id} if isinstance(channel, discord.abc.Snowflake) else set()
+        if isinstance(channel, discord.Thread) and channel.parent_id:
+            channel_ids.add(channel.parent_id)
+        roles = [role.id for role in user.roles] if isinstance(user, discord.Member) else []
+        return self.access.allows(guild.id if guild else None, channel_ids, roles)
+
+    async def _within_rate_limit(self, user: discord.abc.User, channel: discord.abc.Messageable) -> bool:
+        wait = self.rate_limiter.acquire(user.id)
+        if wait:
+            await post_message(channel, f"⏳ Slow down, {user.display_name}: try again in {wait:.0f} s.")
+        return not wait
+
+    async def conversation_of(self, thread: discord.Thread) -> Conversation | None:
+        """The conversation held in ``thread``; None if the bot does not own it."""
+        return await self.runtime.storage.find_conversation(PLATFORM, str(thread.id))
+
+    async def forget(self, conversation: Conversation) -> None:
+        """Delete ``conversation`` (messages, files, runs) and start an empty one in the same thread."""
+        storage = self.runtime.storage
+        await storage.delete_conversation(conversation.id)
+        await storage.create_conversation(
+            PLATFORM, external_id=conversation.external_id, owner=conversation.owner, title=conversation.title
+        )
+
+    async def open_thread(
+        self, channel: discord.TextChannel, message: discord.abc.Snowflake, text: str, owner_id: int
+    ) -> tuple[discord.Thread, str] | None:
+        """A public thread on ``message`` with a new conversation, or None (and a notice) if Discord refuses."""
+        try:
+            thread = await channel.create_thread(
+                name=thread_name(text), message=message, auto_archive_duration=THREAD_ARCHIVE_MINUTES
+            )
+        except discord.HTTPException as err:
+            log.warning("could not create a thread in %s (HTTP %s): %s", channel.id, err.status, err.text)
+            await post_message(channel, "❌ I could not open a thread here; I need the Create Public Threads permission.")
+            return None
+        try:
+            conversation = await self.runtime.storage.create_conversation(
+                PLATFORM, external_id=str(thread.id), owner=str(owner_id), title=thread.name
+            )
+        except AgentError as err:
+            log.error("could not store the conversation of thread %s: %s", thread.id, err)
+            await post_message(thread, f"❌ {err}")
+            return None
+        return thread, conversation.id
+
+    async def serve(
+        self,
+        thread: discord.Thread,
+        conversation_id: str,
+        text: str,
+        files: Sequence[IncomingFile],
+        *,
+        author_id: int,
+        message_id: int | None,
+    ) -> None:
+        """Check the attachments, wait for the thread's turn, run the request. Never raises (but cancels)."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._runs.add(task)
+        try:
+            uploads, problems = await read_attachments(files, self.downloader, max_bytes=self.settings.max_attachment_bytes)
+            if problems:
+                await post_message(thread, "⚠️ I can't use:\n" + "\n".join(f"- {p}" for p in problems))
+            if not text and not uploads:
+                await post_message(thread, "Tell me what you would like me to do (and attach images, audio or video if needed).")
+                return
+            if self.queue.busy(thread.id):
+                await post_message(thread, "⏳ I'm still working on the previous request here; this one is queued.")
+            async with self.queue.turn(thread.id):
+                request = ThreadRequest(conversation_id, text, uploads, str(author_id), str(message_id) if message_id else None)
+                await run_in_thread(self.runtime, thread, request, edit_interval=self.edit_interval)
+        except AgentError as err:
+            log.warning("request in thread %s failed: %s", thread.id, err)
+            await post_message(thread, f"❌ {err}")
+        except Exception:
+            log.exception("request in thread %s failed", thread.id)
+            await post_message(thread, ERROR_NOTICE)
+        finally:
+            if task is not None:
+                self._runs.discard(task)
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def close(self) -> None:
+        """Stop taking requests, cancel running ones (recorded as interrupted), close the runtime, then Discord."""
+        self._accepting = False
+        runs = [t for t in self._runs if not t.done()]
+        for task in runs:
+            task.cancel()
+        if runs:
+            await asyncio.wait(runs, timeout=_SHUTDOWN_SECONDS)
+        if self._runtime is not None:
+            runtime, self._runtime = self._runtime, None
+            await runtime.close()
+        await self.downloader.aclose()
+        await super().close()
+
+
+def run_bot(settings: Settings, *, sync_commands: bool) -> int:
+    """Run the bot until SIGTERM or SIGINT; 0 on a clean stop. Configuration problems raise ``ConfigurationError``."""
+    if not settings.discord_token:
+        raise ConfigurationError("DISCORD_TOKEN is not set: create a bot in the Discord Developer Portal and set its token.")
+    return asyncio.run(_serve(settings, sync_commands=sync_commands))
+
+
+async def _serve(settings: Settings, *, sync_commands: bool) -> int:
+    bot = HuggingGPTBot(settings, sync_commands=sync_commands)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with bot:
+        running = asyncio.create_task(bot.start(settings.discord_token))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not running.done():
+            log.info("stopping: signal received")
+            await bot.close()
+        try:
+            await running
+        except discord.LoginFailure as err:
+            raise ConfigurationError("Discord refused DISCORD_TOKEN; copy the bot token again from the Developer Portal.") from err
+        except discord.PrivilegedIntentsRequired as err:
+            raise ConfigurationError(
+                "Discord refused the Message Content intent: enable it for the bot in the Developer Portal (Bot → "
+                "Privileged Gateway Intents)."
+            ) from err
+    log.info("stopped")
+    return 0

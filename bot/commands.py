@@ -1,0 +1,163 @@
+"""Slash commands: ``/ask``, ``/models``, ``/status``, ``/reset``, ``/help``.
+
+They are registered with Discord only by ``hugginggpt bot --sync-commands`` (syncing on every start would hit
+Discord's rate limits for no reason). Every command but ``/help`` follows the allow-lists.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from agent.tasks import TASKS
+
+from .attachments import IncomingFile
+from .text import MESSAGE_LIMIT
+
+if TYPE_CHECKING:
+    from .app import HuggingGPTBot
+
+__all__ = ["HELP_TEXT", "SlashCommands"]
+
+_MODELS_SHOWN = 10
+_ECHO_LIMIT = 1500
+NOT_HERE = "I'm not available here."
+
+HELP_TEXT = """\
+**HuggingGPT** plans your request with a language model, runs Hugging Face models for each step, and answers.
+- Mention me in a channel with a request (and images, audio or video attached): I open a thread and work there.
+- In that thread, just keep talking: I remember the conversation and the files in it.
+- `/ask prompt [attachment]` does the same as a mention.
+- `/models task` lists the models I would pick from for a task. `/status` shows what I can reach.
+- `/reset` in a thread forgets its conversation (the person who started it, or an administrator)."""
+
+
+class SlashCommands(commands.Cog):
+    def __init__(self, bot: HuggingGPTBot) -> None:
+        self.bot = bot
+
+    def _allowed(self, interaction: discord.Interaction) -> bool:
+        return self.bot.allowed(interaction.guild, interaction.channel, interaction.user)
+
+    @app_commands.command(name="ask", description="Ask HuggingGPT; it answers in a thread.")
+    @app_commands.describe(prompt="What you would like done", attachment="An image, audio or video file")
+    @app_commands.guild_only()
+    async def ask(
+        self,
+        interaction: discord.Interaction,
+        prompt: app_commands.Range[str, 1, 4000],
+        attachment: discord.Attachment | None = None,
+    ) -> None:
+        bot = self.bot
+        if not self._allowed(interaction):
+            await interaction.response.send_message(NOT_HERE, ephemeral=True)
+            return
+        channel = interaction.channel
+        conversation = await bot.conversation_of(channel) if isinstance(channel, discord.Thread) else None
+        if not isinstance(channel, discord.TextChannel) and conversation is None:
+            await interaction.response.send_message("Use /ask in a text channel or in one of my threads.", ephemeral=True)
+            return
+        wait = bot.rate_limiter.acquire(interaction.user.id)
+        if wait:
+            await interaction.response.send_message(f"⏳ Slow down: try again in {wait:.0f} s.", ephemeral=True)
+            return
+        await interaction.response.defer(thinking=True)
+        echo = await interaction.followup.send(_echo(interaction.user, prompt), wait=True)
+        if isinstance(channel, discord.Thread) and conversation is not None:
+            thread, conversation_id = channel, conversation.id
+        else:
+            assert isinstance(channel, discord.TextChannel)
+            opened = await bot.open_thread(channel, echo, prompt, interaction.user.id)
+            if opened is None:
+                return
+            thread, conversation_id = opened
+        files = [IncomingFile(attachment.filename, attachment.url, attachment.size)] if attachment else []
+        await bot.serve(thread, conversation_id, prompt, files, author_id=interaction.user.id, message_id=None)
+
+    @app_commands.command(name="models", description="The models HuggingGPT picks from for a task, best first.")
+    @app_commands.describe(task="A task type, e.g. image-classification")
+    @app_commands.guild_only()
+    async def models(self, interaction: discord.Interaction, task: str) -> None:
+        if not self._allowed(interaction):
+            await interaction.response.send_message(NOT_HERE, ephemeral=True)
+            return
+        spec = TASKS.get(task)
+        if spec is None:
+            await interaction.response.send_message(
+                f"I don't know the task `{task[:100]}`; start typing to pick one from the list.", ephemeral=True
+            )
+            return
+        runtime = self.bot.runtime
+        available = runtime.backends.available
+        ranked = runtime.catalog.candidates(task, available)
+        lines = [f"**{task}**: {spec.description}."]
+        for n, model in enumerate(ranked[:_MODELS_SHOWN], 1):
+            mark = "✅" if available(model) else "⛔"
+            lines.append(f"{n}. {mark} `{model.id}` · {_count(model.downloads)} downloads")
+        if not ranked:
+            lines.append("No model in my catalog does this task.")
+        else:
+            lines.append(f"✅ can run here · ⛔ not available here · {len(ranked)} in the catalog")
+        await interaction.response.send_message("\n".join(lines)[:MESSAGE_LIMIT], ephemeral=True)
+
+    @models.autocomplete("task")
+    async def _task_names(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        needle = current.lower().strip()
+        return [app_commands.Choice(name=t, value=t) for t in sorted(TASKS) if needle in t][:25]
+
+    @app_commands.command(name="status", description="Whether the LLM, the model endpoints and the database are reachable.")
+    @app_commands.guild_only()
+    async def status(self, interaction: discord.Interaction) -> None:
+        if not self._allowed(interaction):
+            await interaction.response.send_message(NOT_HERE, ephemeral=True)
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        statuses = await self.bot.runtime.status()
+        lines = dict.fromkeys(f"{'✅' if s.live else '❌'} **{s.name}**: {s.detail}" for s in statuses)
+        await interaction.followup.send("\n".join(lines)[:MESSAGE_LIMIT], ephemeral=True)
+
+    @app_commands.command(name="reset", description="Forget this thread's conversation and start afresh.")
+    @app_commands.guild_only()
+    async def reset(self, interaction: discord.Interaction) -> None:
+        bot = self.bot
+        channel = interaction.channel
+        if not self._allowed(interaction):
+            await interaction.response.send_message(NOT_HERE, ephemeral=True)
+            return
+        conversation = await bot.conversation_of(channel) if isinstance(channel, discord.Thread) else None
+        if channel is None or conversation is None:
+            await interaction.response.send_message("Use /reset in one of my conversation threads.", ephemeral=True)
+            return
+        user = interaction.user
+        admin = isinstance(user, discord.Member) and user.guild_permissions.administrator
+        if conversation.owner != str(user.id) and not admin:
+            await interaction.response.send_message(
+                "Only the person who started this conversation or an administrator can reset it.", ephemeral=True
+            )
+            return
+        if bot.queue.busy(channel.id):
+            await interaction.response.send_message(
+                "A request is still running here; reset once it has finished.", ephemeral=True
+            )
+            return
+        await bot.forget(conversation)
+        await interaction.response.send_message("🧹 I forgot this conversation; from here on we start afresh.")
+
+    @app_commands.command(name="help", description="How to use HuggingGPT.")
+    async def help(self, interaction: discord.Interaction) -> None:
+        await interaction.response.send_message(HELP_TEXT, ephemeral=True)
+
+
+def _echo(user: discord.abc.User, prompt: str) -> str:
+    shown = prompt if len(prompt) <= _ECHO_LIMIT else prompt[: _ECHO_LIMIT - 1] + "…"
+    return f"**{user.display_name}** asked: {shown}"
+
+
+def _count(n: int) -> str:
+    for unit, size in (("M", 1_000_000), ("k", 1_000)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)

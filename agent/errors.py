@@ -19,6 +19,7 @@ __all__ = [
     "PlanValidationError",
     "PlanningError",
     "ResourceError",
+    "ResourceStoreError",
     "RetryableModelError",
 ]
 
@@ -80,6 +81,13 @@ class BackendUnavailableError(ExecutionError):
 
 class ResourceError(AgentError, ValueError):
     """A file is missing, too large, corrupt or of a type we do not handle."""
+
+
+class ResourceStoreError(AgentError):
+    """The conversation's store could not save or read (disk full, database busy or damaged).
+
+    Not a fault of the model that was running: no other model would fare better, so the run stops.
+    """
 
 
 class GenerationError(AgentError):

@@ -4,7 +4,8 @@ Each task waits for the tasks it depends on (its ``dep`` list and any ``<GENERAT
 the moment the last of them finishes; independent tasks run at the same time. A task that fails takes its
 dependents down with it (they are skipped, with the reason) while the rest of the plan goes on. Models are
 called with a timeout, retried with backoff when the failure is transient (honouring ``Retry-After``), and
-replaced by the next candidate model when they keep failing.
+replaced by the next candidate model when they keep failing. A failure of the store itself (disk full,
+database unusable) is no model's fault: it stops the whole run.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .errors import (
     ExecutionError,
     ModelTimeoutError,
     ResourceError,
+    ResourceStoreError,
     RetryableModelError,
 )
 from .events import Event, LLMUsage, TaskFailed, TaskFinished, TaskSkipped, TaskStarted
@@ -84,7 +86,8 @@ class Executor:
     ) -> AsyncIterator[Event]:
         """Yield ``TaskStarted`` (again on each fallback model) and exactly one of ``TaskFinished``,
         ``TaskFailed`` or ``TaskSkipped`` per task, as they happen. Closing or cancelling the iteration
-        cancels every running task."""
+        cancels every running task. A ``ResourceStoreError`` in any task is raised here, after
+        cancelling the others."""
         events: asyncio.Queue[Event] = asyncio.Queue()
         waits = {t.id: _waits_for(t, plan) for t in plan.tasks}
         cyclic = _cyclic(waits)
@@ -103,6 +106,8 @@ class Executor:
                 if isinstance(event, TaskFinished | TaskFailed | TaskSkipped):
                     remaining -= 1
                 yield event
+                if run.fatal is not None and event is run.fatal[1]:
+                    raise run.fatal[0]
         finally:
             for worker in workers:
                 worker.cancel()
@@ -120,6 +125,7 @@ class _Run:
     usage: LLMUsage
     events: asyncio.Queue[Event]
     outcomes: dict[int, asyncio.Future[_Outcome]]
+    fatal: tuple[ResourceStoreError, TaskFailed] | None = None  # the first store failure, and its event
 
     async def task(self, planned: PlannedTask, waits: tuple[int, ...], cyclic: bool) -> None:
         outcome = _Outcome(reason=f"task {planned.id} ({planned.task}) failed")
@@ -158,6 +164,8 @@ class _Run:
                 raise ExecutionError(f"task {planned.id} ({planned.task}): {why}")
             inp = await self._inputs(planned, task_type)
             runnable = self._runnable(planned, task_type, choice)
+        except ResourceStoreError as err:
+            return self._stop(planned, choice.model if choice else None, started, err)
         except AgentError as err:
             self.events.put_nowait(
                 TaskFailed(planned.id, planned.task, choice.model if choice else None, 0.0, str(err))
@@ -168,7 +176,10 @@ class _Run:
         for model, backend in runnable:
             attempts.tried.append(model.id)
             self.events.put_nowait(TaskStarted(planned.id, planned.task, model.id))
-            output = await self._attempts(model, backend, inp, io, attempts)
+            try:
+                output = await self._attempts(model, backend, inp, io, attempts)
+            except ResourceStoreError as err:
+                return self._stop(planned, model.id, started, err)
             if output is not None:
                 seconds = time.monotonic() - started
                 self.events.put_nowait(TaskFinished(planned.id, planned.task, model.id, seconds, output))
@@ -179,12 +190,24 @@ class _Run:
         )
         return failed
 
+    def _stop(
+        self, planned: PlannedTask, model: str | None, started: float, err: ResourceStoreError
+    ) -> _Outcome:
+        """Fail the task for a store failure and have ``execute`` stop the run once the event is out."""
+        failed = TaskFailed(planned.id, planned.task, model, time.monotonic() - started, str(err))
+        self.fatal = self.fatal or (err, failed)
+        self.events.put_nowait(failed)
+        return _Outcome(reason=str(err))
+
     def _runnable(
         self, planned: PlannedTask, task_type: TaskType, choice: ModelChoice
     ) -> list[tuple[ModelInfo, Backend]]:
-        """The chosen model and its fallbacks that a live backend can run, in order."""
+        """The chosen model and its fallbacks that a live backend can run, in order: at most
+        ``HUGGINGGPT_TOP_K`` of them, so a task whose models are all down fails in bounded time."""
         runnable: list[tuple[ModelInfo, Backend]] = []
         for model_id in dict.fromkeys(m for m in (choice.model, *choice.candidates) if m):
+            if len(runnable) == self.executor.settings.top_k:
+                break
             model = self.executor.catalog.get(model_id) or ModelInfo(id=model_id, task=task_type.name)
             backend = self.executor.backends.for_model(model)
             if backend is not None and backend.available(model):
@@ -217,6 +240,8 @@ class _Run:
                 retry_after = None
             except RetryableModelError as err:
                 attempts.last, retry_after = err, err.retry_after
+            except ResourceStoreError:
+                raise
             except AgentError as err:
                 attempts.last = err
                 return None

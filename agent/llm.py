@@ -25,6 +25,7 @@ from .backends import BackendStatus
 from .errors import LLMError, LLMTimeoutError
 from .events import LLMUsage
 from .prompts import clip
+from .request import valid_text
 from .settings import Settings
 
 __all__ = [
@@ -195,8 +196,9 @@ class OpenAILLM:
                     for choice in chunk.choices:
                         finished = finished or choice.finish_reason is not None
                         if choice.delta.content:
-                            parts.append(choice.delta.content)
-                            yield choice.delta.content
+                            text = valid_text(choice.delta.content)
+                            parts.append(text)
+                            yield text
         except (openai.OpenAIError, ValueError) as err:
             raise self._error(err, midway=opened) from err
         finally:
@@ -238,7 +240,7 @@ class OpenAILLM:
         )
         if not completion.choices:
             raise LLMError(f"the LLM server at {self.host} sent a reply with no answer in it; try again")
-        text = completion.choices[0].message.content or ""
+        text = valid_text(completion.choices[0].message.content or "")
         if completion.usage is not None:
             usage.add(completion.usage.prompt_tokens, completion.usage.completion_tokens)
         else:

@@ -81,7 +81,10 @@ class Agent:
 
         def finish(status: RunStatus, error: str | None = None) -> Done:
             ordered = [results.get(t.id) or _skipped(t.id, t.task, "not run") for t in plan.tasks]
-            answer = "".join(answer_parts).strip() or (error or "")
+            answer = "".join(answer_parts).strip()
+            if status == "failed" and error:
+                # An answer cut short must say so, not pass for a whole one.
+                answer = f"{answer}\n\n{error}" if answer else error
             return Done(
                 RunResult(
                     run_id=run_id,

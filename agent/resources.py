@@ -48,7 +48,10 @@ class Resource:
 
 
 class ResourceStore(Protocol):
-    """Read and write a conversation's files. Names are unique within a conversation."""
+    """Read and write a conversation's files. Names are unique within a conversation.
+
+    Failures raise ``ResourceStoreError``, which ends the run (see ``Executor``).
+    """
 
     async def read(self, resource: Resource) -> bytes: ...
 

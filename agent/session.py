@@ -26,9 +26,9 @@ from .events import (
 )
 from .pipeline import Agent
 from .plan import Plan
-from .request import ChatTurn, Request
+from .request import ChatTurn, Request, valid_text
 from .resources import Origin, extension_for, name_prefix
-from .uploads import Upload
+from .uploads import Upload, check_upload_count
 
 __all__ = ["HISTORY_TURNS", "Conversations"]
 
@@ -53,7 +53,12 @@ class Conversations:
         platform_message_id: str | None = None,
         dry_run: bool = False,
     ) -> AsyncIterator[Event]:
-        """Run one user turn of ``conversation_id`` (which must exist), yielding the agent's events."""
+        """Run one user turn of ``conversation_id`` (which must exist), yielding the agent's events.
+
+        Too many uploads raise ``ResourceError`` before anything is recorded.
+        """
+        check_upload_count(len(uploads))
+        text = valid_text(text)
         storage = self.storage
         history = await storage.messages(conversation_id, limit=HISTORY_TURNS)
         message = await storage.add_message(

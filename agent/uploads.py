@@ -18,10 +18,12 @@ from PIL import Image, UnidentifiedImageError
 from .errors import ResourceError
 from .tasks import Modality
 
-__all__ = ["MAX_IMAGE_PIXELS", "Upload", "check_upload"]
+__all__ = ["MAX_ATTACHMENTS", "MAX_IMAGE_PIXELS", "Upload", "check_upload", "check_upload_count"]
 
 # Pillow's default limit (about 89 MP) as a hard error: larger images are refused, not decoded.
 MAX_IMAGE_PIXELS = 89_478_485
+# Files one request may carry (Discord's own limit per message): each is held in memory and listed to the LLM.
+MAX_ATTACHMENTS = 10
 _FFPROBE_SECONDS = 20.0
 
 _IMAGE_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp", "BMP": "image/bmp"}
@@ -39,6 +41,14 @@ class Upload:
     data: bytes
     kind: Modality
     mime: str
+
+
+def check_upload_count(count: int) -> None:
+    """``ResourceError`` if one request carries more than ``MAX_ATTACHMENTS`` files."""
+    if count > MAX_ATTACHMENTS:
+        raise ResourceError(
+            f"{count} files are attached; one request can take at most {MAX_ATTACHMENTS}: send fewer at a time"
+        )
 
 
 async def check_upload(filename: str, data: bytes, *, max_bytes: int) -> Upload:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from agent.errors import AgentError
+from agent.errors import ResourceStoreError
 
 __all__ = ["ConflictError", "NotFoundError", "StorageError"]
 
 
-class StorageError(AgentError):
+class StorageError(ResourceStoreError):
     """The database or the file store could not do what was asked (busy, disk full, damaged file)."""
 
 

@@ -586,8 +586,10 @@ async def _configure(db: aiosqlite.Connection) -> None:
 
 
 async def _in_transaction(db: aiosqlite.Connection, step: Step[T], begin: str) -> T:
-    await db.execute(begin)
     try:
+        # Inside the try: a cancellation while SQLite's thread is still running BEGIN must roll back too, or
+        # the connection stays in that transaction and every later BEGIN fails.
+        await db.execute(begin)
         result = await step(db)
         await db.execute("COMMIT")
     except BaseException:

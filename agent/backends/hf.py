@@ -49,6 +49,7 @@ from ..errors import (
     RetryableModelError,
 )
 from ..plan import TaskOutput
+from ..request import valid_text
 from ..settings import Settings
 from ..tasks import LLM_TASKS, TASKS
 from . import BackendStatus, TaskInput, TaskIO
@@ -471,7 +472,7 @@ def _retry_after(response: httpx2.Response) -> float | None:
 def _str(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {type(value).__name__}")
-    return value
+    return valid_text(value)
 
 
 def _score(value: object) -> float:

@@ -51,5 +51,7 @@ def agent_settings(llm_url: str, hf_url: str, data_dir: Path, **extra: str) -> d
         "HF_TOKEN": "hf_test",
         "HUGGINGGPT_DATA_DIR": str(data_dir),
         "HUGGINGGPT_MODEL_SELECTION": "downloads",
+        # Fixed demonstrations: no sentence encoder to load (seconds) in tests that are not about planning.
+        "HUGGINGGPT_DEMOS": "fixed",
         **extra,
     }

@@ -1,0 +1,213 @@
+"""Faults of the storage in the middle of a run: the disk fills up while a task's output is saved, another
+process holds the database's write lock. The run must fail cleanly, with no half-written file and no row
+pointing at nothing, and the next run must work. Storage-level cases (temp files, busy retries, damaged
+files, migrations) are in test_storage.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import pytest
+from fakes.agent_fakes import hf_tasks
+from fakes.reliability import Agent, agent_on, db_rows, image_upload, plan_json, run_turn, stage, stage_script
+
+import storage.sqlite
+from agent.session import Conversations
+from storage import Storage
+
+MODELS = hf_tasks("text-to-image", "image-to-text")
+DRAW = plan_json({"id": 0, "task": "text-to-image", "dep": [], "args": {"text": "a red cat"}})
+DRAW_AND_DESCRIBE = plan_json(
+    {"id": 0, "task": "text-to-image", "dep": [], "args": {"text": "a red cat"}},
+    {"id": 1, "task": "image-to-text", "dep": [], "args": {"image": "img-1.png"}},
+)
+
+
+def stored_files(data_dir: Path) -> set[str]:
+    """Every file under the file store, temp files included."""
+    return {p.name for p in (data_dir / "files").rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def disk() -> Iterator[dict[str, bool]]:
+    """``disk["full"] = True`` makes every fsync fail with ENOSPC, as a full disk does on a real write."""
+    state = {"full": False}
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if state["full"]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    os.fsync = fsync
+    try:
+        yield state
+    finally:
+        os.fsync = real
+
+
+async def test_disk_full_while_saving_an_output_fails_the_run_cleanly(
+    disk: dict[str, bool], tmp_path: Path
+) -> None:
+    answers = stage_script([DRAW_AND_DESCRIBE, DRAW], ["Here is your cat."])
+    plans = 0
+
+    def script(body: dict[str, Any]) -> Any:
+        nonlocal plans
+        if stage(body) == "plan":
+            plans += 1
+            disk["full"] = plans == 1  # the upload is stored; the disk fills up before the models answer
+        return answers(body)
+
+    async with agent_on(script, MODELS, tmp_path / "data") as agent:
+        upload = await image_upload()
+        turn = await agent.turn("draw a cat and describe my photo", [upload])
+        result = turn.result
+        assert result.status == "failed"
+        assert result.answer.startswith("the disk is full") and "out-1-0.png" in result.answer
+        # No other model was asked to redo the work: the store, not the model, failed.
+        assert [r.model for r in agent.hf.requests if MODELS[r.model] == "text-to-image"] == [
+            result.tasks[0].model
+        ]
+        # Nothing half-done remains: the upload's file and row only, no temp file, no row for the output.
+        assert stored_files(agent.data_dir) == {db_rows(agent.data_dir, "SELECT sha256 FROM resources")[0][0]}
+        assert db_rows(agent.data_dir, "SELECT name FROM resources") == [("img-1.png",)]
+        ((status, error),) = db_rows(agent.data_dir, "SELECT status, error FROM runs")
+        assert (status, error) == ("failed", result.error)
+        tasks = dict(db_rows(agent.data_dir, "SELECT task_id, status FROM tasks"))
+        assert tasks[0] == "failed"
+        # Space is freed: the same conversation goes on.
+        again = await agent.turn("draw it again")
+        assert again.result.status == "ok"
+        assert {f.name for f in again.result.files} == {"out-2-0.png"}
+        assert len(stored_files(agent.data_dir)) == 2
+
+
+class _OnBusyGiveUp(logging.Handler):
+    """Calls ``then`` when the storage reports that it gave up waiting for the write lock."""
+
+    def __init__(self, then: Any) -> None:
+        super().__init__()
+        self.then = then
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("database busy after"):
+            self.then()
+
+
+@pytest.fixture
+def quick_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(storage.sqlite, "_FIRST_BACKOFF", 0.01)
+
+
+async def _short_wait_storage(agent: Agent) -> Storage:
+    """Swap the runtime's storage for one that waits 50 ms a try for a lock (the default waits 5 s)."""
+    await agent.rt.storage.close()
+    short = await Storage.open(agent.data_dir, busy_timeout=0.05)
+    agent.rt.storage = short
+    agent.rt.conversations = Conversations(agent.rt.agent, short)
+    return short
+
+
+@pytest.mark.usefixtures("quick_busy")
+@pytest.mark.parametrize("released", [True, False], ids=["lock released after the failure", "lock kept"])
+async def test_database_locked_mid_run_fails_the_run_cleanly(released: bool, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    other: list[sqlite3.Connection] = []
+    answers = stage_script([DRAW_AND_DESCRIBE], ["Here is your cat."])
+
+    def script(body: dict[str, Any]) -> Any:
+        if stage(body) == "plan" and not other:  # another process takes the write lock and keeps it
+            db = sqlite3.connect(data_dir / "hugginggpt.db")
+            db.execute("BEGIN IMMEDIATE")
+            other.append(db)
+        return answers(body)
+
+    def release() -> None:
+        if released and other and other[0].in_transaction:
+            other[0].rollback()
+
+    handler = _OnBusyGiveUp(release)
+    logging.getLogger("storage.sqlite").addHandler(handler)
+    try:
+        async with agent_on(script, MODELS, data_dir) as agent:
+            await _short_wait_storage(agent)
+            turn = await run_turn(agent.rt, agent.conversation, "draw a cat", [await image_upload()], limit=30)
+            result = turn.result
+            assert result.status == "failed"
+            assert result.answer == "the database is busy, try again"
+            run_id = result.run_id
+            other[0].close()
+            if released:  # the failure itself was recorded
+                assert db_rows(data_dir, "SELECT status, error FROM runs WHERE id = ?", (run_id,)) == [
+                    ("failed", "the database is busy, try again")
+                ]
+    finally:
+        logging.getLogger("storage.sqlite").removeHandler(handler)
+    # Either way, after a restart nothing is left half-done: the run reads failed or interrupted, never
+    # running, no task row or file of it exists, and the database is sound.
+    async with await Storage.open(data_dir) as store:
+        run = await store.get_run(run_id)
+        assert run is not None and run.status == ("failed" if released else "interrupted")
+        assert run.tasks == []
+        assert [r.name for r in await store.resources(run.conversation_id)] == ["img-1.png"]
+        assert len(stored_files(data_dir)) == 1
+    assert db_rows(data_dir, "PRAGMA integrity_check") == [("ok",)]
+
+
+async def test_a_lock_shorter_than_the_wait_is_invisible_to_the_user(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    answers = stage_script([DRAW_AND_DESCRIBE], ["Here is your cat."])
+
+    def script(body: dict[str, Any]) -> Any:
+        if stage(body) == "plan":
+            db = sqlite3.connect(data_dir / "hugginggpt.db", check_same_thread=False)
+            db.execute("BEGIN IMMEDIATE")
+            asyncio.get_running_loop().call_later(0.3, lambda: (db.rollback(), db.close()))
+        return answers(body)
+
+    async with agent_on(script, MODELS, data_dir) as agent:
+        turn = await agent.turn("draw a cat", [await image_upload()])
+    assert turn.result.status == "ok"
+
+
+async def test_a_run_cancelled_while_the_database_opens_a_transaction_leaves_it_usable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancellation (shutdown, a timeout) can land while SQLite is still starting a transaction in its
+    thread; that transaction must not stay open, or every later step of every run fails."""
+    armed: list[asyncio.Task[Any]] = []
+    execute = aiosqlite.Connection.execute
+
+    def trap(self: aiosqlite.Connection, sql: str, parameters: Any = None) -> Any:
+        if armed and sql.startswith("BEGIN"):
+            asyncio.get_running_loop().call_soon(armed.pop().cancel)  # lands while BEGIN runs
+        return execute(self, sql, parameters)
+
+    monkeypatch.setattr(aiosqlite.Connection, "execute", trap)
+    turn: list[asyncio.Task[Any]] = []
+    answers = stage_script([DRAW], ["Here is your cat."])
+
+    def script(body: dict[str, Any]) -> Any:
+        if stage(body) == "respond" and len(turn) == 1:
+            armed.append(turn[0])  # the next storage step of this run is cancelled as it begins
+        return answers(body)
+
+    async with agent_on(script, MODELS, tmp_path / "data") as agent:
+        turn.append(asyncio.create_task(agent.turn("draw a cat")))
+        with pytest.raises(asyncio.CancelledError):
+            await turn[0]
+        again = await agent.turn("draw it again")
+        assert again.result.status == "ok"
+        statuses = [s for (s,) in db_rows(agent.data_dir, "SELECT status FROM runs ORDER BY rowid")]
+    assert statuses == ["interrupted", "ok"]
+    assert db_rows(agent.data_dir, "PRAGMA integrity_check") == [("ok",)]

@@ -56,6 +56,10 @@ INTERRUPTED_NOTICE = (
 ERROR_NOTICE = "❌ Something went wrong on my side; the details are in the bot's log."
 
 
+DISCORD_API_BASE = "https://discord.com/api/v10"
+DISCORD_GATEWAY = "wss://gateway.discord.gg/"
+
+
 def use_discord_endpoints(api_base: str, gateway_url: str) -> None:
     """Point discord.py at a Discord-compatible server (a self-hosted Spacebar, or a test server).
 
@@ -65,16 +69,14 @@ def use_discord_endpoints(api_base: str, gateway_url: str) -> None:
     ``DiscordWebSocket.from_client`` connects to the class attribute ``DiscordWebSocket.DEFAULT_GATEWAY``
     (``wss://gateway.discord.gg/``), to which it also returns after an invalidated session, and resumes at
     the ``resume_gateway_url`` the server gives in READY. Both attributes are process-wide, so they are set
-    here once, before login. Empty values keep Discord's. ``api_base`` without an ``/api/vN`` suffix gets
+    here once, before login. Empty values mean Discord's own. ``api_base`` without an ``/api/vN`` suffix gets
     ``/api/v10``.
     """
-    if api_base:
-        base = api_base.rstrip("/")
-        if not re.search(r"/api/v\d+$", base):
-            base += "/api/v10"
-        discord.http.Route.BASE = base
-    if gateway_url:
-        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
+    base = api_base.rstrip("/") or DISCORD_API_BASE
+    if not re.search(r"/api/v\d+$", base):
+        base += "/api/v10"
+    discord.http.Route.BASE = base
+    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url or DISCORD_GATEWAY)
 
 
 class _Tree(app_commands.CommandTree):

@@ -1,0 +1,340 @@
+"""Planning quality on TaskBench's Hugging Face tools data, scored with TaskBench's own metrics.
+
+Each of the 44 gold requests goes through our real ``Planner`` (prompt, JSON mode, repair, validation, one
+retry); its plan is mapped to TaskBench's tool names and scored (``bench.taskbench``). Files the request
+names (``'example.jpg'``) are given to the planner as conversation resources, so plans can use them. Rows:
+each LLM (an OpenAI-compatible server from ``OPENAI_BASE_URL``, the embedded LLM, and the "oracle", which
+replays the gold plans through the planner to show the ceiling our task set allows) with the fixed
+demonstrations and with retrieval-chosen ones. Plan validity (the reply parses and validates) is measured
+on a fixed random sample of the 7,546 user requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.errors import LLMError, PlanningError, PlanParseError
+from agent.events import LLMUsage
+from agent.llm import LLM, OpenAILLM
+from agent.planner import DEMO_COUNT, DemoSelector, FixedDemos, Planner, load_demonstrations
+from agent.request import Request
+from agent.settings import Settings
+
+from .common import REPO_ROOT, Result, parse_args, use_test_fakes
+from .controller import ScriptedController
+from .embedded import EmbeddedModel, embedded_llm, embedded_models
+from .taskbench import TaskBench, oracle_plan, request_resources, score, to_taskbench
+
+__all__ = ["PUBLISHED", "check_no_overlap", "main", "run"]
+
+NAME = "planning"
+ORACLE = "oracle (gold plans via fake LLM)"
+DEFAULT_TASKBENCH = REPO_ROOT.parent / "shared" / "taskbench"
+VALIDITY_SEED = 7546
+VALIDITY_FULL = 500
+VALIDITY_EMBEDDED = 20
+"""Validity sample for the embedded LLM: each plan takes tens of seconds on 2 cores (see BENCHMARKS.md), so
+500 would take hours. The smaller sample is the head of the same seeded sample."""
+GOLD_NOTE = "gold_sample_44: 28 single, 13 chain, 3 dag; a smoke-test set, not TaskBench's scores"
+
+PUBLISHED: tuple[tuple[str, float, float, float, float], ...] = (
+    ("gpt-4", 81.54, 54.70, 77.31, 60.86),
+    ("gpt-3.5-turbo", 69.49, 33.36, 55.88, 36.32),
+    ("codellama-13b", 53.16, 14.64, 32.06, 18.87),
+    ("llama-2-7b-chat", 27.30, 0.74, 13.05, 2.79),
+)
+"""TaskBench leaderboard, HF tools: (LLM, n-F1, e-F1, t-F1, v-F1) in %, full set, Dec-2023 data."""
+
+
+def check_no_overlap(bank_texts: Sequence[str], benchmark_texts: Sequence[str]) -> None:
+    """Demonstrations must not contain benchmark requests, or retrieval would just look the answers up."""
+
+    def norm(text: str) -> str:
+        return " ".join(text.lower().split())
+
+    shared = {norm(t) for t in bank_texts} & {norm(t) for t in benchmark_texts}
+    if shared:
+        raise AssertionError(f"{len(shared)} TaskBench request(s) are in the demonstration bank: {sorted(shared)[:3]}")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One request's planning: TaskBench nodes if a valid plan came back, else why not."""
+
+    nodes: list[dict[str, Any]] | None
+    failure: str | None
+    seconds: float
+    calls: int
+
+
+async def _plan(planner: Planner, text: str, names: dict[str, str]) -> Outcome:
+    resources = request_resources(text)
+    request = Request(text=text, resources=resources, attachments=tuple(r.name for r in resources))
+    usage = LLMUsage()
+    started = time.perf_counter()
+    try:
+        plan = await planner.plan(request, usage)
+    except PlanParseError:
+        return Outcome(None, "parse", time.perf_counter() - started, usage.calls)
+    except PlanningError:
+        return Outcome(None, "validation", time.perf_counter() - started, usage.calls)
+    except LLMError:
+        return Outcome(None, "llm", time.perf_counter() - started, usage.calls)
+    return Outcome(to_taskbench(plan, names), None, time.perf_counter() - started, usage.calls)
+
+
+async def _plan_all(planner: Planner, texts: Sequence[str], names: dict[str, str], concurrency: int) -> list[Outcome]:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(text: str) -> Outcome:
+        async with gate:
+            return await _plan(planner, text, names)
+
+    return list(await asyncio.gather(*(one(t) for t in texts)))
+
+
+@dataclass(frozen=True)
+class Controller:
+    """An LLM under test, how many requests it plans at once, and how many validity requests it takes."""
+
+    label: str
+    llm: LLM
+    concurrency: int
+    validity: int
+
+
+@asynccontextmanager
+async def _oracle(tb: TaskBench, validity: int) -> AsyncIterator[Controller]:
+    use_test_fakes()
+    from fakes.llm_server import FakeLLMServer
+
+    plans = {g.request: oracle_plan(g.nodes, tb.from_taskbench) for g in tb.gold}
+    async with FakeLLMServer(ScriptedController(plans)) as server:
+        settings = Settings(openai_base_url=server.base_url, llm_model="oracle")
+        yield Controller(ORACLE, OpenAILLM(settings), 8, validity)
+
+
+@asynccontextmanager
+async def _server(settings: Settings, validity: int) -> AsyncIterator[Controller]:
+    yield Controller(f"{settings.llm_model} (OpenAI-compatible)", OpenAILLM(settings), 4, validity)
+
+
+@asynccontextmanager
+async def _embedded(model: EmbeddedModel, validity: int) -> AsyncIterator[Controller]:
+    async with embedded_llm(model) as llm:
+        yield Controller(f"embedded {model.label}", llm, 1, validity)
+
+
+def _summary_row(label: str, demos: str, scores: dict[str, Any], outcomes: Sequence[Outcome]) -> list[Any]:
+    seconds = sum(o.seconds for o in outcomes) / max(1, len(outcomes))
+    return [
+        label,
+        demos,
+        scores["samples"],
+        f"{scores['coverage']:.0%}",
+        round(100 * scores["node_f1"], 1),
+        round(100 * scores["edge_f1"], 1),
+        round(100 * scores["argname_f1"], 1),
+        round(100 * scores["value_f1"], 1),
+        round(seconds, 2),
+    ]
+
+
+async def _evaluate(
+    controller: Controller,
+    demos: dict[str, DemoSelector],
+    tb: TaskBench,
+    records: int,
+    validity_texts: Sequence[str],
+    validity_demos: str,
+) -> tuple[list[list[Any]], dict[str, Any]]:
+    settings = Settings(max_tasks=12)
+    gold = tb.gold[:records]
+    rows = []
+    data: dict[str, Any] = {}
+    for demos_label, selector in demos.items():
+        planner = Planner(controller.llm, settings, selector)
+        await selector.select(gold[0].request, DEMO_COUNT)  # loads the sentence encoder outside the timing
+        started = time.perf_counter()
+        outcomes = await _plan_all(planner, [g.request for g in gold], tb.to_taskbench, controller.concurrency)
+        scores = score(((g.nodes, o.nodes) for g, o in zip(gold, outcomes, strict=True)), tb.output_types)
+        result = scores.to_json()
+        result["seconds_total"] = round(time.perf_counter() - started, 2)
+        print(f"{controller.label}, {demos_label}: {len(gold)} records in {result['seconds_total']:.0f} s", file=sys.stderr)
+        result["seconds_per_request"] = round(sum(o.seconds for o in outcomes) / max(1, len(outcomes)), 3)
+        result["failures"] = _failures(outcomes)
+        by_type = {}
+        for kind in sorted({g.type for g in gold}):
+            subset = [(g.nodes, o.nodes) for g, o in zip(gold, outcomes, strict=True) if g.type == kind]
+            by_type[kind] = {k: v for k, v in score(subset, tb.output_types).to_json().items() if k != "counts"}
+        result["by_type"] = by_type
+        row = _summary_row(controller.label, demos_label, result, outcomes)
+        if demos_label == validity_demos and controller.validity:
+            started = time.perf_counter()
+            texts = validity_texts[: controller.validity]
+            checked = await _plan_all(planner, texts, tb.to_taskbench, controller.concurrency)
+            valid = [o for o in checked if o.nodes is not None]
+            result["validity"] = {
+                "requests": len(checked),
+                "valid": len(valid),
+                "rate": round(len(valid) / len(checked), 4),
+                "non_empty": sum(1 for o in valid if o.nodes),
+                "failures": _failures(checked),
+                "seconds_total": round(time.perf_counter() - started, 2),
+            }
+            row.append(f"{len(valid) / len(checked):.0%} of {len(checked)}")
+        else:
+            row.append(None)
+        rows.append(row)
+        data[demos_label] = result
+    return rows, data
+
+
+def _failures(outcomes: Sequence[Outcome]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        if o.failure is not None:
+            counts[o.failure] = counts.get(o.failure, 0) + 1
+    return counts
+
+
+def _demo_selectors(retrieval: bool) -> dict[str, DemoSelector]:
+    selectors: dict[str, DemoSelector] = {"fixed": FixedDemos(load_demonstrations())}
+    if retrieval:
+        from agent.demos import EmbeddingDemoSelector
+
+        selectors["retrieval"] = EmbeddingDemoSelector()
+    return selectors
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--taskbench-dir", type=Path, default=DEFAULT_TASKBENCH, help="TaskBench notes and data (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--llm",
+        action="append",
+        choices=("oracle", "openai", "embedded"),
+        help="controllers to run (repeatable); default: oracle, openai when OPENAI_BASE_URL is set, embedded",
+    )
+    parser.add_argument(
+        "--validity",
+        type=int,
+        choices=range(VALIDITY_FULL + 1),
+        metavar=f"0..{VALIDITY_FULL}",
+        help=f"validity requests per LLM (default {VALIDITY_FULL}, embedded {VALIDITY_EMBEDDED})",
+    )
+    parser.add_argument("--records", type=int, help="gold records to plan (default all 44)")
+    parser.add_argument("--no-retrieval", action="store_true", help="only the fixed demonstrations")
+
+
+def _retrieval_available() -> bool:
+    try:
+        import agent.demos  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+async def run(
+    smoke: bool,
+    taskbench_dir: Path = DEFAULT_TASKBENCH,
+    llms: Sequence[str] | None = None,
+    validity: int | None = None,
+    records: int | None = None,
+    retrieval: bool = True,
+) -> Result:
+    tb = TaskBench.load(taskbench_dir)
+    bank = [d.request.text for d in load_demonstrations()] + [
+        t.text for d in load_demonstrations() for t in d.request.history
+    ]
+    check_no_overlap(bank, [*tb.requests.values(), *(g.instruction for g in tb.gold)])
+    # Smoke runs use only the fakes: no developer settings may leak in.
+    settings = Settings() if smoke else Settings.load(dotenv=REPO_ROOT / ".env")
+    if llms is None:
+        llms = ["oracle"] if smoke else ["oracle", *(["openai"] if settings.openai_base_url else []), "embedded"]
+    records = records if records is not None else (6 if smoke else len(tb.gold))
+    ids = list(tb.requests)
+    sample = [tb.requests[i] for i in random.Random(VALIDITY_SEED).sample(ids, VALIDITY_FULL)]
+    # Smoke runs skip retrieval: loading the sentence encoder alone takes longer than the rest.
+    retrieval = retrieval and not smoke and _retrieval_available()
+    demos = _demo_selectors(retrieval)
+    validity_demos = "retrieval" if retrieval else "fixed"
+    rows: list[list[Any]] = []
+    data: dict[str, Any] = {}
+    notes: list[str] = []
+    controllers: list[AbstractAsyncContextManager[Controller]] = []
+    for name in llms:
+        if name == "oracle":
+            # The oracle only knows the gold plans; in smoke mode it still takes the validity sample, so
+            # that code path runs.
+            controllers.append(_oracle(tb, (5 if validity is None else validity) if smoke else 0))
+        elif name == "openai":
+            controllers.append(_server(settings, validity if validity is not None else VALIDITY_FULL))
+        else:
+            found = embedded_models()
+            if not found:
+                notes.append("embedded LLM not run: llama-cpp-python or the GGUF weights are not installed")
+            controllers += [_embedded(m, validity if validity is not None else VALIDITY_EMBEDDED) for m in found]
+    for opened in controllers:
+        async with opened as controller:
+            got_rows, got = await _evaluate(controller, demos, tb, records, sample, validity_demos)
+        rows += got_rows
+        data[controller.label] = got
+        notes += [
+            f"{controller.label}, {demos_label} demonstrations: {got[demos_label]['seconds_total']:.0f} s for "
+            f"{records} records"
+            + (
+                f", {got[demos_label]['validity']['seconds_total']:.0f} s for {got[demos_label]['validity']['requests']} "
+                "validity requests"
+                if "validity" in got[demos_label]
+                else ""
+            )
+            for demos_label in got
+        ]
+    parts = [f"{r[0]} ({r[1]} demos): n-F1 {r[4]}, e-F1 {r[5]}, v-F1 {r[7]}" for r in rows]
+    for llm_name, n_f1, e_f1, t_f1, v_f1 in PUBLISHED:
+        rows.append([f"{llm_name} (published)", "TaskBench's", 7546, None, n_f1, e_f1, t_f1, v_f1, None, None])
+    summary = "planning on " + f"{records} TaskBench records: " + "; ".join(parts)
+    notes += [
+        f"{records} gold records ({GOLD_NOTE}); requests are TaskBench's user_request texts.",
+        "Missing or failed plans are scored as empty plans (upstream drops them); coverage is the share of "
+        "requests that got a valid plan.",
+        f"Validity: share of a fixed random sample (seed {VALIDITY_SEED}) of the user requests whose plan "
+        f"parses and validates (one retry allowed), with the {validity_demos} demonstrations.",
+        "Published rows: TaskBench leaderboard (full 7,546-sample set, Dec-2023 data): context only, not "
+        "comparable with the gold sample above.",
+    ]
+    return Result(
+        name=NAME,
+        title="Planning quality on TaskBench (Hugging Face tools)",
+        smoke=smoke,
+        headers=["LLM", "demos", "records", "coverage", "n-F1", "e-F1", "t-F1", "v-F1", "s/request", "validity"],
+        rows=rows,
+        summary=summary,
+        data={"controllers": data, "records": records},
+        notes=notes,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(NAME, __doc__, argv, _add_options)
+    ns = args.extra
+    result = asyncio.run(
+        run(args.smoke, ns.taskbench_dir, ns.llm, ns.validity, ns.records, retrieval=not ns.no_retrieval)
+    )
+    result.emit(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

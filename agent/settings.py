@@ -38,6 +38,8 @@ class Settings:
     local_llm_gguf: str = ""
     local_llm_repo: str = "Qwen/Qwen2.5-1.5B-Instruct-GGUF"
     local_llm_file: str = "qwen2.5-1.5b-instruct-q4_k_m.gguf"
+    # Seconds per embedded-LLM call: a CPU reads a cold ~2,600-token planner prompt in 20 s to minutes.
+    local_llm_timeout: float = 600.0
     # Hugging Face models.
     hf_token: str = field(default="", repr=False)
     hf_inference_base_url: str = "https://router.huggingface.co/hf-inference"
@@ -131,6 +133,7 @@ _ENV_NAMES: dict[str, str] = {
     "local_llm_gguf": "LOCAL_LLM_GGUF",
     "local_llm_repo": "LOCAL_LLM_REPO",
     "local_llm_file": "LOCAL_LLM_FILE",
+    "local_llm_timeout": "LOCAL_LLM_TIMEOUT",
     "hf_token": "HF_TOKEN",
     "hf_inference_base_url": "HF_INFERENCE_BASE_URL",
     "hf_inference_provider": "HF_INFERENCE_PROVIDER",

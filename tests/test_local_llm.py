@@ -189,7 +189,7 @@ def _smollm2() -> Path:
 
 @pytest.fixture(scope="module")
 def smol() -> Iterator[EmbeddedLLM]:
-    llm = EmbeddedLLM(Settings(llm_context_tokens=4096, llm_timeout=120), gguf=_smollm2())
+    llm = EmbeddedLLM(Settings(llm_context_tokens=4096, local_llm_timeout=120), gguf=_smollm2())
     yield llm
     asyncio.run(llm.aclose())
 
@@ -239,7 +239,7 @@ async def test_stream_stops_when_the_consumer_leaves(smol: EmbeddedLLM) -> None:
 
 @pytest.mark.local
 async def test_timeout_stops_generation(smol: EmbeddedLLM) -> None:
-    hasty = EmbeddedLLM(Settings(llm_context_tokens=1024, llm_timeout=1.0), gguf=smol.gguf)
+    hasty = EmbeddedLLM(Settings(llm_context_tokens=1024, local_llm_timeout=1.0), gguf=smol.gguf)
     await hasty.load()
     started = time.monotonic()
     with pytest.raises(LLMTimeoutError, match="LLM_TIMEOUT"):

@@ -66,8 +66,13 @@ class LLM(Protocol):
         schema: dict[str, Any],
         usage: LLMUsage,
         max_tokens: int | None = None,
+        exact_schema: dict[str, Any] | None = None,
     ) -> str:
-        """The raw reply text, constrained to ``schema`` when the backend can; callers still parse leniently."""
+        """The raw reply text, constrained to ``schema`` when the backend can; callers still parse leniently.
+
+        ``exact_schema``, when given, says more than ``schema`` in keywords only a grammar compiler takes
+        (``prefixItems``, ``$defs``, long patterns): backends that compile a grammar use it instead.
+        """
         ...
 
     def stream(
@@ -161,15 +166,26 @@ class OpenAILLM:
         schema: dict[str, Any],
         usage: LLMUsage,
         max_tokens: int | None = None,
+        exact_schema: dict[str, Any] | None = None,
     ) -> str:
         modes = (self.json_mode,) if self.json_mode else JSON_MODES
+
+        def schema_for(mode: JsonMode) -> dict[str, Any]:
+            # Only llama.cpp's json_object mode compiles a grammar; OpenAI's structured outputs take a
+            # subset of JSON schema, and a schema spelled out in the prompt must stay short.
+            return exact_schema or schema if mode == "json_object_schema" else schema
+
         try:
             for mode, fallback in pairwise(modes):
                 try:
-                    return await self._create_json(messages, mode, schema, usage=usage, max_tokens=max_tokens)
+                    return await self._create_json(
+                        messages, mode, schema_for(mode), usage=usage, max_tokens=max_tokens
+                    )
                 except openai.BadRequestError:
                     log.info("LLM server at %s refused JSON mode %s; trying %s", self.host, mode, fallback)
-            return await self._create_json(messages, modes[-1], schema, usage=usage, max_tokens=max_tokens)
+            return await self._create_json(
+                messages, modes[-1], schema_for(modes[-1]), usage=usage, max_tokens=max_tokens
+            )
         except (openai.OpenAIError, ValueError) as err:
             raise self._error(err) from err
 

@@ -1,9 +1,11 @@
 """Stage 1, task planning: the LLM turns a request into a typed ``Plan`` of tasks with dependencies.
 
 The prompt is the paper's: a specification of the output format and of the task types, demonstrations
-(request → plan), then the chat log, the conversation's files and the request. The reply is parsed leniently
-(JSON repair, code fences, prose around it, a bare list or ``{"tasks": [...]}``) but validated strictly, so
-the executor only ever sees plans it can run. A rejected plan is sent back once with the reason.
+(request → plan), then the chat log, the conversation's files and the request. A backend that compiles a
+schema into a grammar gets the request's own schema (``exact_plan_schema``), which already holds most rules,
+so even a tiny model writes plans that run; other servers get the plain ``plan_schema``. The reply is parsed
+leniently (JSON repair, code fences, prose around it, a bare list or ``{"tasks": [...]}``) but validated
+strictly, so the executor only ever sees plans it can run. A rejected plan is sent back once with the reason.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .prompts import clip, load_prompt, prompt_template
 from .request import ChatTurn, Request
 from .resources import Origin, Resource
 from .settings import Settings
-from .tasks import MEDIA_KINDS, TASKS, Modality, TaskType
+from .tasks import MEDIA_KINDS, TASKS, Arg, Modality, TaskType
 
 __all__ = [
     "DEMO_COUNT",
@@ -32,6 +34,7 @@ __all__ = [
     "Demonstration",
     "FixedDemos",
     "Planner",
+    "exact_plan_schema",
     "load_demonstrations",
     "parse_plan_text",
     "plan_messages",
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 DEMO_COUNT = 8
 _TEXT_MAX_CHARS = 4000  # longest text argument the schema lets a constrained LLM write
 _NAME_MAX_CHARS = 100
+_TEXT_SLACK_CHARS = 100  # what a text argument may add to the words it quotes
 _TURN_MAX_CHARS = 1500
 _FILES_SHOWN = 30
 _RETRY_ECHO_CHARS = 4000
@@ -101,7 +105,8 @@ def load_demonstrations() -> tuple[Demonstration, ...]:
 
 
 def plan_schema(max_tasks: int) -> dict[str, Any]:
-    """JSON schema of a plan reply, for LLM backends that constrain their output to a schema."""
+    """JSON schema of a plan reply: the plan's shape, in the keywords every schema-taking server knows
+    (OpenAI's structured outputs among them). ``exact_plan_schema`` says much more, for grammar backends."""
     arg_keys = sorted({a.key: a.modality for t in TASKS.values() for a in t.args}.items())
     args = {
         key: {"type": "string", "maxLength": _NAME_MAX_CHARS if modality in MEDIA_KINDS else _TEXT_MAX_CHARS}
@@ -122,6 +127,122 @@ def plan_schema(max_tasks: int) -> dict[str, Any]:
         "type": "object",
         "properties": {"tasks": {"type": "array", "items": task, "maxItems": max_tasks}},
         "required": ["tasks"],
+        "additionalProperties": False,
+    }
+
+
+def exact_plan_schema(
+    max_tasks: int, resources: Sequence[Resource] = (), text_max_chars: int = _TEXT_MAX_CHARS
+) -> dict[str, Any]:
+    """JSON schema of a plan reply for this request, for backends that turn a schema into a grammar (the
+    embedded LLM, a llama.cpp server).
+
+    It spells out the rules a grammar can enforce, so that even a small model cannot break them: task ``i``
+    of the list has id ``i`` and depends only on earlier tasks (no self-dependency, no cycle, no missing
+    task); its ``args`` are exactly its task type's arguments; an image, audio or video argument is one of
+    ``resources`` of that kind or the ``<GENERATED>-N`` of an earlier task, and text names only earlier
+    tasks too. Whether task N makes the kind its placeholder needs is left to ``validate_plan``: a schema
+    cannot see which task type an earlier item chose. Task types that take the same arguments share one
+    branch and the repeated parts are ``$defs``, to keep the grammar small. A text argument is at most
+    ``text_max_chars`` long: the planner passes about the length of the request, since a small model
+    otherwise rambles on inside a string until the bound (and each character costs a token's time).
+    """
+    names = {kind: [r.name for r in resources if r.kind == kind] for kind in MEDIA_KINDS}
+    defs: dict[str, Any] = {"dep-0": {"const": []}}
+    for group, task_names in _arg_groups():
+        defs[f"{_group_name(group)}-tasks"] = {"enum": list(task_names)}
+    for i in range(max_tasks):
+        earlier = [f"<GENERATED>-{n}" for n in range(i)]
+        defs[f"text-{i}"] = {"type": "string", "pattern": _text_pattern(i, text_max_chars)}
+        if i:
+            defs[f"dep-{i}"] = {
+                "type": "array",
+                "items": {"enum": list(range(i))},
+                "uniqueItems": True,
+                "maxItems": i,
+            }
+        for kind in MEDIA_KINDS:
+            if names[kind] or earlier:
+                defs[f"{kind}-{i}"] = {"enum": names[kind] + earlier}
+        branches = (_task_branch(i, group, defs) for group, _ in _arg_groups())
+        defs[f"task-{i}"] = {"anyOf": [b for b in branches if b is not None]}
+    lists: list[dict[str, Any]] = [{"const": []}]
+    for n in range(1, max_tasks + 1):
+        items = [{"$ref": f"#/$defs/task-{i}"} for i in range(n)]
+        lists.append({"type": "array", "prefixItems": items, "items": False, "minItems": n})
+    return {
+        "type": "object",
+        "properties": {"tasks": {"anyOf": lists}},
+        "required": ["tasks"],
+        "additionalProperties": False,
+        "$defs": defs,
+    }
+
+
+@cache
+def _arg_groups() -> tuple[tuple[tuple[Arg, ...], tuple[str, ...]], ...]:
+    """Task types grouped by their arguments (keys, modalities, order): one schema branch per group."""
+    groups: dict[tuple[Arg, ...], list[str]] = {}
+    for task_type in TASKS.values():
+        groups.setdefault(task_type.args, []).append(task_type.name)
+    return tuple((args, tuple(names)) for args, names in groups.items())
+
+
+def _group_name(args: tuple[Arg, ...]) -> str:
+    return "_".join(a.key if a.required else f"{a.key}-optional" for a in args)
+
+
+# What str.strip() removes beyond ASCII, so that a text that starts with none of it is not blank.
+_UNICODE_SPACES = r"\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
+def _text_pattern(i: int, max_chars: int) -> str:
+    """Text that is not blank and names only earlier tasks' outputs: ``<G`` only in ``<GENERATED>-N`` with
+    N < ``i``, and no digit right after one (``<GENERATED>-1`` then ``2`` would read as task 12).
+
+    llama.cpp applies a pattern to the raw JSON text and a schema validator to the decoded string, so it
+    allows no bare ``"``, backslash or control character; escapes are spelled out. Raw text then stays a
+    valid JSON string, and a decoded one has no quote or line break (the price for servers that enforce it).
+    """
+    ref = f"<GENERATED>-({'|'.join(map(str, range(i)))})" if i else ""
+    plain = r'[^<"\\\x00-\x1f]|<[^G<"\\\x00-\x1f]'
+    char = rf'{plain}|\\["\\/bfnrt]'
+    first = rf'[^<"\\\x00-\x20{_UNICODE_SPACES}]|<[^G<"\\\x00-\x1f]'  # not blank
+    if ref:
+        after_ref = rf'{ref}[^0-9<"\\\x00-\x1f]'
+        char, first = f"{char}|{after_ref}", f"{first}|{after_ref}"
+    text = f"({first})({char}){{0,{max_chars - 1}}}"
+    return f"^({text}({ref})?|{ref})$" if ref else f"^{text}$"
+
+
+def _text_bound(request: Request) -> int:
+    """How long a text argument of this request's plan may be: a text argument quotes the request or a
+    recent turn (or names an earlier task's output), so a little over the longest of those."""
+    quoted = max((len(t.text) for t in request.history[-2:]), default=0)
+    return min(_TEXT_MAX_CHARS, max(len(request.text), min(quoted, _TURN_MAX_CHARS)) + _TEXT_SLACK_CHARS)
+
+
+def _task_branch(i: int, group: tuple[Arg, ...], defs: dict[str, Any]) -> dict[str, Any] | None:
+    """Task ``i`` as a task type taking ``group``; None if a media argument it needs can have no value."""
+    name = _group_name(group)
+    values = {a.key: f"{a.modality}-{i}" for a in group}
+    if any(a.required and values[a.key] not in defs for a in group):
+        return None
+    defs[f"{name}-args-{i}"] = {
+        "type": "object",
+        "properties": {key: {"$ref": f"#/$defs/{value}"} for key, value in values.items() if value in defs},
+        "required": [a.key for a in group if a.required],
+        "additionalProperties": False,
+    }
+    return {
+        "type": "object",
+        "properties": {
+            "id": {"const": i},
+            "task": {"$ref": f"#/$defs/{name}-tasks"},
+            "dep": {"$ref": f"#/$defs/dep-{i}"},
+            "args": {"$ref": f"#/$defs/{name}-args-{i}"},
+        },
+        "required": ["id", "task", "dep", "args"],
         "additionalProperties": False,
     }
 
@@ -209,9 +330,10 @@ class Planner:
         shots = await self.demos.select(request.text, DEMO_COUNT)
         budget = self.llm.context_tokens - self.reply_tokens
         schema = plan_schema(self.settings.max_tasks)
+        exact = exact_plan_schema(self.settings.max_tasks, request.resources, _text_bound(request))
         messages = plan_messages(request, shots, self.settings, budget)
         reply = await self.llm.complete_json(
-            messages, schema=schema, usage=usage, max_tokens=self.reply_tokens
+            messages, schema=schema, exact_schema=exact, usage=usage, max_tokens=self.reply_tokens
         )
         try:
             return self._read(reply, request)
@@ -226,7 +348,11 @@ class Planner:
         extra = estimate_message_tokens([echo, retry])
         messages = plan_messages(request, shots, self.settings, budget - extra)
         reply = await self.llm.complete_json(
-            [*messages, echo, retry], schema=schema, usage=usage, max_tokens=self.reply_tokens
+            [*messages, echo, retry],
+            schema=schema,
+            exact_schema=exact,
+            usage=usage,
+            max_tokens=self.reply_tokens,
         )
         try:
             return self._read(reply, request)

@@ -81,7 +81,9 @@ class TimedLLM:
         self.model = llm.model
         self.context_tokens = llm.context_tokens
 
-    async def complete(self, messages: list[dict[str, str]], *, usage: LLMUsage, max_tokens: int | None = None) -> str:
+    async def complete(
+        self, messages: list[dict[str, str]], *, usage: LLMUsage, max_tokens: int | None = None
+    ) -> str:
         with self._meter.span():
             return await self._llm.complete(messages, usage=usage, max_tokens=max_tokens)
 
@@ -92,9 +94,12 @@ class TimedLLM:
         schema: dict[str, Any],
         usage: LLMUsage,
         max_tokens: int | None = None,
+        exact_schema: dict[str, Any] | None = None,
     ) -> str:
         with self._meter.span():
-            return await self._llm.complete_json(messages, schema=schema, usage=usage, max_tokens=max_tokens)
+            return await self._llm.complete_json(
+                messages, schema=schema, usage=usage, max_tokens=max_tokens, exact_schema=exact_schema
+            )
 
     async def stream(
         self, messages: list[dict[str, str]], *, usage: LLMUsage, max_tokens: int | None = None
@@ -152,7 +157,9 @@ async def _finish(events: AsyncIterator[Event]) -> RunResult:
     return result
 
 
-async def _overheads(agent: Agent, conversations: Conversations, meter: Meter, runs: int) -> dict[str, list[float]]:
+async def _overheads(
+    agent: Agent, conversations: Conversations, meter: Meter, runs: int
+) -> dict[str, list[float]]:
     """Overhead (ms) of ``runs`` sequential runs, each way; the first run of each is a warm-up."""
     out: dict[str, list[float]] = {"agent": [], "conversation": []}
     conversation = await conversations.storage.create_conversation("bench")
@@ -235,8 +242,16 @@ async def run(smoke: bool) -> Result:
         for way, v in overheads.items()
     }
     rows: list[list[Any]] = [
-        ["1 (sequential)", f"{stats['agent']['p50']:.2f} / {stats['agent']['p95']:.2f}",
-         f"{stats['conversation']['p50']:.2f} / {stats['conversation']['p95']:.2f}", None, None, None, None, None]
+        [
+            "1 (sequential)",
+            f"{stats['agent']['p50']:.2f} / {stats['agent']['p95']:.2f}",
+            f"{stats['conversation']['p50']:.2f} / {stats['conversation']['p95']:.2f}",
+            None,
+            None,
+            None,
+            None,
+            None,
+        ]
     ]
     for level in measured["load"]:
         rows.append(
@@ -254,8 +269,12 @@ async def run(smoke: bool) -> Result:
     at_100 = next((lv for lv in measured["load"] if lv["conversations"] == 100), None)
     agent_p50 = stats["agent"]["p50"]
     lag_target = (
-        Target("event-loop lag p99 at 100 conversations", f"< {TARGET_LAG_P99_MS:g} ms",
-               f"{at_100['lag_p99_ms']:.1f} ms", at_100["lag_p99_ms"] < TARGET_LAG_P99_MS)
+        Target(
+            "event-loop lag p99 at 100 conversations",
+            f"< {TARGET_LAG_P99_MS:g} ms",
+            f"{at_100['lag_p99_ms']:.1f} ms",
+            at_100["lag_p99_ms"] < TARGET_LAG_P99_MS,
+        )
         if at_100
         else Target("event-loop lag p99 at 100 conversations", f"< {TARGET_LAG_P99_MS:g} ms", "not run", None)
     )
@@ -291,8 +310,12 @@ async def run(smoke: bool) -> Result:
             "process's peak so far (ru_maxrss), so it only grows down the table.",
         ],
         targets=[
-            Target("agent overhead per run (p50)", f"< {TARGET_OVERHEAD_MS:g} ms", f"{agent_p50:.2f} ms",
-                   agent_p50 < TARGET_OVERHEAD_MS),
+            Target(
+                "agent overhead per run (p50)",
+                f"< {TARGET_OVERHEAD_MS:g} ms",
+                f"{agent_p50:.2f} ms",
+                agent_p50 < TARGET_OVERHEAD_MS,
+            ),
             lag_target,
         ],
     )

@@ -24,6 +24,7 @@ from agent.tasks import LLM_TASKS, TASKS
 KEY = "sk-test-very-secret-key"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
 SCHEMA = {"type": "object", "properties": {"tasks": {"type": "array"}}, "required": ["tasks"]}
+EXACT = {**SCHEMA, "properties": {"tasks": {"type": "array", "prefixItems": [{"const": 1}], "items": False}}}
 
 
 def make_llm(base_url: str, *, timeout: float = 10.0, max_retries: int = 0, **kw: object) -> OpenAILLM:
@@ -76,14 +77,18 @@ async def test_json_schema_mode_is_used_when_the_server_accepts_it() -> None:
 
 
 async def test_json_falls_back_to_llama_cpp_schema_mode_and_remembers_it() -> None:
+    """llama.cpp compiles the schema into a grammar, so it gets the exact schema; OpenAI's mode does not."""
     async with FakeLLMServer(['{"tasks": []}', '{"tasks": [1]}'], reject_formats={"json_schema"}) as server:
         llm = make_llm(server.base_url)
         usage = LLMUsage()
-        assert await llm.complete_json(MESSAGES, schema=SCHEMA, usage=usage) == '{"tasks": []}'
+        reply = await llm.complete_json(MESSAGES, schema=SCHEMA, exact_schema=EXACT, usage=usage)
+        assert reply == '{"tasks": []}'
         assert await llm.complete_json(MESSAGES, schema=SCHEMA, usage=usage) == '{"tasks": [1]}'
     types = [r["response_format"]["type"] for r in server.requests]
     assert types == ["json_schema", "json_object", "json_object"]  # the refused mode is not tried again
-    assert server.requests[1]["response_format"]["schema"] == SCHEMA
+    assert server.requests[0]["response_format"]["json_schema"]["schema"] == SCHEMA
+    assert server.requests[1]["response_format"]["schema"] == EXACT
+    assert server.requests[2]["response_format"]["schema"] == SCHEMA
     assert llm.json_mode == "json_object_schema"
     assert usage.calls == 2  # refused attempts are not counted as calls
 
@@ -91,12 +96,13 @@ async def test_json_falls_back_to_llama_cpp_schema_mode_and_remembers_it() -> No
 async def test_json_falls_back_to_a_prompted_schema_when_no_mode_is_accepted() -> None:
     async with FakeLLMServer(['{"tasks": []}'], reject_formats={"json_schema", "json_object"}) as server:
         llm = make_llm(server.base_url)
-        await llm.complete_json(MESSAGES, schema=SCHEMA, usage=LLMUsage())
+        await llm.complete_json(MESSAGES, schema=SCHEMA, exact_schema=EXACT, usage=LLMUsage())
     last = server.requests[-1]
     assert len(server.requests) == 3
     assert "response_format" not in last
     assert last["messages"][0]["content"].startswith("You are terse.")
     assert json.dumps(SCHEMA, separators=(",", ":")) in last["messages"][0]["content"]
+    assert "prefixItems" not in last["messages"][0]["content"]  # a prompt gets the short schema
     assert llm.json_mode == "prompt"
 
 

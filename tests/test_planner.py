@@ -19,6 +19,7 @@ from agent.planner import (
     DEMO_COUNT,
     Demonstration,
     Planner,
+    exact_plan_schema,
     load_demonstrations,
     parse_plan_text,
     plan_messages,
@@ -364,13 +365,141 @@ def test_valid_plans_pass_unchanged(raw: list[dict[str, Any]]) -> None:
     assert validate_plan(parse_plan_text(json.dumps({"tasks": raw})), FILES, 12).to_json() == raw
 
 
-def test_schema_lists_every_task_and_bounds_strings() -> None:
-    schema = plan_schema(7)
-    task = schema["properties"]["tasks"]["items"]
-    assert schema["properties"]["tasks"]["maxItems"] == 7
-    assert set(task["properties"]["task"]["enum"]) == set(TASKS)
-    assert all("maxLength" in s for s in task["properties"]["args"]["properties"].values())
-    assert validate_plan({"tasks": CHAIN}, FILES, 7)  # a schema-shaped reply is a valid plan shape
+# --- the constraint schema ---------------------------------------------------------------------------------
+
+_SCHEMA_KEYWORDS = {
+    "$defs", "$ref", "additionalProperties", "anyOf", "const", "enum", "items", "maxItems", "minItems",
+    "pattern", "prefixItems", "properties", "required", "type", "uniqueItems",
+}  # fmt: skip
+
+
+def schema_instances(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    """Every JSON value ``schema`` allows, for the keywords ``exact_plan_schema`` uses.
+
+    It fails on any other keyword, so a schema change cannot slip past the property tests unread.
+    """
+    made: dict[int, st.SearchStrategy[Any]] = {}
+
+    def strategy(node: dict[str, Any]) -> st.SearchStrategy[Any]:
+        if id(node) not in made:
+            made[id(node)] = build(node)
+        return made[id(node)]
+
+    def build(node: dict[str, Any]) -> st.SearchStrategy[Any]:
+        assert set(node) <= _SCHEMA_KEYWORDS, set(node) - _SCHEMA_KEYWORDS
+        if "$ref" in node:
+            target = schema
+            for part in node["$ref"].removeprefix("#/").split("/"):
+                target = target[part]
+            return strategy(target)
+        if "anyOf" in node:
+            return st.one_of([strategy(s) for s in node["anyOf"]])
+        if "const" in node:
+            return st.just(node["const"])
+        if "enum" in node:
+            return st.sampled_from(node["enum"])
+        if node["type"] == "object":
+            assert node["additionalProperties"] is False
+            required = set(node.get("required", ()))
+            props = {k: strategy(v) for k, v in node["properties"].items()}
+            return st.fixed_dictionaries(
+                {k: v for k, v in props.items() if k in required},
+                optional={k: v for k, v in props.items() if k not in required},
+            )
+        if node["type"] == "array" and "prefixItems" in node:
+            assert node["items"] is False and node["minItems"] == len(node["prefixItems"])
+            return st.tuples(*(strategy(s) for s in node["prefixItems"])).map(list)
+        if node["type"] == "array":
+            unique = node.get("uniqueItems", False)
+            return st.lists(strategy(node["items"]), max_size=node["maxItems"], unique=unique)
+        assert node["type"] == "string" and set(node) == {"type", "pattern"}
+        return st.from_regex(node["pattern"], fullmatch=True)
+
+    return strategy(schema)
+
+
+KINDS = st.sampled_from(["image", "audio", "video"])
+RESOURCE_SETS = st.lists(
+    st.builds(lambda n, kind: Resource(f"f{n}.{kind}", kind, "", "", 0), st.integers(0, 5), KINDS),
+    max_size=5,
+    unique_by=lambda r: r.name,
+).map(tuple)
+# What a schema cannot see: the output kind of the task a placeholder names.
+KIND_MISMATCH = re.compile(r"needs \w+, but task \d+ \(.*\) makes")
+
+
+@settings(max_examples=300)
+@given(st.data(), RESOURCE_SETS, st.integers(1, 5))
+def test_every_plan_the_schema_allows_follows_the_rules_it_can_express(
+    data: st.DataObject, files: tuple[Resource, ...], max_tasks: int
+) -> None:
+    schema = exact_plan_schema(max_tasks, files)
+    raw = data.draw(schema_instances(schema))
+    assert set(raw) == {"tasks"} and len(raw["tasks"]) <= max_tasks
+    for position, task in enumerate(raw["tasks"]):
+        spec = TASKS[task["task"]]
+        assert task["id"] == position and set(task["dep"]) <= set(range(position))
+        assert {a.key for a in spec.args if a.required} <= set(task["args"]) <= {a.key for a in spec.args}
+        for key, value in task["args"].items():
+            modality = spec.arg(key).modality  # type: ignore[union-attr]
+            if modality in MEDIA_KINDS:
+                earlier = {f"<GENERATED>-{n}" for n in range(position)}
+                assert value in earlier | {r.name for r in files if r.kind == modality}
+    try:
+        plan = validate_plan(raw, files, max_tasks)
+    except PlanValidationError as err:
+        assert KIND_MISMATCH.search(str(err)), err
+        return
+    check_invariants(plan, files, max_tasks)
+
+
+@pytest.mark.parametrize(
+    ("text", "allowed"),
+    [
+        ("a lighthouse at night", True),
+        ("<GENERATED>-1", True),
+        ("Translate into French: <GENERATED>-0", True),
+        ("compare <GENERATED>-0 and <GENERATED>-1.", True),
+        ('say \\"hi\\"\\nthen stop', True),  # escapes, as llama.cpp writes them in raw JSON
+        ("<GENERATED>-2", False),  # the task itself
+        ("see <GENERATED>-5", False),  # a later or missing task
+        ("<GENERATED>-12", False),
+        ("<GENERATED>-1<GENERATED>-0", False),
+        ("is 3 < 5? <3", True),
+        ("<Good>", False),  # "<G" only starts a placeholder
+        ("ends with <", False),
+        ("   ", False),
+        ("\xa0\u3000", False),  # blank to str.strip() too
+        ("日本語のテキスト", True),
+        ("", False),
+        ('a bare " quote', False),
+    ],
+)
+def test_text_arguments_only_name_earlier_tasks(text: str, allowed: bool) -> None:
+    pattern = exact_plan_schema(4)["$defs"]["text-2"]["pattern"]
+    assert bool(re.fullmatch(pattern, text)) is allowed
+
+
+def plannable(schema: dict[str, Any], position: int) -> set[str]:
+    """The task types the schema allows as task ``position`` of a plan."""
+    defs = schema["$defs"]
+    refs = [b["properties"]["task"]["$ref"] for b in defs[f"task-{position}"]["anyOf"]]
+    return {name for ref in refs for name in defs[ref.split("/")[-1]]["enum"]}
+
+
+def test_schema_keeps_every_task_plannable_and_bounds_strings() -> None:
+    schema = exact_plan_schema(7)
+    lengths = [len(s.get("prefixItems", s.get("const", ()))) for s in schema["properties"]["tasks"]["anyOf"]]
+    assert lengths == list(range(8))
+    # With no files, a first task can only start from text; later ones can use an earlier task's output.
+    assert plannable(schema, 0) == {name for name, t in TASKS.items() if t.inputs == ("text",)}
+    assert plannable(schema, 1) == plannable(schema, 6) == set(TASKS)
+    assert plannable(exact_plan_schema(3, FILES), 0) == set(TASKS)  # no task needs a video
+    texts = [d for d in schema["$defs"].values() if d.get("type") == "string"]
+    assert len(texts) == 7 and all(re.search(r"\{0,\d+\}", d["pattern"]) for d in texts)
+    image_1 = exact_plan_schema(3, FILES)["$defs"]["image-1"]["enum"]
+    assert image_1 == ["img-1.png", "out-1-0.png", "<GENERATED>-0"]
+    assert "video-0" not in exact_plan_schema(3, FILES)["$defs"]
 
 
 # --- the planner over the wire --------------------------------------------------------------------------------
@@ -397,7 +526,23 @@ async def test_plan_prompt_and_constrained_reply() -> None:
     shots = messages[1:-1]
     assert len(shots) == 2 * DEMO_COUNT
     assert all(json.loads(m["content"])["tasks"] is not None for m in shots[1::2])
+    # OpenAI's structured outputs get the portable schema; only a grammar backend gets the exact one.
     assert sent["response_format"]["json_schema"]["schema"] == plan_schema(12)
+
+
+@pytest.mark.parametrize("text_chars", [20, 10_000])
+async def test_a_grammar_server_gets_the_requests_exact_schema_with_text_bounded_by_the_request(
+    text_chars: int,
+) -> None:
+    request = Request("x" * text_chars, resources=FILES)
+    async with FakeLLMServer([json.dumps({"tasks": CHAIN})]) as server:
+        config = Settings(openai_base_url=server.base_url, llm_model="planner-model")
+        llm = OpenAILLM(config, max_retries=0, json_mode="json_object_schema")
+        await Planner(llm, config).plan(request, LLMUsage())
+    sent = server.requests[0]["response_format"]["schema"]
+    bound = min(text_chars + 100, 4000)  # room to quote the request whole, up to the limit
+    assert sent == exact_plan_schema(12, FILES, bound)
+    assert f"{{0,{bound - 1}}}" in sent["$defs"]["text-0"]["pattern"]
 
 
 async def test_empty_reply_plan_is_just_chat() -> None:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .backends import Backends
+from .backends.llm_tasks import LLM_MODEL_PREFIX
 from .catalog import Catalog, ModelInfo
 from .errors import LLMError
 from .events import LLMUsage
@@ -72,8 +73,9 @@ class Selector:
             ranked_by_task[task.id] = ranked
             runnable = [m for m in ranked if self.backends.available(m)]
             if task.task in LLM_TASKS:
-                own = f"llm/{self.settings.llm_model}"
-                reason = f"the controller LLM ({self.settings.llm_model}) does {task.task} itself"
+                # The LLM that is really running: LLM_MODEL names a server's model, not the embedded one.
+                own = f"{LLM_MODEL_PREFIX}{self.llm.model}"
+                reason = f"the controller LLM ({self.llm.model}) does {task.task} itself"
                 choices[task.id] = _choice(task.id, own, reason, ranked)
             elif not ranked:
                 choices[task.id] = ModelChoice(task.id, "", f"no model in the catalog does {task.task}")

@@ -117,6 +117,17 @@ async def test_no_llm_call_when_there_is_nothing_to_choose() -> None:
     assert list(choices) == [0, 1, 2, 3]
 
 
+async def test_llm_tasks_name_the_llm_that_really_runs() -> None:
+    """The embedded LLM's name is its weights', not LLM_MODEL's (which names a server's model)."""
+    plan = Plan((task(0, "summarization", text="long text"),))
+    async with FakeLLMServer([]) as server:
+        selector = make_selector(server.base_url)
+        selector.llm.model = "qwen2.5-coder-1.5b-instruct-q4_k_m"
+        choices = await selector.select(REQUEST, plan, LLMUsage())
+    assert choices[0].model == "llm/qwen2.5-coder-1.5b-instruct-q4_k_m"
+    assert "(qwen2.5-coder-1.5b-instruct-q4_k_m)" in choices[0].reason
+
+
 async def test_downloads_mode_never_asks_the_llm() -> None:
     async with FakeLLMServer([]) as server:
         choices = await make_selector(server.base_url, model_selection="downloads").select(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import sys
 import time
@@ -63,7 +64,9 @@ def check_no_overlap(bank_texts: Sequence[str], benchmark_texts: Sequence[str]) 
 
     shared = {norm(t) for t in bank_texts} & {norm(t) for t in benchmark_texts}
     if shared:
-        raise AssertionError(f"{len(shared)} TaskBench request(s) are in the demonstration bank: {sorted(shared)[:3]}")
+        raise AssertionError(
+            f"{len(shared)} TaskBench request(s) are in the demonstration bank: {sorted(shared)[:3]}"
+        )
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,9 @@ async def _plan(planner: Planner, text: str, names: dict[str, str]) -> Outcome:
     return Outcome(to_taskbench(plan, names), None, time.perf_counter() - started, usage.calls)
 
 
-async def _plan_all(planner: Planner, texts: Sequence[str], names: dict[str, str], concurrency: int) -> list[Outcome]:
+async def _plan_all(
+    planner: Planner, texts: Sequence[str], names: dict[str, str], concurrency: int
+) -> list[Outcome]:
     gate = asyncio.Semaphore(concurrency)
 
     async def one(text: str) -> Outcome:
@@ -165,17 +170,24 @@ async def _evaluate(
         planner = Planner(controller.llm, settings, selector)
         await selector.select(gold[0].request, DEMO_COUNT)  # loads the sentence encoder outside the timing
         started = time.perf_counter()
-        outcomes = await _plan_all(planner, [g.request for g in gold], tb.to_taskbench, controller.concurrency)
+        outcomes = await _plan_all(
+            planner, [g.request for g in gold], tb.to_taskbench, controller.concurrency
+        )
         scores = score(((g.nodes, o.nodes) for g, o in zip(gold, outcomes, strict=True)), tb.output_types)
         result = scores.to_json()
         result["seconds_total"] = round(time.perf_counter() - started, 2)
-        print(f"{controller.label}, {demos_label}: {len(gold)} records in {result['seconds_total']:.0f} s", file=sys.stderr)
+        print(
+            f"{controller.label}, {demos_label}: {len(gold)} records in {result['seconds_total']:.0f} s",
+            file=sys.stderr,
+        )
         result["seconds_per_request"] = round(sum(o.seconds for o in outcomes) / max(1, len(outcomes)), 3)
         result["failures"] = _failures(outcomes)
         by_type = {}
         for kind in sorted({g.type for g in gold}):
             subset = [(g.nodes, o.nodes) for g, o in zip(gold, outcomes, strict=True) if g.type == kind]
-            by_type[kind] = {k: v for k, v in score(subset, tb.output_types).to_json().items() if k != "counts"}
+            by_type[kind] = {
+                k: v for k, v in score(subset, tb.output_types).to_json().items() if k != "counts"
+            }
         result["by_type"] = by_type
         row = _summary_row(controller.label, demos_label, result, outcomes)
         if demos_label == validity_demos and controller.validity:
@@ -218,7 +230,10 @@ def _demo_selectors(retrieval: bool) -> dict[str, DemoSelector]:
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--taskbench-dir", type=Path, default=DEFAULT_TASKBENCH, help="TaskBench notes and data (default: %(default)s)"
+        "--taskbench-dir",
+        type=Path,
+        default=DEFAULT_TASKBENCH,
+        help="TaskBench notes and data (default: %(default)s)",
     )
     parser.add_argument(
         "--llm",
@@ -235,6 +250,14 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--records", type=int, help="gold records to plan (default all 44)")
     parser.add_argument("--no-retrieval", action="store_true", help="only the fixed demonstrations")
+    parser.add_argument(
+        "--model", help="embedded LLMs whose label contains this text only (e.g. SmolLM2, Qwen)"
+    )
+    parser.add_argument(
+        "--add",
+        action="store_true",
+        help="keep the other LLMs' rows of the existing result (a long run can be done one LLM at a time)",
+    )
 
 
 def _retrieval_available() -> bool:
@@ -252,6 +275,7 @@ async def run(
     validity: int | None = None,
     records: int | None = None,
     retrieval: bool = True,
+    model: str | None = None,
 ) -> Result:
     tb = TaskBench.load(taskbench_dir)
     bank = [d.request.text for d in load_demonstrations()] + [
@@ -261,7 +285,9 @@ async def run(
     # Smoke runs use only the fakes: no developer settings may leak in.
     settings = Settings() if smoke else Settings.load(dotenv=REPO_ROOT / ".env")
     if llms is None:
-        llms = ["oracle"] if smoke else ["oracle", *(["openai"] if settings.openai_base_url else []), "embedded"]
+        llms = (
+            ["oracle"] if smoke else ["oracle", *(["openai"] if settings.openai_base_url else []), "embedded"]
+        )
     records = records if records is not None else (6 if smoke else len(tb.gold))
     ids = list(tb.requests)
     sample = [tb.requests[i] for i in random.Random(VALIDITY_SEED).sample(ids, VALIDITY_FULL)]
@@ -281,10 +307,16 @@ async def run(
         elif name == "openai":
             controllers.append(_server(settings, validity if validity is not None else VALIDITY_FULL))
         else:
-            found = embedded_models()
+            found = [m for m in embedded_models() if model is None or model.lower() in m.label.lower()]
             if not found:
-                notes.append("embedded LLM not run: llama-cpp-python or the GGUF weights are not installed")
-            controllers += [_embedded(m, validity if validity is not None else VALIDITY_EMBEDDED) for m in found]
+                notes.append(
+                    "embedded LLM not run: llama-cpp-python or the GGUF weights"
+                    + (f" matching {model!r}" if model else "")
+                    + " are not installed"
+                )
+            controllers += [
+                _embedded(m, validity if validity is not None else VALIDITY_EMBEDDED) for m in found
+            ]
     for opened in controllers:
         async with opened as controller:
             got_rows, got = await _evaluate(controller, demos, tb, records, sample, validity_demos)
@@ -301,16 +333,27 @@ async def run(
             )
             for demos_label in got
         ]
+    return _result(smoke, rows, data, notes, records)
+
+
+def _result(
+    smoke: bool, rows: list[list[Any]], data: dict[str, Any], notes: list[str], records: int
+) -> Result:
     parts = [f"{r[0]} ({r[1]} demos): n-F1 {r[4]}, e-F1 {r[5]}, v-F1 {r[7]}" for r in rows]
+    rows = list(rows)
     for llm_name, n_f1, e_f1, t_f1, v_f1 in PUBLISHED:
-        rows.append([f"{llm_name} (published)", "TaskBench's", 7546, None, n_f1, e_f1, t_f1, v_f1, None, None])
+        rows.append(
+            [f"{llm_name} (published)", "TaskBench's", 7546, None, n_f1, e_f1, t_f1, v_f1, None, None]
+        )
     summary = "planning on " + f"{records} TaskBench records: " + "; ".join(parts)
-    notes += [
+    notes = [
+        *notes,
         f"{records} gold records ({GOLD_NOTE}); requests are TaskBench's user_request texts.",
         "Missing or failed plans are scored as empty plans (upstream drops them); coverage is the share of "
         "requests that got a valid plan.",
         f"Validity: share of a fixed random sample (seed {VALIDITY_SEED}) of the user requests whose plan "
-        f"parses and validates (one retry allowed), with the {validity_demos} demonstrations.",
+        "parses and validates (one retry allowed), with the demonstrations of its row (retrieval when the LLM "
+        "ran with both).",
         "Published rows: TaskBench leaderboard (full 7,546-sample set, Dec-2023 data): context only, not "
         "comparable with the gold sample above.",
     ]
@@ -318,7 +361,18 @@ async def run(
         name=NAME,
         title="Planning quality on TaskBench (Hugging Face tools)",
         smoke=smoke,
-        headers=["LLM", "demos", "records", "coverage", "n-F1", "e-F1", "t-F1", "v-F1", "s/request", "validity"],
+        headers=[
+            "LLM",
+            "demos",
+            "records",
+            "coverage",
+            "n-F1",
+            "e-F1",
+            "t-F1",
+            "v-F1",
+            "s/request",
+            "validity",
+        ],
         rows=rows,
         summary=summary,
         data={"controllers": data, "records": records},
@@ -326,12 +380,39 @@ async def run(
     )
 
 
+def merge(previous: dict[str, Any], new: Result) -> Result:
+    """``new`` plus the rows, figures and notes of LLMs only ``previous`` (an emitted result) measured."""
+    if previous.get("mode") != ("smoke" if new.smoke else "full"):
+        raise SystemExit("--add: the existing result is from a different mode (smoke or full)")
+    if previous["data"]["records"] != new.data["records"]:
+        raise SystemExit(
+            f"--add: the existing result planned {previous['data']['records']} records, not {new.data['records']}"
+        )
+    fresh = set(new.data["controllers"])
+    kept = {k: v for k, v in previous["data"]["controllers"].items() if k not in fresh}
+    rows = [r for r in previous["rows"] if r[0] in kept] + [r for r in new.rows if r[0] in fresh]
+    own = [n for n in new.notes if any(n.startswith(f"{label}, ") for label in fresh)]
+    notes = [n for n in previous["notes"] if any(n.startswith(f"{label}, ") for label in kept)] + own
+    return _result(new.smoke, rows, {**kept, **new.data["controllers"]}, notes, new.data["records"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(NAME, __doc__, argv, _add_options)
     ns = args.extra
     result = asyncio.run(
-        run(args.smoke, ns.taskbench_dir, ns.llm, ns.validity, ns.records, retrieval=not ns.no_retrieval)
+        run(
+            args.smoke,
+            ns.taskbench_dir,
+            ns.llm,
+            ns.validity,
+            ns.records,
+            retrieval=not ns.no_retrieval,
+            model=ns.model,
+        )
     )
+    previous = args.out / f"{NAME}.json"
+    if ns.add and previous.is_file():
+        result = merge(json.loads(previous.read_text(encoding="utf-8")), result)
     result.emit(args.out)
     return 0
 

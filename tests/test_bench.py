@@ -209,6 +209,31 @@ def test_planning_smoke(tmp_path: Path) -> None:
     assert fixed["validity"]["requests"] == 5 and 0 <= fixed["validity"]["rate"] <= 1
 
 
+def test_planning_add_keeps_the_other_llms_rows_and_replaces_the_remeasured_ones(tmp_path: Path) -> None:
+    def row(label: str, demos: str, n_f1: float) -> list[Any]:
+        return [label, demos, 44, "100%", n_f1, 0.0, 0.0, 0.0, 1.0, None]
+
+    def result(rows: list[list[Any]]) -> planning.Result:
+        controllers = {r[0]: {r[1]: {"node_f1": r[4]}} for r in rows}
+        notes = [f"{r[0]}, {r[1]} demonstrations: 1 s for 44 records" for r in rows]
+        return planning._result(False, rows, controllers, notes, 44)
+
+    result([row("embedded A", "fixed", 10.0), row("embedded B", "fixed", 20.0)]).emit(tmp_path)
+    previous = json.loads((tmp_path / "planning.json").read_text())
+    merged = planning.merge(previous, result([row("embedded B", "retrieval", 30.0)]))
+    ours = [[*r[:2], r[4]] for r in merged.rows if "(published)" not in r[0]]
+    assert ours == [["embedded A", "fixed", 10.0], ["embedded B", "retrieval", 30.0]]
+    assert set(merged.data["controllers"]) == {"embedded A", "embedded B"}
+    assert merged.data["controllers"]["embedded B"] == {"retrieval": {"node_f1": 30.0}}
+    assert sum(r[0].endswith("(published)") for r in merged.rows) == len(planning.PUBLISHED)
+    assert [n for n in merged.notes if n.startswith("embedded")] == [
+        "embedded A, fixed demonstrations: 1 s for 44 records",
+        "embedded B, retrieval demonstrations: 1 s for 44 records",
+    ]
+    with pytest.raises(SystemExit, match="records"):
+        planning.merge({**previous, "data": {**previous["data"], "records": 12}}, merged)
+
+
 def test_economy_smoke(tmp_path: Path) -> None:
     assert economy.main(["--smoke", "--out", str(tmp_path)]) == 0
     data = _result(tmp_path, "economy")

@@ -309,7 +309,8 @@ class EmbeddedLLM:
 
     settings: Settings
     gguf: Path | None = None
-    n_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    n_threads: int = 0
+    """CPU threads; 0: ``settings.local_llm_threads``, and if that is 0 too, one per core."""
     model: str = field(init=False)
     context_tokens: int = field(init=False)
     load_seconds: float = field(init=False, default=0.0)
@@ -323,6 +324,7 @@ class EmbeddedLLM:
                 "set OPENAI_BASE_URL and/or OPENAI_API_KEY"
             )
         self.model = self._guess() or "embedded"
+        self.n_threads = self.n_threads or self.settings.local_llm_threads or os.cpu_count() or 1
         self.context_tokens = self.settings.llm_context_tokens
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
 

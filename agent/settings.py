@@ -40,6 +40,9 @@ class Settings:
     local_llm_file: str = "qwen2.5-1.5b-instruct-q4_k_m.gguf"
     # Seconds per embedded-LLM call: a CPU reads a cold ~2,600-token planner prompt in 20 s to minutes.
     local_llm_timeout: float = 600.0
+    # CPU threads for the embedded LLM; 0: one per core. Fewer when other work shares the cores: llama.cpp's
+    # threads wait for each other by spinning, so a busy core slows them all.
+    local_llm_threads: int = 0
     # Hugging Face models.
     hf_token: str = field(default="", repr=False)
     hf_inference_base_url: str = "https://router.huggingface.co/hf-inference"
@@ -121,6 +124,8 @@ class Settings:
             raise ConfigurationError("HUGGINGGPT_DEMOS must be 'retrieval' or 'fixed'")
         if settings.top_k < 1:
             raise ConfigurationError("HUGGINGGPT_TOP_K must be at least 1")
+        if settings.local_llm_threads < 0:
+            raise ConfigurationError("LOCAL_LLM_THREADS must be 0 (one per core) or more")
         return settings
 
 
@@ -134,6 +139,7 @@ _ENV_NAMES: dict[str, str] = {
     "local_llm_repo": "LOCAL_LLM_REPO",
     "local_llm_file": "LOCAL_LLM_FILE",
     "local_llm_timeout": "LOCAL_LLM_TIMEOUT",
+    "local_llm_threads": "LOCAL_LLM_THREADS",
     "hf_token": "HF_TOKEN",
     "hf_inference_base_url": "HF_INFERENCE_BASE_URL",
     "hf_inference_provider": "HF_INFERENCE_PROVIDER",

@@ -194,7 +194,9 @@ def _smollm2() -> Path:
 def smol() -> Iterator[EmbeddedLLM]:
     """One thread: llama.cpp's threads wait for each other by spinning, so on 2 cores shared with other test
     runs two threads wrote 3 tokens/s where one wrote 23."""
-    llm = EmbeddedLLM(Settings(llm_context_tokens=4096, local_llm_timeout=300), gguf=_smollm2(), n_threads=1)
+    settings = Settings(llm_context_tokens=4096, local_llm_timeout=300, local_llm_threads=1)
+    llm = EmbeddedLLM(settings, gguf=_smollm2())
+    assert llm.n_threads == 1
     yield llm
     asyncio.run(llm.aclose())
 

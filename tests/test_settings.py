@@ -52,7 +52,13 @@ def test_allow_lists_parse_commas_and_spaces() -> None:
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("HUGGINGGPT_TOP_K", "many"), ("HUGGINGGPT_TOP_K", "0"), ("HUGGINGGPT_MODEL_SELECTION", "random")],
+    [
+        ("HUGGINGGPT_TOP_K", "many"),
+        ("HUGGINGGPT_TOP_K", "0"),
+        ("HUGGINGGPT_MODEL_SELECTION", "random"),
+        ("LOCAL_LLM_THREADS", "-1"),
+        ("LOCAL_LLM_THREADS", "two"),
+    ],
 )
 def test_bad_values_are_configuration_errors(name: str, value: str) -> None:
     with pytest.raises(ConfigurationError):

@@ -60,6 +60,7 @@ class StatusMessage:
         self._written: str | None = None
         self._last = -math.inf
         self._flusher: asyncio.Task[None] | None = None
+        self._first_written = asyncio.Event()
 
     def show(self, content: str, *, file: tuple[str, bytes] | None = None) -> None:
         """Make ``content`` (and ``file``, attached once) the next state written."""
@@ -74,6 +75,10 @@ class StatusMessage:
         self.show(content)
         assert self._flusher is not None
         await self._flusher
+
+    async def posted(self) -> None:
+        """Wait until the first state was sent (or refused), so later messages come below the status."""
+        await self._first_written.wait()
 
     def cancel(self) -> None:
         if self._flusher is not None:
@@ -102,6 +107,8 @@ class StatusMessage:
                 self.message = await self.message.edit(content=content)
         except discord.HTTPException as err:
             log.warning("could not update the status message: %s %s", err.status, err.text)
+        finally:
+            self._first_written.set()
 
 
 async def keep_typing(channel: discord.abc.Messageable) -> None:

@@ -1,8 +1,9 @@
 """One request run in a thread: agent events become the status message, then the answer and files are posted.
 
 Flow: the status message and "typing…" start → ``Conversations.ask`` yields events → each event updates the
-status (and the plan picture when the plan has several tasks) → the final status → the answer, split into
-messages, with the generated files attached (fitted to the guild's upload limit, ten per message).
+status (and the plan picture when the plan has several tasks) → the answer, split into messages, with the
+generated files attached (fitted to the guild's upload limit, ten per message), while the final status is
+written as soon as Discord's edit rate allows.
 """
 
 from __future__ import annotations
@@ -76,9 +77,14 @@ async def run_in_thread(
         raise
     finally:
         typing.cancel()
-    await status.finish(render_progress(progress, seconds=result.seconds if result else None))
-    if result is not None:
-        await _post_answer(runtime, thread, result)
+    # The answer goes out at once; the final status edit follows when the edit interval allows.
+    final = asyncio.create_task(status.finish(render_progress(progress, seconds=result.seconds if result else None)))
+    try:
+        if result is not None:
+            await status.posted()
+            await _post_answer(runtime, thread, result)
+    finally:
+        await final
     return result
 
 

@@ -11,6 +11,8 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
 
 import aiohttp
 import discord
@@ -21,6 +23,7 @@ from fakes.hf_server import png_bytes, wav_bytes
 from PIL import Image
 
 from agent.errors import ResourceError
+from agent.events import Done, LLMUsage, RunResult
 from agent.plan import Plan, PlannedTask
 from agent.progress import RunProgress
 from agent.resources import Resource
@@ -31,6 +34,7 @@ from bot.graph import draw_plan
 from bot.limits import AccessPolicy, RateLimiter, ThreadQueue
 from bot.media import FILES_PER_MESSAGE, OutgoingFile, batches, fit_for_upload
 from bot.status import StatusMessage, render_progress
+from bot.turn import ThreadRequest, run_in_thread
 
 # --------------------------------------------------------------------------- access and load
 
@@ -125,6 +129,29 @@ async def test_status_edits_at_most_once_per_interval_and_always_shows_the_final
     assert channel.log[0][1] == "state 0"
     assert channel.log[-1][1] == "final"
     assert sum(files == ["plan.png"] for _, _, files in channel.log) == 1
+
+
+async def test_the_answer_is_posted_without_waiting_for_the_final_status_edit() -> None:
+    """The final status edit must wait out the edit interval; the answer must not wait for it."""
+
+    @dataclass
+    class FakeThread(FakeChannel):
+        guild: Any = field(default_factory=lambda: SimpleNamespace(filesize_limit=25 * 1024 * 1024))
+
+    result = RunResult("r1", "ok", Plan(()), {}, [], "Hello!", [], LLMUsage(), 0.1)
+
+    async def ask(*args: Any, **kwargs: Any) -> AsyncIterator[Done]:
+        await asyncio.sleep(0.05)  # the first status is written while the agent works
+        yield Done(result)
+
+    thread = FakeThread()
+    runtime = SimpleNamespace(conversations=SimpleNamespace(ask=ask))
+    request = ThreadRequest("c1", "hi", (), "alice", None)
+    assert await run_in_thread(runtime, thread, request, edit_interval=0.5) is result  # type: ignore[arg-type]
+    contents = [content for _, content, _ in thread.log]
+    assert contents[0].startswith("**HuggingGPT**")  # the status message, first
+    assert contents[1] == "Hello!"  # then the answer, at once
+    assert contents[-1].startswith("**HuggingGPT** · done")  # the final status still comes, afterwards
 
 
 async def test_a_failing_status_message_does_not_raise() -> None:

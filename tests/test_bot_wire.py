@@ -53,7 +53,15 @@ def test_the_bot_process_over_the_wire(tmp_path: Path) -> None:
         mention = server.call(fake.user_message, f"<@{BOT_ID}> make it blue and say hi",
                               attachments=[("cat.png", png_bytes(), "image/png")])
         thread = f"/channels/{mention['id']}/messages"
+        # The answer is posted at once; the final status edit follows when the edit interval allows.
         server.wait_for(lambda f: any(r.files for r in f.requests_to("POST", thread + "$", status=200)), timeout=60)
+        server.wait_for(
+            lambda f: any(
+                (r.json or {}).get("content", "").startswith("**HuggingGPT** · done")
+                for r in f.requests_to("PATCH", thread, status=200)
+            ),
+            timeout=30,
+        )
 
         assert [r.json["name"] for r in fake.requests_to("POST", "/threads$")] == ["make it blue and say hi"]
         assert fake.requests_to("POST", thread + "$", status=429), "the injected 429 was met"

@@ -43,6 +43,7 @@ __all__ = [
     "QWEN_CODER",
     "SMOLLM2",
     "EmbeddedLLM",
+    "LoopDetector",
     "PackagedGGUF",
     "Speed",
     "assemble_parts",
@@ -67,6 +68,8 @@ _DEFAULT_MAX_TOKENS = 1024
 # Saved prompt states (the planner's, the selector's, the responder's prompts); each is a few hundred MB.
 _RAM_CACHE_BYTES = 2 << 30
 _TEXT_TEMPERATURE = 0.7
+_TEXT_REPEAT_PENALTY = 1.1  # llama.cpp's own long-time default; llama-cpp-python's is 1.0 (none)
+_LOOP_MIN_CHARS = 40  # a paragraph this long, written twice, is a loop
 
 
 @dataclass(frozen=True)
@@ -260,6 +263,30 @@ def _bounded(schema: Any) -> Any:
 def _capped_repetition(match: re.Match[str]) -> str:
     bounds = [str(min(int(n), _STRING_MAX_CHARS)) for n in match.groups() if n is not None]
     return "{" + ",".join(bounds) + "}"
+
+
+class LoopDetector:
+    """Spots a small model writing the same paragraph again (the usual way it loops until the token limit).
+
+    ``feed`` takes the text as it streams and answers True when a paragraph of at least ``_LOOP_MIN_CHARS``
+    has just been completed that already appeared earlier, word for word (whitespace aside).
+    """
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self._current = ""
+
+    def feed(self, text: str) -> bool:
+        self._current += text
+        *done, self._current = self._current.split("\n\n")
+        for paragraph in done:
+            key = " ".join(paragraph.split())
+            if len(key) < _LOOP_MIN_CHARS:
+                continue
+            if key in self._seen:
+                return True
+            self._seen.add(key)
+        return False
 
 
 @dataclass
@@ -504,13 +531,17 @@ class EmbeddedLLM:
         two tokens. Stream chunks carry no usage: each chunk is one token, and the context holds the prompt
         and the tokens generated.
         """
+        free_text = response_format is None
         chunks: Any = llama.create_chat_completion(
             messages=messages,  # type: ignore[arg-type]
             max_tokens=max(1, min(max_tokens or _DEFAULT_MAX_TOKENS, self.context_tokens)),
             temperature=temperature,
+            # A grammar already keeps JSON on track; free text from a small model drifts into loops.
+            repeat_penalty=_TEXT_REPEAT_PENALTY if free_text else 1.0,
             response_format=response_format,  # type: ignore[arg-type]
             stream=True,
         )
+        loops = LoopDetector() if free_text else None
         generated = 0
         try:
             for chunk in chunks:
@@ -520,6 +551,9 @@ class EmbeddedLLM:
                 if text:
                     generated += 1
                     emit(text)
+                    if loops is not None and loops.feed(text):
+                        log.info("embedded LLM repeated a paragraph; stopped it there")
+                        break
         finally:
             chunks.close()
         return max(0, llama.n_tokens - generated), generated

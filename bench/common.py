@@ -7,12 +7,13 @@ table, so ``python -m bench`` can rebuild BENCHMARKS.md from the JSON files alon
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 import os
 import platform
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -64,6 +65,15 @@ def parse_args(
         add(parser)
     ns = parser.parse_args(argv)
     return BenchArgs(smoke=ns.smoke, out=ns.out, extra=ns)
+
+
+def run_main(
+    name: str, doc: str | None, run: Callable[[bool], Coroutine[Any, Any, Result]], argv: Sequence[str] | None
+) -> int:
+    """The whole ``main`` of a script whose only option is ``--smoke``: run it, print and save the result."""
+    args = parse_args(name, doc, argv)
+    asyncio.run(run(args.smoke)).emit(args.out)
+    return 0
 
 
 def machine_info() -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from agent.planner import FixedDemos, load_demonstrations
 
-from .common import Result, parse_args, percentile, use_test_fakes
+from .common import Result, percentile, run_main, use_test_fakes
 from .controller import ScriptedController
 from .harness import loopback
 from .overhead import PLAN, TEXT
@@ -175,16 +175,14 @@ async def run(smoke: bool) -> Result:
             f"{runs} mention(s) after an untimed one, one after another, each opening its own thread; plan of 2 "
             "tasks (text-to-image, then image-to-text of its output), each model answering after "
             f"{model_seconds:g} s; LLM fake instant; the runtime as the bot builds it (retrieved demonstrations).",
-            "The status message is edited at most once a second, and its final state waits for that interval "
-            "before the answer is posted.",
+            "The status message is edited at most once a second; the answer is posted at once and the final "
+            "status edit follows when that interval allows.",
         ],
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(NAME, __doc__, argv)
-    asyncio.run(run(args.smoke)).emit(args.out)
-    return 0
+    return run_main(NAME, __doc__, run, argv)
 
 
 if __name__ == "__main__":

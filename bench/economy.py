@@ -10,7 +10,6 @@ not used: its encodings are downloaded at run time, which this machine cannot do
 
 from __future__ import annotations
 
-import asyncio
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from agent.events import Done, RunResult
 from agent.request import Request
 from agent.resources import MemoryResourceStore, Origin
 
-from .common import Result, Target, parse_args, use_test_fakes
+from .common import Result, Target, run_main, use_test_fakes
 from .controller import ScriptedController, stage_of
 from .embedded import embedded_models, token_counter
 from .harness import build_agent, close_agent, loopback
@@ -178,9 +177,7 @@ async def run(smoke: bool) -> Result:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(NAME, __doc__, argv)
-    asyncio.run(run(args.smoke)).emit(args.out)
-    return 0
+    return run_main(NAME, __doc__, run, argv)
 
 
 if __name__ == "__main__":

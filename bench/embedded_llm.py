@@ -8,7 +8,6 @@ KV cache. SmolLM2-135M by default; Qwen2.5-Coder-1.5B and any ``LOCAL_LLM_GGUF``
 
 from __future__ import annotations
 
-import asyncio
 import os
 import statistics
 import time
@@ -22,7 +21,7 @@ from agent.planner import Planner
 from agent.request import Request
 from agent.settings import Settings
 
-from .common import Result, parse_args
+from .common import Result, run_main
 from .embedded import EmbeddedModel, embedded_llm, embedded_models
 from .taskbench import request_resources
 
@@ -112,9 +111,7 @@ async def run(smoke: bool) -> Result:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(NAME, __doc__, argv)
-    asyncio.run(run(args.smoke)).emit(args.out)
-    return 0
+    return run_main(NAME, __doc__, run, argv)
 
 
 if __name__ == "__main__":

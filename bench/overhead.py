@@ -31,7 +31,7 @@ from agent.resources import MemoryResourceStore
 from agent.session import Conversations
 from storage import Storage
 
-from .common import Result, Target, parse_args, percentile
+from .common import Result, Target, percentile, run_main
 from .controller import ScriptedController
 from .harness import Loopback, build_agent, close_agent, loopback
 
@@ -322,9 +322,7 @@ async def run(smoke: bool) -> Result:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(NAME, __doc__, argv)
-    asyncio.run(run(args.smoke)).emit(args.out)
-    return 0
+    return run_main(NAME, __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from agent.resources import MemoryResourceStore, Origin, Resource, extension_for
 from agent.settings import Settings
 from agent.tasks import TASKS
 
-from .common import Result, Target, parse_args, use_test_fakes
+from .common import Result, Target, run_main, use_test_fakes
 
 __all__ = ["Shape", "critical_path", "main", "poll_schedule", "run", "shapes"]
 
@@ -268,9 +268,7 @@ async def run(smoke: bool) -> Result:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(NAME, __doc__, argv)
-    asyncio.run(run(args.smoke)).emit(args.out)
-    return 0
+    return run_main(NAME, __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -249,7 +249,11 @@ class HuggingGPTBot(commands.Bot):
             )
         except discord.HTTPException as err:
             log.warning("could not create a thread in %s (HTTP %s): %s", channel.id, err.status, err.text)
-            await post_message(channel, "❌ I could not open a thread here; I need the Create Public Threads permission.")
+            if err.status == 403:
+                notice = "❌ I could not open a thread here; I need the Create Public Threads permission."
+            else:
+                notice = f"❌ Discord would not open a thread here (HTTP {err.status}); please try again in a moment."
+            await post_message(channel, notice)
             return None
         try:
             conversation = await self.runtime.storage.create_conversation(

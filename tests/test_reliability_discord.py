@@ -199,14 +199,19 @@ async def test_refused_threads_and_missing_permissions(
         await w.mention("hello")
         await w.until(lambda: w.texts(CHANNEL_ID))
         assert "I could not open a thread here; I need the Create Public Threads permission" in w.texts(CHANNEL_ID)[0]
+        # Any other refusal is not blamed on permissions.
+        w.fake.fail_next("POST", r"/threads$", status=400)
+        await w.mention("hello again")
+        await w.until(lambda: len(w.texts(CHANNEL_ID)) >= 2)
+        assert "Discord would not open a thread here (HTTP 400)" in w.texts(CHANNEL_ID)[1]
         # 2. It may not even write: nothing to post, so it is logged, and the bot carries on.
         w.fake.fail_next("POST", r"/threads$", status=403)
         for _ in range(2):  # the notice, and the notice that the notice failed
             w.fake.fail_next("POST", rf"/channels/{CHANNEL_ID}/messages$", status=403)
-        await w.mention("hello again")
+        await w.mention("and again")
         await w.until(lambda: len(w.fake.requests_to("POST", rf"/channels/{CHANNEL_ID}/messages$", status=403)) == 2)
         assert "Discord refused a message (HTTP 403)" in w.log
-        assert len(w.texts(CHANNEL_ID)) == 1
+        assert len(w.texts(CHANNEL_ID)) == 2  # the two notices above, no new one
         assert db_rows(w.data_dir, "SELECT count(*) FROM conversations") == [(0,)]  # nothing half-opened
         # 3. Later, with the permissions back, it works.
         thread = await w.mention("and now?")

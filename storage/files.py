@@ -36,6 +36,8 @@ class FileStore:
         final = self.path_for(digest)
         with contextlib.suppress(FileNotFoundError):
             if final.stat().st_size == len(data):
+                # Fresh again, so that no sweep (``stale``) takes it while a row for it is being written.
+                os.utime(final)
                 return digest, False
         new_dir = not final.parent.is_dir()
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -64,6 +66,36 @@ class FileStore:
     def remove(self, digests: Iterable[str]) -> None:
         for digest in digests:
             self.path_for(digest).unlink(missing_ok=True)
+
+    def stale(self, older_than: float, now: float) -> tuple[list[str], list[Path]]:
+        """Stored files and leftover temp files (a crash mid-write) untouched for ``older_than`` seconds."""
+        digests: list[str] = []
+        temps: list[Path] = []
+        if not self.root.is_dir():
+            return digests, temps
+        for folder in self.root.iterdir():
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                try:
+                    old = now - path.stat().st_mtime >= older_than
+                except FileNotFoundError:
+                    continue
+                if old and _SHA256.fullmatch(path.name):
+                    digests.append(path.name)
+                elif old and path.name.startswith(".") and path.name.endswith(".tmp"):
+                    temps.append(path)
+        return digests, temps
+
+    def remove_stale(self, digests: Iterable[str], temps: Iterable[Path], older_than: float, now: float) -> int:
+        """Remove what is still stale (checked again: another process may have just reused a file)."""
+        removed = 0
+        for path in [*(self.path_for(d) for d in digests), *temps]:
+            with contextlib.suppress(FileNotFoundError):
+                if now - path.stat().st_mtime >= older_than:
+                    path.unlink()
+                    removed += 1
+        return removed
 
 
 def _fsync_dir(path: Path) -> None:

@@ -49,6 +49,9 @@ _INTERRUPTED = "the program stopped before this request finished"
 # Fixed selections for ``_load_runs``; never built from input.
 _RUN_BY_ID = "id = ?"
 _RUNS_OF_CONVERSATION = "conversation_id = ?"
+ORPHAN_GRACE_SECONDS = 24 * 3600.0
+"""How old an unreferenced stored file must be before a sweep removes it."""
+_SWEEP_BATCH = 500  # digests per query (SQLite allows 32,766 parameters)
 _RUNS_TO_REPORT = "status = 'interrupted' AND reported = 0"
 
 
@@ -104,6 +107,7 @@ class Storage:
                 log.info("migrated %s from schema version %d to %d", storage.path, found, schema.VERSION)
             live = await asyncio.to_thread(live_sessions, session.path.parent)
             await storage._write(lambda db: storage._interrupt_dead_runs(db, live))
+            await storage.sweep_orphan_files()
         except BaseException:
             await storage.close()
             raise
@@ -518,6 +522,34 @@ class Storage:
         if row is None:
             await self._remove_files([digest])
 
+    async def sweep_orphan_files(self, older_than: float = ORPHAN_GRACE_SECONDS) -> int:
+        """Remove stored files no row refers to and temp files a crash left, once ``older_than`` seconds old.
+
+        They come from a process killed between writing a file and its row, or between a delete's commit and
+        the file's removal. The age keeps the sweep away from a file another process has just written (or
+        just found already stored, which refreshes it) and is about to refer to. Returns how many went.
+        """
+        now = time.time()  # file times are the wall clock's, whatever clock the rows use
+        try:
+            digests, temps = await asyncio.to_thread(self._files.stale, older_than, now)
+        except OSError as err:
+            log.warning("could not list stored files: %s", err)
+            return 0
+        referenced: set[str] = set()
+        for start in range(0, len(digests), _SWEEP_BATCH):
+            referenced |= await self._read(_referenced(digests[start : start + _SWEEP_BATCH]))
+        orphans = [d for d in digests if d not in referenced]
+        if not orphans and not temps:
+            return 0
+        async with self._files_lock:
+            try:
+                removed = await asyncio.to_thread(self._files.remove_stale, orphans, temps, older_than, now)
+            except OSError as err:
+                log.warning("could not remove orphan files: %s", err)
+                return 0
+        log.info("removed %d orphan file(s) from %s", removed, self._files.root)
+        return removed
+
     async def _remove_files(self, digests: list[str]) -> None:
         # The rows are gone already; a file left behind only costs disk space, so it is logged, not raised.
         try:
@@ -752,3 +784,14 @@ def _file_error(err: OSError, name: str) -> StorageError:
     if err.errno == errno.ENOSPC:
         return StorageError(f"the disk is full, so {name} could not be stored; free some space and try again")
     return StorageError(f"could not store {name}: {err.strerror or err}")
+
+
+def _referenced(digests: list[str]) -> Step[set[str]]:
+    """A read step: which of ``digests`` some resource row refers to."""
+
+    async def step(db: aiosqlite.Connection) -> set[str]:
+        marks = ",".join("?" * len(digests))  # placeholders only: the digests are parameters
+        rows = await _all(db, f"SELECT DISTINCT sha256 FROM resources WHERE sha256 IN ({marks})", tuple(digests))
+        return {row[0] for row in rows}
+
+    return step

@@ -7,6 +7,7 @@ import errno
 import hashlib
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -445,6 +446,46 @@ def make_v1_database(data_dir: Path) -> None:
         """
     )
     db.close()
+
+
+async def test_orphan_and_temp_files_are_swept_once_old_and_never_a_referenced_or_young_one(
+    data_dir: Path,
+) -> None:
+    day = storage.sqlite.ORPHAN_GRACE_SECONDS
+    async with await Storage.open(data_dir) as opened:
+        conversation = await opened.create_conversation("cli")
+        kept = await opened.add_resource(
+            conversation.id, b"kept", name="img-1.png", mime="image/png", origin=Origin("upload")
+        )
+    files = FileStore(data_dir / "files")
+    # What a kill -9 leaves: a file whose row was never written, and a half-written temp file.
+    orphan, _ = files.put(b"orphan")
+    young, _ = files.put(b"young orphan")
+    temp = files.path_for(orphan).parent / f".{orphan[:16]}.x.tmp"
+    temp.write_bytes(b"half")
+    long_ago = time.time() - day - 60
+    for path in (files.path_for(orphan), temp, kept.path):
+        assert path is not None
+        os.utime(path, (long_ago, long_ago))
+
+    async with await Storage.open(data_dir) as reopened:  # the sweep runs on open
+        assert await reopened.read_resource(kept) == b"kept"
+        assert await reopened.sweep_orphan_files() == 0  # nothing left to take
+    assert not files.path_for(orphan).exists() and not temp.exists()
+    assert files.path_for(young).exists()
+
+
+async def test_storing_content_that_is_already_there_makes_it_young_again(data_dir: Path) -> None:
+    """A process that finds the bytes stored already is about to write a row for them: no sweep may take
+    the file in between."""
+    files = FileStore(data_dir / "files")
+    digest, _ = files.put(b"same bytes")
+    long_ago = time.time() - storage.sqlite.ORPHAN_GRACE_SECONDS - 60
+    os.utime(files.path_for(digest), (long_ago, long_ago))
+    assert files.put(b"same bytes") == (digest, False)
+    async with await Storage.open(data_dir) as opened:
+        assert await opened.sweep_orphan_files() == 0
+    assert files.path_for(digest).exists()
 
 
 async def test_migrates_a_version_1_database_with_data(data_dir: Path) -> None:

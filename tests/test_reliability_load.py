@@ -140,9 +140,13 @@ class _Tally(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter[tuple[str, str]] = Counter()
+        self.errors: list[str] = []  # the whole text of the first few errors, to say what went wrong
 
     def emit(self, record: logging.LogRecord) -> None:
         self.counts[(record.levelname, record.getMessage().split(":")[0][:40])] += 1
+        if record.levelno >= logging.ERROR and len(self.errors) < 3:
+            trace = logging.Formatter().formatException(record.exc_info) if record.exc_info else ""
+            self.errors.append(f"{record.name}: {record.getMessage()}\n{trace}")
 
 
 @contextmanager
@@ -242,7 +246,7 @@ async def _load(tmp_path: Path, logs: _Tally) -> None:
     injected = faults.injected + served
     assert sum(injected.values()) > CONVERSATIONS // 2
     # Every fault took a planned path: nothing crashed into the catch-all handlers.
-    assert not [key for key in logs.counts if key[0] in ("ERROR", "CRITICAL")], logs.counts
+    assert not [key for key in logs.counts if key[0] in ("ERROR", "CRITICAL")], "\n\n".join(logs.errors)
     print(f"\nload: {runs} runs in {CONVERSATIONS} concurrent conversations, statuses {dict(statuses)}, "
           f"{sum(injected.values())} faults injected {dict(sorted(injected.items()))}, "
           f"{len(agent.hf.requests)} model calls, {len(agent.llm.requests)} LLM calls, {len(slept)} back-offs, "

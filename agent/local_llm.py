@@ -65,7 +65,8 @@ _STRING_MAX_CHARS = 1000
 _REPETITION_RE = re.compile(r"(?<!\\)\{(\d+)(?:,(\d+))?\}")
 # Completion budget when the caller gives none (llama.cpp would otherwise fill the whole context).
 _DEFAULT_MAX_TOKENS = 1024
-# Saved prompt states (the planner's, the selector's, the responder's prompts); each is a few hundred MB.
+# Saved prompt states (the planner's, the selector's, the responder's prompts), counted whole: for Qwen about
+# 0.4 GB each (KV data plus a logits copy), so about five fit.
 _RAM_CACHE_BYTES = 2 << 30
 _TEXT_TEMPERATURE = 0.7
 _TEXT_REPEAT_PENALTY = 1.1  # llama.cpp's own long-time default; llama-cpp-python's is 1.0 (none)
@@ -263,6 +264,28 @@ def _bounded(schema: Any) -> Any:
 def _capped_repetition(match: re.Match[str]) -> str:
     bounds = [str(min(int(n), _STRING_MAX_CHARS)) for n in match.groups() if n is not None]
     return "{" + ",".join(bounds) + "}"
+
+
+def _ram_cache(capacity_bytes: int) -> Any:
+    """llama-cpp-python's ``LlamaRAMCache``, counting what each saved state really holds.
+
+    The stock cache counts only the KV bytes against its capacity, but every state also keeps a copy of the
+    logits (n_batch × vocabulary floats: 311 MB for Qwen's 152k-token vocabulary), so a "2 GB" cache grew past
+    13 GB during a long benchmark.
+    """
+    from llama_cpp import LlamaRAMCache
+
+    class SizedRAMCache(LlamaRAMCache):
+        @property
+        def cache_size(self) -> int:
+            return sum(state_bytes(s) for s in self.cache_state.values())
+
+    return SizedRAMCache(capacity_bytes=capacity_bytes)
+
+
+def state_bytes(state: Any) -> int:
+    """Memory held by one saved llama.cpp state: KV data, logits and tokens."""
+    return int(state.llama_state_size + state.scores.nbytes + state.input_ids.nbytes)
 
 
 class LoopDetector:
@@ -467,7 +490,7 @@ class EmbeddedLLM:
 
     def _load(self, guard: _Guard) -> Llama:
         """On the llama thread, which runs one job at a time: a second caller finds the model loaded."""
-        from llama_cpp import Llama, LlamaRAMCache
+        from llama_cpp import Llama
 
         if self._llama is not None:
             return self._llama
@@ -487,7 +510,7 @@ class EmbeddedLLM:
             raise ConfigurationError(
                 f"cannot load {path} as a GGUF model ({err}); set LOCAL_LLM_GGUF to a valid GGUF file"
             ) from err
-        llama.set_cache(LlamaRAMCache(capacity_bytes=_RAM_CACHE_BYTES))
+        llama.set_cache(_ram_cache(_RAM_CACHE_BYTES))
         self.model = path.stem
         self.load_seconds = time.monotonic() - started
         self._llama = llama

@@ -289,6 +289,29 @@ async def test_complete_and_stream_count_tokens(smol: EmbeddedLLM) -> None:
 
 
 @pytest.mark.local
+async def test_saved_prompt_states_stay_within_the_cache_capacity(smol: EmbeddedLLM) -> None:
+    """A saved state holds a logits copy (up to n_batch × vocabulary floats: 311 MB for Qwen) that the stock
+    cache does not count; with a cap of 2.5 states, at most 2 may stay, not one per prompt."""
+    small = EmbeddedLLM(Settings(llm_context_tokens=1024, local_llm_threads=1), gguf=smol.gguf)
+    llama = await small.load()
+    cache: Any = llama.cache
+
+    async def ask(word: str) -> None:
+        await small.complete([{"role": "user", "content": f"Name two {word}."}], usage=LLMUsage(), max_tokens=4)
+
+    await ask("apples")
+    one_state = max(local_llm.state_bytes(s) for s in cache.cache_state.values())
+    cache.capacity_bytes = int(2.5 * one_state)
+    for word in ("rivers", "engines", "castles", "comets"):
+        await ask(word)
+    states = list(cache.cache_state.values())
+    assert 1 <= len(states) <= 2
+    assert sum(local_llm.state_bytes(s) for s in states) <= cache.capacity_bytes
+    assert all(s.scores.nbytes > s.llama_state_size for s in states)  # the part the stock cache left out
+    await small.aclose()
+
+
+@pytest.mark.local
 async def test_stream_stops_when_the_consumer_leaves(smol: EmbeddedLLM) -> None:
     usage = LLMUsage()
     stream = smol.stream([{"role": "user", "content": "Count from 1 to 500."}], usage=usage, max_tokens=400)

@@ -45,6 +45,7 @@ VALIDITY_FULL = 500
 VALIDITY_EMBEDDED = 20
 """Validity sample for the embedded LLM: each plan takes tens of seconds on 2 cores (see BENCHMARKS.md), so
 500 would take hours. The smaller sample is the head of the same seeded sample."""
+_REASONS_KEPT = 5
 GOLD_NOTE = "gold_sample_44: 28 single, 13 chain, 3 dag; a smoke-test set, not TaskBench's scores"
 
 PUBLISHED: tuple[tuple[str, float, float, float, float], ...] = (
@@ -77,6 +78,7 @@ class Outcome:
     failure: str | None
     seconds: float
     calls: int
+    reason: str = ""
 
 
 async def _plan(planner: Planner, text: str, names: dict[str, str]) -> Outcome:
@@ -86,12 +88,12 @@ async def _plan(planner: Planner, text: str, names: dict[str, str]) -> Outcome:
     started = time.perf_counter()
     try:
         plan = await planner.plan(request, usage)
-    except PlanParseError:
-        return Outcome(None, "parse", time.perf_counter() - started, usage.calls)
-    except PlanningError:
-        return Outcome(None, "validation", time.perf_counter() - started, usage.calls)
-    except LLMError:
-        return Outcome(None, "llm", time.perf_counter() - started, usage.calls)
+    except PlanParseError as err:
+        return Outcome(None, "parse", time.perf_counter() - started, usage.calls, str(err))
+    except PlanningError as err:
+        return Outcome(None, "validation", time.perf_counter() - started, usage.calls, str(err))
+    except LLMError as err:
+        return Outcome(None, "llm", time.perf_counter() - started, usage.calls, str(err))
     return Outcome(to_taskbench(plan, names), None, time.perf_counter() - started, usage.calls)
 
 
@@ -211,11 +213,17 @@ async def _evaluate(
     return rows, data
 
 
-def _failures(outcomes: Sequence[Outcome]) -> dict[str, int]:
-    counts: dict[str, int] = {}
+def _failures(outcomes: Sequence[Outcome]) -> dict[str, Any]:
+    """Failures by kind, and the first few reasons, to see which rule the plans broke."""
+    counts: dict[str, Any] = {}
+    reasons: list[str] = []
     for o in outcomes:
         if o.failure is not None:
             counts[o.failure] = counts.get(o.failure, 0) + 1
+            if len(reasons) < _REASONS_KEPT:
+                reasons.append(o.reason[:300])
+    if reasons:
+        counts["reasons"] = reasons
     return counts
 
 

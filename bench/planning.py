@@ -30,7 +30,7 @@ from agent.planner import DEMO_COUNT, DemoSelector, FixedDemos, Planner, load_de
 from agent.request import Request
 from agent.settings import Settings
 
-from .common import REPO_ROOT, Result, parse_args, use_test_fakes
+from .common import REPO_ROOT, Result, Target, parse_args, use_test_fakes
 from .controller import ScriptedController
 from .embedded import EmbeddedModel, embedded_llm, embedded_models
 from .taskbench import TaskBench, oracle_plan, request_resources, score, to_taskbench
@@ -348,6 +348,13 @@ def _result(
     smoke: bool, rows: list[list[Any]], data: dict[str, Any], notes: list[str], records: int
 ) -> Result:
     parts = [f"{r[0]} ({r[1]} demos): n-F1 {r[4]}, e-F1 {r[5]}, v-F1 {r[7]}" for r in rows]
+    embedded = [r for r in rows if str(r[0]).startswith("embedded ")]
+    target = Target(
+        f"embedded-LLM node F1 on {records} TaskBench records",
+        "measured (no threshold)",
+        "; ".join(f"{str(r[0]).removeprefix('embedded ')} ({r[1]}): {r[4]}" for r in embedded) or "–",
+        True if embedded else None,
+    )
     rows = list(rows)
     for llm_name, n_f1, e_f1, t_f1, v_f1 in PUBLISHED:
         rows.append(
@@ -385,6 +392,7 @@ def _result(
         summary=summary,
         data={"controllers": data, "records": records},
         notes=notes,
+        targets=[target],
     )
 
 

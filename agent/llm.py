@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from itertools import pairwise
 from typing import Any, Literal, Protocol, TypedDict, cast
 from urllib.parse import urlsplit
@@ -66,12 +66,13 @@ class LLM(Protocol):
         schema: dict[str, Any],
         usage: LLMUsage,
         max_tokens: int | None = None,
-        exact_schema: dict[str, Any] | None = None,
+        exact_schema: Callable[[], dict[str, Any]] | None = None,
     ) -> str:
         """The raw reply text, constrained to ``schema`` when the backend can; callers still parse leniently.
 
-        ``exact_schema``, when given, says more than ``schema`` in keywords only a grammar compiler takes
-        (``prefixItems``, ``$defs``, long patterns): backends that compile a grammar use it instead.
+        ``exact_schema``, when given, makes a schema that says more than ``schema`` in keywords only a grammar
+        compiler takes (``prefixItems``, ``$defs``, long patterns): backends that compile a grammar call it and
+        use its schema instead; the others never call it (making one costs about a millisecond).
         """
         ...
 
@@ -166,14 +167,14 @@ class OpenAILLM:
         schema: dict[str, Any],
         usage: LLMUsage,
         max_tokens: int | None = None,
-        exact_schema: dict[str, Any] | None = None,
+        exact_schema: Callable[[], dict[str, Any]] | None = None,
     ) -> str:
         modes = (self.json_mode,) if self.json_mode else JSON_MODES
 
         def schema_for(mode: JsonMode) -> dict[str, Any]:
             # Only llama.cpp's json_object mode compiles a grammar; OpenAI's structured outputs take a
             # subset of JSON schema, and a schema spelled out in the prompt must stay short.
-            return exact_schema or schema if mode == "json_object_schema" else schema
+            return exact_schema() if exact_schema and mode == "json_object_schema" else schema
 
         try:
             for mode, fallback in pairwise(modes):

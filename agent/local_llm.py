@@ -396,9 +396,9 @@ class EmbeddedLLM:
         schema: dict[str, Any],
         usage: LLMUsage,
         max_tokens: int | None = None,
-        exact_schema: dict[str, Any] | None = None,
+        exact_schema: Callable[[], dict[str, Any]] | None = None,
     ) -> str:
-        response_format = {"type": "json_object", "schema": _bounded(exact_schema or schema)}
+        response_format = {"type": "json_object", "schema": _bounded(exact_schema() if exact_schema else schema)}
         return await self._complete(messages, usage, max_tokens, 0.0, response_format)
 
     async def stream(

@@ -15,7 +15,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from typing import Any, Protocol
 
 from .errors import PlanningError, PlanParseError, PlanValidationError
@@ -330,7 +330,8 @@ class Planner:
         shots = await self.demos.select(request.text, DEMO_COUNT)
         budget = self.llm.context_tokens - self.reply_tokens
         schema = plan_schema(self.settings.max_tasks)
-        exact = exact_plan_schema(self.settings.max_tasks, request.resources, _text_bound(request))
+        # Made only if the backend asks for it, and once for both attempts.
+        exact = cache(partial(exact_plan_schema, self.settings.max_tasks, request.resources, _text_bound(request)))
         messages = plan_messages(request, shots, self.settings, budget)
         reply = await self.llm.complete_json(
             messages, schema=schema, exact_schema=exact, usage=usage, max_tokens=self.reply_tokens

@@ -81,25 +81,13 @@ class TimedLLM:
         self.model = llm.model
         self.context_tokens = llm.context_tokens
 
-    async def complete(
-        self, messages: list[dict[str, str]], *, usage: LLMUsage, max_tokens: int | None = None
-    ) -> str:
+    async def complete(self, messages: list[dict[str, str]], **kwargs: Any) -> str:
         with self._meter.span():
-            return await self._llm.complete(messages, usage=usage, max_tokens=max_tokens)
+            return await self._llm.complete(messages, **kwargs)
 
-    async def complete_json(
-        self,
-        messages: list[dict[str, str]],
-        *,
-        schema: dict[str, Any],
-        usage: LLMUsage,
-        max_tokens: int | None = None,
-        exact_schema: dict[str, Any] | None = None,
-    ) -> str:
+    async def complete_json(self, messages: list[dict[str, str]], **kwargs: Any) -> str:
         with self._meter.span():
-            return await self._llm.complete_json(
-                messages, schema=schema, usage=usage, max_tokens=max_tokens, exact_schema=exact_schema
-            )
+            return await self._llm.complete_json(messages, **kwargs)
 
     async def stream(
         self, messages: list[dict[str, str]], *, usage: LLMUsage, max_tokens: int | None = None

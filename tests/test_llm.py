@@ -81,7 +81,7 @@ async def test_json_falls_back_to_llama_cpp_schema_mode_and_remembers_it() -> No
     async with FakeLLMServer(['{"tasks": []}', '{"tasks": [1]}'], reject_formats={"json_schema"}) as server:
         llm = make_llm(server.base_url)
         usage = LLMUsage()
-        reply = await llm.complete_json(MESSAGES, schema=SCHEMA, exact_schema=EXACT, usage=usage)
+        reply = await llm.complete_json(MESSAGES, schema=SCHEMA, exact_schema=lambda: EXACT, usage=usage)
         assert reply == '{"tasks": []}'
         assert await llm.complete_json(MESSAGES, schema=SCHEMA, usage=usage) == '{"tasks": [1]}'
     types = [r["response_format"]["type"] for r in server.requests]
@@ -96,7 +96,7 @@ async def test_json_falls_back_to_llama_cpp_schema_mode_and_remembers_it() -> No
 async def test_json_falls_back_to_a_prompted_schema_when_no_mode_is_accepted() -> None:
     async with FakeLLMServer(['{"tasks": []}'], reject_formats={"json_schema", "json_object"}) as server:
         llm = make_llm(server.base_url)
-        await llm.complete_json(MESSAGES, schema=SCHEMA, exact_schema=EXACT, usage=LLMUsage())
+        await llm.complete_json(MESSAGES, schema=SCHEMA, exact_schema=lambda: EXACT, usage=LLMUsage())
     last = server.requests[-1]
     assert len(server.requests) == 3
     assert "response_format" not in last

@@ -545,6 +545,17 @@ async def test_a_grammar_server_gets_the_requests_exact_schema_with_text_bounded
     assert f"{{0,{bound - 1}}}" in sent["$defs"]["text-0"]["pattern"]
 
 
+async def test_the_exact_schema_is_not_made_for_a_server_that_would_not_use_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def unwanted(*args: Any) -> dict[str, Any]:
+        raise AssertionError("the exact schema was built for OpenAI's json_schema mode")
+
+    monkeypatch.setattr("agent.planner.exact_plan_schema", unwanted)
+    async with FakeLLMServer([json.dumps({"tasks": CHAIN})]) as server:
+        assert (await make_planner(server.base_url).plan(REQUEST, LLMUsage())).to_json() == CHAIN
+
+
 async def test_empty_reply_plan_is_just_chat() -> None:
     async with FakeLLMServer(['{"tasks": []}']) as server:
         assert not await make_planner(server.base_url).plan(Request("hi!"), LLMUsage())

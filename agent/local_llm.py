@@ -21,7 +21,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import re
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -34,6 +33,7 @@ from urllib.parse import urlsplit
 from .backends import BackendStatus
 from .errors import AgentError, ConfigurationError, LLMError, LLMTimeoutError
 from .events import LLMUsage
+from .grammar import grammar_safe
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -58,11 +58,6 @@ T = TypeVar("T")
 _HUB_PROBE_SECONDS = 3.0
 _HUB_ETAG_TIMEOUT = 10.0
 _CHUNK_BYTES = 8 * 1024 * 1024
-# Longest string a constrained reply may hold. llama.cpp's grammar parser rejects a bounded string much
-# longer (measured: 1000 works, 1024 does not), and llama-cpp-python then crashes the process. The same
-# holds for any bounded repetition, such as ``{0,4000}`` in a pattern.
-_STRING_MAX_CHARS = 1000
-_REPETITION_RE = re.compile(r"(?<!\\)\{(\d+)(?:,(\d+))?\}")
 # Completion budget when the caller gives none (llama.cpp would otherwise fill the whole context).
 _DEFAULT_MAX_TOKENS = 1024
 # Saved prompt states (the planner's, the selector's, the responder's prompts), counted whole: for Qwen about
@@ -244,28 +239,6 @@ def _reachable(url: str) -> bool:
         return False
 
 
-def _bounded(schema: Any) -> Any:
-    """``schema`` with every free string at most ``_STRING_MAX_CHARS`` long: a tiny model loops inside an
-    unbounded string, and llama.cpp cannot compile a longer bound (nor a longer repetition in a pattern)."""
-    if isinstance(schema, list):
-        return [_bounded(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: _bounded(v) for k, v in schema.items()}
-    if out.get("type") == "string" and isinstance(out.get("pattern"), str):
-        out["pattern"] = _REPETITION_RE.sub(_capped_repetition, out["pattern"])
-    elif out.get("type") == "string" and not ({"enum", "const"} & out.keys()):
-        out["maxLength"] = min(int(out.get("maxLength", _STRING_MAX_CHARS)), _STRING_MAX_CHARS)
-        if "minLength" in out:
-            out["minLength"] = min(int(out["minLength"]), out["maxLength"])
-    return out
-
-
-def _capped_repetition(match: re.Match[str]) -> str:
-    bounds = [str(min(int(n), _STRING_MAX_CHARS)) for n in match.groups() if n is not None]
-    return "{" + ",".join(bounds) + "}"
-
-
 def _ram_cache(capacity_bytes: int) -> Any:
     """llama-cpp-python's ``LlamaRAMCache``, counting what each saved state really holds.
 
@@ -398,7 +371,7 @@ class EmbeddedLLM:
         max_tokens: int | None = None,
         exact_schema: Callable[[], dict[str, Any]] | None = None,
     ) -> str:
-        response_format = {"type": "json_object", "schema": _bounded(exact_schema() if exact_schema else schema)}
+        response_format = {"type": "json_object", "schema": grammar_safe(exact_schema() if exact_schema else schema)}
         return await self._complete(messages, usage, max_tokens, 0.0, response_format)
 
     async def stream(

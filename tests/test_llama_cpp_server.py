@@ -22,6 +22,7 @@ import pytest
 from agent.events import LLMUsage
 from agent.llm import OpenAILLM
 from agent.local_llm import SMOLLM2
+from agent.planner import exact_plan_schema, plan_schema
 from agent.settings import Settings
 
 pytestmark = pytest.mark.local
@@ -129,5 +130,25 @@ async def test_streamed_answer_and_status(server_url: str) -> None:
         assert len(chunks) > 1 and "".join(chunks).strip()
         # This server sends no usage in a stream, so the counts are the client's estimate.
         assert usage.calls == 1 and usage.prompt_tokens > 5 and usage.completion_tokens > 0
+    finally:
+        await llm.aclose()
+
+
+async def test_a_long_requests_plan_grammar_compiles_on_the_server(server_url: str) -> None:
+    """The plan schema bounds text by the request's length; for a 1,170-character request that bound was past
+    llama.cpp's repetition limit, and the server died (segmentation fault) on the grammar. Last in this
+    module: without the fix the server is gone afterwards."""
+    llm = make_llm(server_url)
+    usage = LLMUsage()
+    try:
+        reply = await llm.complete_json(
+            MESSAGES,
+            schema=plan_schema(12),
+            exact_schema=lambda: exact_plan_schema(12, (), 4000),
+            usage=usage,
+            max_tokens=24,
+        )
+        assert reply.startswith("{")  # cut short by max_tokens; the grammar held
+        assert await llm.complete(MESSAGES, usage=usage, max_tokens=4)  # and the server is still there
     finally:
         await llm.aclose()

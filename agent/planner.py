@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from .errors import PlanningError, PlanParseError, PlanValidationError
 from .events import LLMUsage
+from .grammar import GRAMMAR_MAX_REPEAT
 from .llm import LLM, estimate_message_tokens, estimate_tokens, parse_json_reply
 from .plan import GENERATED_RE, Plan, PlannedTask
 from .prompts import clip, load_prompt, prompt_template
@@ -45,7 +46,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEMO_COUNT = 8
-_TEXT_MAX_CHARS = 4000  # longest text argument the schema lets a constrained LLM write
+_TEXT_MAX_CHARS = 4000  # longest text argument the portable schema allows
 _NAME_MAX_CHARS = 100
 _TEXT_SLACK_CHARS = 100  # what a text argument may add to the words it quotes
 _TURN_MAX_CHARS = 1500
@@ -132,7 +133,7 @@ def plan_schema(max_tasks: int) -> dict[str, Any]:
 
 
 def exact_plan_schema(
-    max_tasks: int, resources: Sequence[Resource] = (), text_max_chars: int = _TEXT_MAX_CHARS
+    max_tasks: int, resources: Sequence[Resource] = (), text_max_chars: int = GRAMMAR_MAX_REPEAT
 ) -> dict[str, Any]:
     """JSON schema of a plan reply for this request, for backends that turn a schema into a grammar (the
     embedded LLM, a llama.cpp server).
@@ -217,9 +218,10 @@ def _text_pattern(i: int, max_chars: int) -> str:
 
 def _text_bound(request: Request) -> int:
     """How long a text argument of this request's plan may be: a text argument quotes the request or a
-    recent turn (or names an earlier task's output), so a little over the longest of those."""
+    recent turn (or names an earlier task's output), so a little over the longest of those, and never more
+    than a llama.cpp grammar can hold (the exact schema is only ever compiled into one)."""
     quoted = max((len(t.text) for t in request.history[-2:]), default=0)
-    return min(_TEXT_MAX_CHARS, max(len(request.text), min(quoted, _TURN_MAX_CHARS)) + _TEXT_SLACK_CHARS)
+    return min(GRAMMAR_MAX_REPEAT, max(len(request.text), min(quoted, _TURN_MAX_CHARS)) + _TEXT_SLACK_CHARS)
 
 
 def _task_branch(i: int, group: tuple[Arg, ...], defs: dict[str, Any]) -> dict[str, Any] | None:

@@ -541,10 +541,11 @@ async def test_a_grammar_server_gets_the_requests_exact_schema_with_text_bounded
         llm = OpenAILLM(config, max_retries=0, json_mode="json_object_schema")
         await Planner(llm, config).plan(request, LLMUsage())
     sent = server.requests[0]["response_format"]["schema"]
-    bound = min(text_chars + 100, 4000)  # room to quote the request whole, up to the limit
-    assert sent == grammar_safe(exact_plan_schema(12, FILES, bound))
-    # ... and within what llama.cpp's grammar parser takes (beyond it llama-cpp-python's server crashes).
-    assert f"{{0,{min(bound - 1, GRAMMAR_MAX_REPEAT)}}}" in sent["$defs"]["text-0"]["pattern"]
+    # Room to quote the request whole, up to what llama.cpp's grammar parser takes (beyond it
+    # llama-cpp-python's server crashed).
+    bound = min(text_chars + 100, GRAMMAR_MAX_REPEAT)
+    assert sent == exact_plan_schema(12, FILES, bound) == grammar_safe(sent)
+    assert f"{{0,{bound - 1}}}" in sent["$defs"]["text-0"]["pattern"]
 
 
 async def test_the_exact_schema_is_not_made_for_a_server_that_would_not_use_it(

@@ -316,7 +316,7 @@ async def run(
             )
         kinds = ["fixed"]
     demos = _demo_selectors(kinds)
-    validity_demos = kinds[-1]
+    validity_demos = kinds[-1]  # retrieval when both run: what the planner uses by default
     rows: list[list[Any]] = []
     data: dict[str, Any] = {}
     notes: list[str] = []

@@ -237,6 +237,8 @@ class _Run:
                         "(HUGGINGGPT_TASK_TIMEOUT)"
                     )
                 )
+                if not backend.retry_timeouts or (isinstance(err, ModelTimeoutError) and not err.retryable):
+                    return None
                 retry_after = None
             except RetryableModelError as err:
                 attempts.last, retry_after = err, err.retry_after

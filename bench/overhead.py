@@ -112,6 +112,7 @@ class TimedBackend:
         self._backend = backend
         self._meter = meter
         self.name = backend.name
+        self.retry_timeouts = backend.retry_timeouts
 
     def handles(self, model: ModelInfo) -> bool:
         return self._backend.handles(model)

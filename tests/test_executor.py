@@ -35,6 +35,7 @@ class ScriptedBackend:
     unavailable: set[str] = field(default_factory=set)
     calls: list[tuple[str, int]] = field(default_factory=list)
     name: str = "scripted"
+    retry_timeouts: bool = True
 
     def handles(self, model: ModelInfo) -> bool:
         return model.id.startswith("fake/")
@@ -340,6 +341,26 @@ async def test_a_model_over_the_task_timeout_fails_with_a_timeout() -> None:
     run = await execute(ex, plan, choose(plan, "fake/hang"))
     assert "did not answer within 0.05 s" in run.failed(1).error
     assert sleeps == [1.0]  # timeouts are retried, with backoff
+
+
+async def test_a_model_on_this_machine_that_times_out_is_not_asked_again() -> None:
+    """Retrying a local model that ran out of time would burn the same CPU again (issue: a 1 h recording
+    was transcribed three times at once)."""
+    calls = 0
+
+    async def hang(inp: TaskInput, io: TaskIO) -> TaskOutput:
+        nonlocal calls
+        calls += 1
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    plan = Plan((task(1, "text-to-speech", text="x"),))
+    sleeps: list[float] = []
+    local = ScriptedBackend({"fake/hang": hang}, retry_timeouts=False)
+    run = await execute(executor(local, sleeps, task_timeout=0.05, task_retries=2), plan, choose(plan, "fake/hang"))
+    assert "did not answer within 0.05 s" in run.failed(1).error
+    assert calls == 1
+    assert sleeps == []
 
 
 async def test_retries_honour_retry_after() -> None:

@@ -38,6 +38,7 @@ class RunnableSet:
     """A backend for every model, runnable only for the ids in ``RUNNABLE``."""
 
     name = "fake"
+    retry_timeouts = True
 
     def handles(self, model: ModelInfo) -> bool:
         return True

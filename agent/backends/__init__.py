@@ -50,6 +50,9 @@ class BackendStatus:
 
 class Backend(Protocol):
     name: str
+    retry_timeouts: bool
+    """Whether a model that timed out is asked again: yes for a server (it may be busy for a moment), no for
+    a model computing on this machine (it would burn the same CPU time again)."""
 
     def handles(self, model: ModelInfo) -> bool:
         """True if this backend is the one that runs ``model`` (by its id prefix or configuration)."""

@@ -107,6 +107,7 @@ class HFBackend:
     """Runs Hub models over HTTP. Create one per process and ``aclose()`` it at shutdown."""
 
     name = "hf"
+    retry_timeouts = True
 
     def __init__(self, settings: Settings) -> None:
         if settings.hf_inference_provider not in _PROVIDER_MODES:

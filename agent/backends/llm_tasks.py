@@ -46,6 +46,7 @@ class LLMTaskBackend:
     """Runs ``llm/...`` models: the task's instruction as the system message, the text argument as the user's."""
 
     name = "llm"
+    retry_timeouts = True
 
     def __init__(self, llm: LLM) -> None:
         self.llm = llm

@@ -197,6 +197,7 @@ class LocalBackend:
     sentence encoder the demonstration selector already holds, so MiniLM loads once."""
 
     name = "local"
+    retry_timeouts = False
 
     def __init__(self, settings: Settings, llm: LLM, *, encoder: SentenceEncoder | None = None) -> None:
         self.settings = settings

@@ -127,7 +127,7 @@ class ProcessWorker:
             await self._kill(job, "lost its child process")
             raise WorkerCrashedError(f"the {self.name} worker process died ({detail})") from err
         if status == "ok":
-            return value  # type: ignore[no-any-return]
+            return value
         failure: _Failure = value
         if failure.error is not None:
             raise failure.error

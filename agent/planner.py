@@ -21,9 +21,10 @@ from typing import Any, Protocol
 from .errors import PlanningError, PlanParseError, PlanValidationError
 from .events import LLMUsage
 from .grammar import GRAMMAR_MAX_REPEAT
-from .llm import LLM, estimate_message_tokens, estimate_tokens, parse_json_reply
+from .llm import LLM, estimate_message_tokens, estimate_tokens
 from .plan import GENERATED_RE, Plan, PlannedTask
 from .prompts import clip, load_prompt, prompt_template
+from .replies import parse_json_reply
 from .request import ChatTurn, Request
 from .resources import Origin, Resource
 from .settings import Settings
@@ -249,11 +250,11 @@ def _task_branch(i: int, group: tuple[Arg, ...], defs: dict[str, Any]) -> dict[s
     }
 
 
-def parse_plan_text(text: str) -> Any:
+async def parse_plan_text(text: str) -> Any:
     """The JSON value in an LLM's plan reply, repaired if need be; ``PlanParseError`` if there is none."""
     if not text.strip():
         raise PlanParseError("the LLM's plan reply was empty")
-    value = parse_json_reply(text)
+    value = await parse_json_reply(text)
     if not isinstance(value, list | dict):
         raise PlanParseError(f"the LLM's plan reply holds no JSON plan (it began: {clip(text.strip(), 80)})")
     return value
@@ -339,7 +340,7 @@ class Planner:
             messages, schema=schema, exact_schema=exact, usage=usage, max_tokens=self.reply_tokens
         )
         try:
-            return self._read(reply, request)
+            return await self._read(reply, request)
         except PlanningError as err:
             log.info("plan rejected, asking once more: %s", err)
             first_error = str(err)
@@ -358,7 +359,7 @@ class Planner:
             max_tokens=self.reply_tokens,
         )
         try:
-            return self._read(reply, request)
+            return await self._read(reply, request)
         except PlanParseError as err:
             raise PlanParseError(
                 f"the LLM did not reply with a readable plan, even when asked again ({err}); "
@@ -369,8 +370,8 @@ class Planner:
                 f"the LLM's plan broke a rule, even when asked again ({err}); try rephrasing the request"
             ) from err
 
-    def _read(self, reply: str, request: Request) -> Plan:
-        return validate_plan(parse_plan_text(reply), request.resources, self.settings.max_tasks)
+    async def _read(self, reply: str, request: Request) -> Plan:
+        return validate_plan(await parse_plan_text(reply), request.resources, self.settings.max_tasks)
 
 
 def _task_items(raw: Any) -> list[Any]:

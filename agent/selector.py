@@ -16,11 +16,12 @@ from typing import Any
 from .backends import Backends
 from .backends.llm_tasks import LLM_MODEL_PREFIX
 from .catalog import Catalog, ModelInfo
-from .errors import LLMError
+from .errors import LLMError, PlanParseError
 from .events import LLMUsage
-from .llm import LLM, parse_json_reply
+from .llm import LLM
 from .plan import ModelChoice, Plan, PlannedTask
 from .prompts import clip, load_prompt, prompt_template
+from .replies import parse_json_reply
 from .request import Request
 from .settings import Settings
 from .tasks import LLM_TASKS
@@ -123,13 +124,13 @@ class Selector:
             reply = await self.llm.complete_json(
                 messages, schema=schema, usage=usage, max_tokens=200 + 120 * len(open_tasks)
             )
-        except LLMError as err:
+            answers = _answers(await parse_json_reply(reply))
+        except (LLMError, PlanParseError) as err:
             log.warning("model selection by the LLM failed: %s", err)
             return {
                 task_id: (models[0].id, f"model selection by the LLM failed ({err}); {_TOP}")
                 for task_id, models in open_tasks.items()
             }
-        answers = _answers(parse_json_reply(reply))
         if answers is None:
             log.warning("unreadable model selection reply: %.200r", reply)
             return fallback

@@ -404,5 +404,5 @@ async def test_constrained_plans_always_parse_and_validate(smol: EmbeddedLLM, mo
         except PlanValidationError as err:
             rejected.append(f"{request.text!r}: {err}")
     for reply in replies:
-        assert parse_plan_text(reply) == json.loads(reply)
+        assert await parse_plan_text(reply) == json.loads(reply)
     assert not rejected, f"{len(rejected)}/{len(PLAN_REQUESTS)} plans were rejected:\n" + "\n".join(rejected)

@@ -123,26 +123,26 @@ def test_default_demonstrations_are_a_diverse_head_of_the_bank() -> None:
         json.dumps(CHAIN).replace('"', "'"),  # single quotes: repaired
     ],
 )
-def test_plans_are_read_from_lenient_json(text: str) -> None:
-    plan = validate_plan(parse_plan_text(text), FILES, 12)
+async def test_plans_are_read_from_lenient_json(text: str) -> None:
+    plan = validate_plan(await parse_plan_text(text), FILES, 12)
     assert plan.to_json() == CHAIN
 
 
-def test_single_task_object_is_a_one_task_plan() -> None:
-    plan = validate_plan(parse_plan_text(json.dumps(CHAIN[0])), FILES, 12)
+async def test_single_task_object_is_a_one_task_plan() -> None:
+    plan = validate_plan(await parse_plan_text(json.dumps(CHAIN[0])), FILES, 12)
     assert plan.to_json() == CHAIN[:1]
 
 
 @pytest.mark.parametrize("text", ["", "   ", "I cannot help with that.", '"just a string"', "42"])
-def test_unreadable_replies_are_parse_errors(text: str) -> None:
+async def test_unreadable_replies_are_parse_errors(text: str) -> None:
     with pytest.raises(PlanParseError):
-        parse_plan_text(text)
+        await parse_plan_text(text)
 
 
 @given(st.text(max_size=300))
-def test_parse_plan_text_only_raises_plan_parse_error(text: str) -> None:
+async def test_parse_plan_text_only_raises_plan_parse_error(text: str) -> None:
     try:
-        value = parse_plan_text(text)
+        value = await parse_plan_text(text)
     except PlanParseError:
         return
     assert isinstance(value, list | dict)
@@ -348,9 +348,9 @@ def mutated_plans(draw: st.DrawFn) -> Any:
 
 @settings(max_examples=400)
 @given(JSON | mutated_plans() | st.text(max_size=200))
-def test_validation_returns_a_sound_plan_or_a_planning_error(raw: Any) -> None:
+async def test_validation_returns_a_sound_plan_or_a_planning_error(raw: Any) -> None:
     try:
-        plan = validate_plan(parse_plan_text(raw) if isinstance(raw, str) else raw, FILES, 5)
+        plan = validate_plan(await parse_plan_text(raw) if isinstance(raw, str) else raw, FILES, 5)
     except PlanningError as err:
         assert str(err) and len(str(err)) < 400
         return
@@ -358,12 +358,12 @@ def test_validation_returns_a_sound_plan_or_a_planning_error(raw: Any) -> None:
 
 
 @given(valid_plans())
-def test_valid_plans_pass_unchanged(raw: list[dict[str, Any]]) -> None:
+async def test_valid_plans_pass_unchanged(raw: list[dict[str, Any]]) -> None:
     plan = validate_plan(raw, FILES, 12)
     assert plan.to_json() == raw
     check_invariants(plan, FILES, 12)
     # And through text, as the LLM would send it.
-    assert validate_plan(parse_plan_text(json.dumps({"tasks": raw})), FILES, 12).to_json() == raw
+    assert validate_plan(await parse_plan_text(json.dumps({"tasks": raw})), FILES, 12).to_json() == raw
 
 
 # --- the constraint schema ---------------------------------------------------------------------------------

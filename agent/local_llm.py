@@ -34,6 +34,7 @@ from .backends import BackendStatus
 from .errors import AgentError, ConfigurationError, LLMError, LLMTimeoutError
 from .events import LLMUsage
 from .grammar import grammar_safe
+from .llm import AnswerCap
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -538,6 +539,9 @@ class EmbeddedLLM:
             stream=True,
         )
         loops = LoopDetector() if free_text else None
+        # Free text is cut at LLM_MAX_ANSWER_CHARS with a note, as a server's answer is; JSON is not (the reply
+        # parser has its own cap, and a note would only break it).
+        cap = AnswerCap(self.settings.llm_max_answer_chars) if free_text else None
         generated = 0
         try:
             for chunk in chunks:
@@ -546,7 +550,16 @@ class EmbeddedLLM:
                 text = chunk["choices"][0]["delta"].get("content")
                 if text:
                     generated += 1
-                    emit(text)
+                    kept = cap.take(text) if cap is not None else text
+                    if kept:
+                        emit(kept)
+                    if cap is not None and cap.cut:
+                        log.warning(
+                            "the embedded LLM's answer reached LLM_MAX_ANSWER_CHARS (%d); it was cut there",
+                            cap.limit,
+                        )
+                        emit(cap.notice)
+                        break
                     if loops is not None and loops.feed(text):
                         log.info("embedded LLM repeated a paragraph; stopped it there")
                         break

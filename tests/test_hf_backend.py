@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -435,3 +436,147 @@ def test_fake_server_runs_in_a_thread_for_subprocesses() -> None:
         assert threading.current_thread() is threading.main_thread()
     finally:
         running.stop()
+
+
+# Bounds: answer size, redirects, the provider lookup, and what a status or an error may show.
+
+CAP_MB = 4
+# What a client may be sent beyond what it reads: the socket buffers of both ends (a few MiB on loopback).
+BUFFERS = 24 << 20
+
+
+@pytest.fixture
+async def capped(hf: FakeHF) -> AsyncIterator[HFBackend]:
+    b = HFBackend(
+        Settings(hf_token=TOKEN, hf_inference_base_url=hf.base_url, task_timeout=30, max_output_mb=CAP_MB)
+    )
+    yield b
+    await b.aclose()
+
+
+@pytest.mark.parametrize(
+    "task",
+    ["image-to-text", "text-to-image", "depth-estimation"],
+    ids=["client JSON answer", "client image answer", "raw POST"],
+)
+@pytest.mark.parametrize(
+    "fault",
+    [Fault.huge_body(600 << 20), Fault.huge_body(None), Fault.huge_body(600 << 20, declare_length=True)],
+    ids=["600 MiB streamed", "endless", "600 MiB declared"],
+)
+async def test_an_answer_over_the_cap_is_refused_after_reading_about_the_cap(
+    hf: FakeHF, capped: HFBackend, files: Files, task: str, fault: Fault
+) -> None:
+    hf.script(model_for(task), fault)
+    with pytest.raises(
+        ModelError, match=rf"sent more than {CAP_MB} MiB for {task}.*HUGGINGGPT_MAX_OUTPUT_MB"
+    ):
+        await run(capped, files, task)
+    assert hf.bytes_sent <= (CAP_MB << 20) + BUFFERS  # not the 600 MiB on offer
+    if fault.declare_length:
+        assert hf.bytes_sent <= BUFFERS  # refused on its Content-Length, before reading the body
+    # The connection is usable again and a normal answer goes through.
+    out = await run(capped, files, task)
+    assert out.text or out.resources
+
+
+async def test_an_answer_just_under_the_cap_is_read(hf: FakeHF, files: Files) -> None:
+    backend = HFBackend(Settings(hf_token=TOKEN, hf_inference_base_url=hf.base_url, max_output_mb=1))
+    body = json.dumps([{"generated_text": "x" * ((1 << 20) - 100)}]).encode()
+    hf.script(model_for("image-to-text"), Fault(body=body))
+    out = await run(backend, files, "image-to-text")
+    await backend.aclose()
+    assert out.text == "x" * ((1 << 20) - 100)
+
+
+async def test_a_redirect_to_another_server_is_refused_and_that_server_gets_nothing(
+    hf: FakeHF, backend: HFBackend, files: Files
+) -> None:
+    async with FakeHF(dict(MODELS)) as other:
+        hf.script(
+            model_for("image-to-text"),
+            Fault.redirect(f"{other.base_url}/models/{model_for('image-to-text')}"),
+        )
+        with pytest.raises(ModelError) as caught:
+            await run(backend, files, "image-to-text")
+    assert "redirected the request to another server, which is never followed" in str(caught.value)
+    assert other.base_url.rsplit(":", 1)[1] not in str(caught.value)
+    assert other.requests == []  # neither the image nor the token went there
+
+
+async def test_a_redirect_within_the_server_is_followed_up_to_three_times(
+    hf: FakeHF, backend: HFBackend, files: Files
+) -> None:
+    model = model_for("image-to-text")
+    here = Fault.redirect(f"{hf.base_url}/models/{model}", status=307)
+    hf.script(model, here)
+    assert (await run(backend, files, "image-to-text")).text == "a red square on a grey background"
+    hf.script(model, *[here] * 5)
+    with pytest.raises(ModelError, match="redirected the request more than 3 times"):
+        await run(backend, files, "image-to-text")
+
+
+async def test_the_provider_lookup_is_bounded_like_every_call(
+    hf: FakeHF, files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hf.base_url)
+    settings = Settings(
+        hf_token=TOKEN, hf_inference_base_url=hf.base_url, hf_inference_provider="auto", max_output_mb=CAP_MB
+    )
+    backend = HFBackend(settings)
+    async with FakeHF({}) as other:
+        hf.script_info(model_for("image-to-text"), Fault.huge_body(None, content_type="application/json"))
+        hf.script_info(model_for("object-detection"), Fault.redirect(f"{other.base_url}/api/models/x"))
+        with pytest.raises(ModelError, match=f"sent more than {CAP_MB} MiB"):
+            await run(backend, files, "image-to-text")
+        with pytest.raises(ModelError, match="redirected the request to another server"):
+            await run(backend, files, "object-detection")
+    await backend.aclose()
+    assert hf.bytes_sent <= (CAP_MB << 20) + BUFFERS
+    assert other.requests == []
+
+
+async def test_credentials_in_the_base_url_are_not_shown(hf: FakeHF) -> None:
+    url = hf.base_url.replace("http://", "http://proxyuser:proxy-pass-77@")
+    status = await HFBackend(Settings(hf_inference_base_url=url)).status()
+    assert status.live and hf.base_url in status.detail
+    assert "proxy-pass-77" not in status.detail and "proxyuser" not in status.detail
+
+
+async def test_a_piece_of_the_token_echoed_by_the_server_is_redacted(
+    hf: FakeHF, backend: HFBackend, files: Files
+) -> None:
+    hf.script(model_for("image-to-text"), Fault.error(403, f"token {TOKEN[:12]}… lacks access"))
+    with pytest.raises(ModelError) as caught:
+        await run(backend, files, "image-to-text")
+    assert str(caught.value) == (
+        f"model {model_for('image-to-text')} refused the request (HTTP 403: token ***… lacks access): check HF_TOKEN"
+    )
+
+
+async def test_a_third_party_provider_is_called_without_a_blocking_lookup(
+    hf: FakeHF, files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """huggingface_hub would fetch the provider mapping itself, with a blocking client on the event loop (which
+    deadlocks against this same-loop server); the backend fetches it once, bounded, and hands it over."""
+    model = "org/together-drawer"
+    hf.tasks[model] = "text-to-image"
+    hf.provider_mappings[model] = {
+        "together": {"status": "live", "providerId": "tg/drawer", "task": "text-to-image"}
+    }
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hf.base_url)
+    monkeypatch.setattr(
+        huggingface_hub.constants, "INFERENCE_PROXY_TEMPLATE", f"{hf.base_url}/providers/{{provider}}"
+    )
+    backend = HFBackend(Settings(hf_token=TOKEN, hf_inference_provider="auto", task_timeout=10))
+    async with asyncio.timeout(20):
+        out = await run(backend, files, "text-to-image", model=model)
+        again = await run(backend, files, "text-to-image", model=model)
+    await backend.aclose()
+    assert out.resources and again.resources
+    assert [r.path for r in hf.requests] == [
+        f"/api/models/{model}",
+        "/providers/together/v1/images/generations",
+        "/providers/together/v1/images/generations",
+    ]
+    assert hf.requests[1].json()["model"] == "tg/drawer"

@@ -28,8 +28,10 @@ from huggingface_hub.hf_api import ModelInfo as HubModel
 from huggingface_hub.utils import build_hf_headers, get_session
 
 from .errors import AgentError, ConfigurationError
+from .http import bound_client, public_url
 from .settings import Settings
 from .tasks import CONTROLNET_CONDITIONS, TASKS
+from .workers import ProcessWorker, WorkerCrashedError
 
 __all__ = [
     "BUNDLED_CATALOG",
@@ -53,6 +55,10 @@ DESCRIPTION_CHARS = 200
 MAX_TAGS = 12
 # Seconds to wait for the Hub's first answer: huggingface_hub sets no timeout and retries for ~25 s.
 _PROBE_TIMEOUT = 15.0
+REFRESH_SECONDS = 600.0
+"""Most a whole ``catalog refresh`` may take (about 50 listing requests; a minute is usual)."""
+_HUB_READ_TIMEOUT = 30.0
+_HUB_MAX_BODY_BYTES = 32 << 20  # a listing page of 30 models with their card data is well under 1 MB
 
 
 def _is_pipeline_task(name: str) -> bool:
@@ -282,10 +288,12 @@ def _probe(api: HfApi, token: str | None) -> None:
             timeout=_PROBE_TIMEOUT,
         )
     except (httpx2.RequestError, httpx2.InvalidURL, ConnectionError) as err:
-        raise AgentError(f"could not reach the Hugging Face Hub at {api.endpoint}: {err}") from err
+        raise AgentError(
+            f"could not reach the Hugging Face Hub at {public_url(api.endpoint)}: {err}"
+        ) from err
     if response.status_code in (401, 403):
         raise ConfigurationError(
-            f"the Hugging Face Hub at {api.endpoint} refused the token (HTTP {response.status_code}): "
+            f"the Hugging Face Hub at {public_url(api.endpoint)} refused the token (HTTP {response.status_code}): "
             "set a valid HF_TOKEN, or leave it empty"
         )
 
@@ -374,7 +382,9 @@ def refresh_from_hub(
         try:
             listed = _list_task(api, task, token, limit_per_task)
         except httpx2.RequestError as err:
-            unreachable = failed[task] = f"could not reach the Hugging Face Hub at {api.endpoint}: {err}"
+            unreachable = failed[task] = (
+                f"could not reach the Hugging Face Hub at {public_url(api.endpoint)}: {err}"
+            )
             continue
         except (HfHubHTTPError, ValueError, KeyError, TypeError) as err:
             failed[task] = f"listing failed: {err}".splitlines()[0]
@@ -388,27 +398,51 @@ def refresh_from_hub(
         log.warning("catalog refresh: %s kept its previous entries (%s)", task, reason)
     if wanted and not refreshed:
         first = next(iter(failed.values()))
-        raise AgentError(unreachable or f"could not list any task on the Hugging Face Hub at {api.endpoint}: {first}")
+        raise AgentError(
+            unreachable
+            or f"could not list any task on the Hugging Face Hub at {public_url(api.endpoint)}: {first}"
+        )
     kept = [m for m in previous if m.task not in refreshed]
-    return HubRefresh(catalog=Catalog([*kept, *fresh]), failed=failed, endpoint=api.endpoint)
+    return HubRefresh(catalog=Catalog([*kept, *fresh]), failed=failed, endpoint=public_url(api.endpoint))
 
 
-async def refresh_catalog(settings: Settings, *, api: HfApi | None = None) -> tuple[Catalog, Path, list[str]]:
+async def refresh_catalog(
+    settings: Settings, *, seconds: float = REFRESH_SECONDS
+) -> tuple[Catalog, Path, list[str]]:
     """Refresh every pipeline task from the Hub into ``{data_dir}/catalog.jsonl``.
 
-    Returns the new catalog, where it was saved, and the tasks that kept their previous entries.
+    Returns the new catalog, where it was saved, and the tasks that kept their previous entries. The refresh
+    runs in a child process, killed after ``seconds``: huggingface_hub's listing is blocking and its session
+    has no deadline and no size cap, which the child gives it (``_refresh_in_worker``).
     """
     path = settings.data_dir / BUNDLED_CATALOG
-
-    def run() -> HubRefresh:
-        result = refresh_from_hub(
-            TASKS, token=settings.hf_token or None, api=api, previous=Catalog.for_data_dir(settings.data_dir)
-        )
-        result.catalog.save(path)
-        return result
-
-    result = await asyncio.to_thread(run)
+    worker = ProcessWorker("catalog-refresh")
+    try:
+        async with asyncio.timeout(seconds):
+            result = await worker.run(_refresh_in_worker, settings, path)
+    except TimeoutError as err:
+        raise AgentError(
+            f"the catalog refresh did not finish within {seconds:g} s; the catalog is unchanged"
+        ) from err
+    except WorkerCrashedError as err:
+        raise AgentError(f"the catalog refresh failed ({err}); the catalog is unchanged") from err
+    finally:
+        await worker.aclose()
     return result.catalog, path, sorted(result.failed)
+
+
+def _refresh_in_worker(settings: Settings, path: Path) -> HubRefresh:
+    """In the refresh's own process: bound huggingface_hub's shared session (each response read up to
+    ``_HUB_MAX_BODY_BYTES``, ``_HUB_READ_TIMEOUT`` per read, redirects within the Hub only), then refresh.
+    The parent process's session is left alone: model downloads need large bodies and CDN redirects."""
+    session = get_session()
+    session.timeout = httpx2.Timeout(_HUB_READ_TIMEOUT)
+    bound_client(session, max_body_bytes=_HUB_MAX_BODY_BYTES)
+    result = refresh_from_hub(
+        TASKS, token=settings.hf_token or None, previous=Catalog.for_data_dir(settings.data_dir)
+    )
+    result.catalog.save(path)
+    return result
 
 
 def summarize_refresh(catalog: Catalog, path: Path, failed: Iterable[str]) -> str:

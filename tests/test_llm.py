@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from typing import Any
 
@@ -465,9 +466,12 @@ async def test_an_endless_plain_body_is_refused_at_the_byte_cap() -> None:
 
 
 async def test_a_compressed_body_is_refused_unread() -> None:
-    reply = Reply(body="\x1f\x8b not really gzip", headers={"Content-Encoding": "gzip"})
-    async with FakeLLMServer([reply]) as server:
-        llm = bounded_llm(server.base_url, max_retries=2)
+    """5 MB of answer in 5 KB of gzip: counting the bytes on the wire would let it through, so it is refused."""
+    completion = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * 5_000_000}}]}
+    bomb = gzip.compress(json.dumps(completion).encode())
+    assert len(bomb) < 10_000
+    async with FakeLLMServer([Reply(body=bomb, headers={"Content-Encoding": "gzip"})]) as server:
+        llm = bounded_llm(server.base_url, chars=1000, max_retries=2)
         with pytest.raises(LLMError, match="could not be read"):
             await llm.complete(MESSAGES, usage=LLMUsage())
         await llm.aclose()

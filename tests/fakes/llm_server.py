@@ -64,7 +64,7 @@ class Reply:
 
     text: str = ""
     status: int = 200
-    body: str | None = None
+    body: str | bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     cut_after: int | None = None
@@ -185,8 +185,9 @@ class FakeLLMServer:
         if reply.delay:
             await asyncio.sleep(reply.delay)
         if reply.body is not None:
+            data = reply.body.encode() if isinstance(reply.body, str) else reply.body
             return web.Response(
-                status=reply.status, text=reply.body, headers=reply.headers, content_type="application/json"
+                status=reply.status, body=data, headers=reply.headers, content_type="application/json"
             )
         usage = {
             "prompt_tokens": prompt_tokens(body.get("messages") or []),

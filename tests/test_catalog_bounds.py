@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -61,11 +62,13 @@ async def endless(
 
 @pytest.mark.parametrize("endless", [0.0], indirect=True)
 async def test_an_endless_listing_is_refused_after_the_size_cap(endless: EndlessHub, tmp_path: Path) -> None:
+    started = time.monotonic()
     with pytest.raises(
         AgentError, match=r"could not reach the Hugging Face Hub at .*over the 33,554,432-byte limit"
     ):
         await refresh_catalog(Settings(data_dir=tmp_path / "data"))
     assert endless.bytes_sent < 64 << 20
+    print(f"\nrefused after {endless.bytes_sent / 2**20:.0f} MiB sent, {time.monotonic() - started:.1f} s")
     assert not (tmp_path / "data" / "catalog.jsonl").exists()
 
 
@@ -74,7 +77,9 @@ async def test_a_trickling_hub_is_stopped_at_the_refresh_deadline(
     endless: EndlessHub, tmp_path: Path
 ) -> None:
     """A byte every 50 ms never trips a read timeout; the deadline kills the refresh's process."""
+    started = time.monotonic()
     async with asyncio.timeout(60):
         with pytest.raises(AgentError, match=r"did not finish within 3 s; the catalog is unchanged"):
             await refresh_catalog(Settings(data_dir=tmp_path / "data"), seconds=3.0)
+    print(f"\nstopped after {time.monotonic() - started:.1f} s")
     assert not (tmp_path / "data" / "catalog.jsonl").exists()

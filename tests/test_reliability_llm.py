@@ -125,7 +125,9 @@ async def test_llm_http_faults_are_retried_within_bounds_then_fail_the_run(
     fault: Reply, message: str, requests: int, tmp_path: Path
 ) -> None:
     async with agent_on(lambda body: fault, MODELS, tmp_path / "data", LLM_TIMEOUT="0.5") as agent:
+        started = time.monotonic()
         turn = await agent.turn("describe this picture", [await image_upload()], limit=30)
+        print(f"\n{len(agent.llm.requests)} requests, {time.monotonic() - started:.2f} s to the message")
     result = turn.result
     assert result.status == "failed"
     assert message in result.answer, result.answer

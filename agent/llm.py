@@ -21,13 +21,13 @@ import openai
 from openai.types.chat import ChatCompletionMessageParam
 from openai.types.chat.completion_create_params import ResponseFormat
 
-from .backends import BackendStatus
 from .errors import LLMError, LLMTimeoutError
 from .events import LLMUsage
 from .grammar import grammar_safe
 from .prompts import clip
 from .request import valid_text
 from .settings import Settings
+from .status import BackendStatus
 
 __all__ = [
     "JSON_MODES",
@@ -83,6 +83,10 @@ class LLM(Protocol):
 
     async def status(self) -> BackendStatus:
         """Whether the LLM is reachable; never raises."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the client or the model (at shutdown)."""
         ...
 
 

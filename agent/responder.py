@@ -15,9 +15,9 @@ from .errors import GenerationError, LLMError
 from .events import LLMUsage
 from .llm import LLM, estimate_message_tokens, estimate_tokens
 from .plan import ModelChoice, Plan, TaskResult
-from .prompts import clip, load_prompt, prompt_template
+from .prompts import load_prompt, prompt_template
 from .request import Request
-from .settings import Settings
+from .text import clip
 
 __all__ = ["Responder", "workflow_json"]
 
@@ -71,9 +71,8 @@ def _alternating(messages: list[dict[str, str]]) -> list[dict[str, str]]:
 class Responder:
     """Stage 4: ``respond`` streams the answer; an LLM failure becomes ``GenerationError``."""
 
-    def __init__(self, llm: LLM, settings: Settings) -> None:
+    def __init__(self, llm: LLM) -> None:
         self.llm = llm
-        self.settings = settings
         self.reply_tokens = min(2048, llm.context_tokens // 4)
 
     def respond(

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 
 from .backends import Backends
 from .catalog import Catalog
+from .config import ExecutionConfig
+from .demos import DemoSelector
 from .errors import AgentError, GenerationError
 from .events import (
     Done,
@@ -24,19 +26,16 @@ from .events import (
     ResponseChunk,
     RunResult,
     RunStatus,
-    TaskFailed,
-    TaskFinished,
-    TaskSkipped,
+    TaskEnded,
 )
 from .executor import Executor
 from .llm import LLM
 from .plan import ModelChoice, Plan, TaskResult
-from .planner import DemoSelector, Planner
+from .planner import Planner
 from .request import Request
 from .resources import Resource, ResourceStore
 from .responder import Responder
 from .selector import Selector
-from .settings import Settings
 
 __all__ = ["Agent"]
 
@@ -44,26 +43,31 @@ log = logging.getLogger(__name__)
 
 
 class Agent:
-    """Plans over models with an LLM. Stateless between runs: the conversation comes in the ``Request``."""
+    """Plans over models with an LLM. Stateless between runs: the conversation comes in the ``Request``.
+
+    ``task_types`` are the task types the planner may use: those some backend can run here (the runtime
+    works them out); None allows every registered one.
+    """
 
     def __init__(
         self,
-        settings: Settings,
         llm: LLM,
         catalog: Catalog,
         backends: Backends,
+        config: ExecutionConfig,
         *,
         demos: DemoSelector | None = None,
+        task_types: Collection[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.settings = settings
         self.llm = llm
         self.catalog = catalog
         self.backends = backends
-        self.planner = Planner(llm, settings, demos)
-        self.selector = Selector(llm, catalog, backends, settings)
-        self.executor = Executor(backends, catalog, settings)
-        self.responder = Responder(llm, settings)
+        self.config = config
+        self.planner = Planner(llm, demos, max_tasks=config.max_tasks, task_types=task_types)
+        self.selector = Selector(llm, catalog, backends, top_k=config.top_k, mode=config.model_selection)
+        self.executor = Executor(backends, catalog, config)
+        self.responder = Responder(llm)
         self._clock = clock
 
     async def run(
@@ -80,7 +84,7 @@ class Agent:
         answer_parts: list[str] = []
 
         def finish(status: RunStatus, error: str | None = None) -> Done:
-            ordered = [results.get(t.id) or _skipped(t.id, t.task, "not run") for t in plan.tasks]
+            ordered = [results.get(t.id) or TaskResult(t.id, t.task, None, "skipped", error="not run") for t in plan.tasks]
             answer = "".join(answer_parts).strip()
             if status == "failed" and error:
                 # An answer cut short must say so, not pass for a whole one.
@@ -110,22 +114,15 @@ class Agent:
                     for t in plan.tasks:
                         chosen = choices[t.id].model if t.id in choices else None
                         results[t.id] = TaskResult(t.id, t.task, chosen or None, "skipped", error="dry run")
-                        yield TaskSkipped(t.id, t.task, "dry run")
+                        yield TaskEnded(results[t.id])
                     answer_parts.append(_describe_dry_run(plan, choices))
                     yield finish("ok")
                     return
                 async for event in self.executor.execute(plan, choices, request, store, usage):
-                    if isinstance(event, TaskFinished):
-                        results[event.task_id] = TaskResult(
-                            event.task_id, event.task, event.model, "ok", event.seconds, event.output
-                        )
-                        files.extend(event.output.resources)
-                    elif isinstance(event, TaskFailed):
-                        results[event.task_id] = TaskResult(
-                            event.task_id, event.task, event.model, "failed", event.seconds, error=event.error
-                        )
-                    elif isinstance(event, TaskSkipped):
-                        results[event.task_id] = _skipped(event.task_id, event.task, event.reason)
+                    if isinstance(event, TaskEnded):
+                        results[event.result.id] = event.result
+                        if event.result.output is not None:
+                            files.extend(event.result.output.resources)
                     yield event
             ordered = [results[t.id] for t in plan.tasks if t.id in results]
             try:
@@ -168,7 +165,3 @@ def _describe_results(results: list[TaskResult], err: AgentError) -> str:
         else:
             lines.append(f"- task {r.id} ({r.task}): {r.status}: {r.error}")
     return "\n".join(lines)
-
-
-def _skipped(task_id: int, task: str, reason: str) -> TaskResult:
-    return TaskResult(task_id, task, None, "skipped", error=reason)

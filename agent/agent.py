@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 
 from .backends import Backends
 from .catalog import Catalog
@@ -36,6 +36,7 @@ from .request import Request
 from .resources import Resource, ResourceStore
 from .responder import Responder
 from .selector import Selector
+from .tasks import TASKS
 
 __all__ = ["Agent"]
 
@@ -64,10 +65,12 @@ class Agent:
         self.catalog = catalog
         self.backends = backends
         self.config = config
-        self.planner = Planner(llm, demos, max_tasks=config.max_tasks, task_types=task_types)
+        self.task_types = None if task_types is None else frozenset(task_types)
+        unavailable = () if self.task_types is None else tuple(t for t in TASKS if t not in self.task_types)
+        self.planner = Planner(llm, demos, max_tasks=config.max_tasks, task_types=self.task_types)
         self.selector = Selector(llm, catalog, backends, top_k=config.top_k, mode=config.model_selection)
         self.executor = Executor(backends, catalog, config)
-        self.responder = Responder(llm)
+        self.responder = Responder(llm, unavailable=unavailable)
         self._clock = clock
 
     async def run(
@@ -107,6 +110,12 @@ class Agent:
         try:
             plan = await self.planner.plan(request, usage)
             yield PlanReady(plan)
+            if not plan and plan.missing:
+                # Nothing here can do it: say what is missing and what would enable it, without pretending.
+                answer_parts.append(self.missing_note(plan.missing, alone=True))
+                yield ResponseChunk(answer_parts[-1])
+                yield finish("ok")
+                return
             if plan:
                 choices = await self.selector.select(request, plan, usage)
                 yield ModelsSelected(choices)
@@ -129,6 +138,9 @@ class Agent:
                 async for chunk in self.responder.respond(request, plan, choices, ordered, usage):
                     answer_parts.append(chunk)
                     yield ResponseChunk(chunk)
+                if plan.missing:
+                    answer_parts.append("\n\n" + self.missing_note(plan.missing, alone=False))
+                    yield ResponseChunk(answer_parts[-1])
             except AgentError as err:
                 if not ordered:
                     raise GenerationError(f"Writing the answer failed: {err}") from err
@@ -144,6 +156,19 @@ class Agent:
             return
         statuses = {r.status for r in results.values()}
         yield finish("ok" if statuses <= {"ok"} else "partial")
+
+
+    def missing_note(self, missing: Sequence[str], *, alone: bool) -> str:
+        """What cannot be done here and the setting that would enable it, e.g. "I can't draw an image from a
+        description here (text-to-image needs a Hugging Face endpoint: set HF_TOKEN or ...)"."""
+        reasons = []
+        for name in missing:
+            task = TASKS[name]
+            ranked = self.catalog.by_task(name)
+            why = self.backends.explain(ranked[0].id) if ranked else "has no model in the catalog"
+            reasons.append(f"{task.description} ({name} {why})")
+        head = "I can't do that here" if alone else "Part of the request could not be done here"
+        return f"{head}: there is no model for it in this setup. Missing: " + "; ".join(reasons) + "."
 
 
 def _describe_dry_run(plan: Plan, choices: dict[int, ModelChoice]) -> str:

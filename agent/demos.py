@@ -2,8 +2,11 @@
 
 The bank is package data (``agent/prompts/demonstrations.json``). A fixed set wastes the prompt on plan shapes
 the request does not need; retrieving the bank's requests most similar to the user's (as later HuggingGPT
-work does) shows the planner the tasks that matter. Either way a selector only offers demonstrations whose
-task types can run here, so the planner never learns to plan what this deployment cannot do.
+work does) shows the planner the tasks that matter. Either way a selector only offers demonstrations in the
+form that fits what can run here: the plan if its task types can run, else the first of its
+``alternatives`` that can (count people with object detection when there is no visual question answering),
+else — for the few marked ``says_missing`` — the answer that names what is missing, so the planner learns
+to say so instead of pretending; any other demonstration is left out.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -39,14 +42,37 @@ _NEAR_DUPLICATE = 0.9
 
 @dataclass(frozen=True)
 class Demonstration:
-    """One worked example for the prompt: a request (with its history and files) and its plan."""
+    """One worked example for the prompt: a request (with its history and files) and its plan.
+
+    ``missing`` is set on the form shown where the plan cannot run: the task types it would need.
+    """
 
     request: Request
     plan: tuple[dict[str, Any], ...]
+    alternatives: tuple[tuple[dict[str, Any], ...], ...] = ()
+    says_missing: bool = False
+    missing: tuple[str, ...] = ()
 
     @property
     def task_types(self) -> set[str]:
-        return {str(t["task"]) for t in self.plan}
+        return _types(self.plan)
+
+    def shown_for(self, task_types: Collection[str] | None) -> Demonstration | None:
+        """This demonstration as shown where only ``task_types`` can run (all, if None); None if it has no
+        form that fits."""
+        if task_types is None:
+            return self
+        for plan in (self.plan, *self.alternatives):
+            if _types(plan) <= set(task_types):
+                return replace(self, plan=plan, alternatives=())
+        if self.says_missing:
+            missing = tuple(sorted(_types(self.plan) - set(task_types)))
+            return replace(self, plan=(), alternatives=(), missing=missing)
+        return None
+
+    def reply(self) -> dict[str, Any]:
+        """The planner's reply this demonstration shows."""
+        return {"tasks": list(self.plan), "missing": list(self.missing)} if self.missing else {"tasks": list(self.plan)}
 
 
 class DemoSelector(Protocol):
@@ -56,11 +82,13 @@ class DemoSelector(Protocol):
 
 
 def runnable(bank: Sequence[Demonstration], task_types: Collection[str] | None) -> list[Demonstration]:
-    """The demonstrations whose every task type is in ``task_types`` (all of them when it is None)."""
-    if task_types is None:
-        return list(bank)
-    allowed = set(task_types)
-    return [d for d in bank if d.task_types <= allowed]
+    """The bank as shown where only ``task_types`` can run (see ``Demonstration.shown_for``)."""
+    shown = (d.shown_for(task_types) for d in bank)
+    return [d for d in shown if d is not None]
+
+
+def _types(plan: Sequence[dict[str, Any]]) -> set[str]:
+    return {str(t["task"]) for t in plan}
 
 
 class FixedDemos:
@@ -126,7 +154,14 @@ def load_demonstrations() -> tuple[Demonstration, ...]:
             resources=files,
             attachments=tuple(r["name"] for r in item["resources"] if r["attached"]),
         )
-        demos.append(Demonstration(request=request, plan=tuple(item["plan"])))
+        demos.append(
+            Demonstration(
+                request=request,
+                plan=tuple(item["plan"]),
+                alternatives=tuple(tuple(plan) for plan in item.get("alternatives", ())),
+                says_missing=bool(item.get("says_missing")),
+            )
+        )
     return tuple(demos)
 
 

@@ -37,6 +37,8 @@ once became a 100 MB prompt)."""
 
 TaskStatus = Literal["ok", "failed", "skipped"]
 
+_MISSING_MAX = 3
+
 
 @dataclass(frozen=True)
 class PlannedTask:
@@ -56,9 +58,14 @@ class PlannedTask:
 class Plan:
     """Tasks in the order the LLM wrote them. Construction raises ``PlanValidationError`` if the graph is
     unsound: two tasks with one id, a dependency on a missing task or on itself, a ``<GENERATED>-N`` that is
-    not a dependency, or a cycle."""
+    not a dependency, or a cycle.
+
+    ``missing`` names task types the request needs that cannot run here (the planner says so rather than
+    plan around them); the tasks, if any, are what can be done.
+    """
 
     tasks: tuple[PlannedTask, ...] = ()
+    missing: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         ids = [t.id for t in self.tasks]
@@ -104,7 +111,7 @@ class Plan:
         Accepts a bare list of tasks, ``{"tasks": [...]}`` or one task object. ``<GENERATED>-N`` placeholders
         add task N to the dependencies; a dependency of -1 (the paper's "none") is dropped. Nothing is
         renumbered. ``task_types`` limits the task types a plan may use (those that can run here); by default
-        every registered one.
+        every registered one. A reply's ``"missing"`` list keeps only task types that exist and cannot run.
         """
         items = _task_items(raw)
         if len(items) > max_tasks:
@@ -126,7 +133,7 @@ class Plan:
             args, used = _check_args(task_id, types[task_id], item.get("args"), types, by_name)
             deps = _declared_deps(task_id, item.get("dep"), types) | used
             tasks.append(PlannedTask(id=task_id, task=types[task_id].name, dep=tuple(sorted(deps)), args=args))
-        return cls(tuple(tasks))
+        return cls(tuple(tasks), _missing(raw, allowed))
 
 
 @dataclass(frozen=True)
@@ -193,6 +200,15 @@ def _task_items(raw: Any) -> list[Any]:
     if not isinstance(raw, list):
         raise PlanValidationError('the plan is not a list of tasks (expected {"tasks": [...]})')
     return raw
+
+
+def _missing(raw: Any, allowed: Collection[str]) -> tuple[str, ...]:
+    """The task types a reply says are missing, if they really are: known, and not among ``allowed``."""
+    said = raw.get("missing") if isinstance(raw, dict) else None
+    if not isinstance(said, list):
+        return ()
+    names = (str(n).strip().lower() for n in said if isinstance(n, str))
+    return tuple(dict.fromkeys(n for n in names if n in TASKS and n not in allowed))[:_MISSING_MAX]
 
 
 def _ids(items: list[Any]) -> list[int]:

@@ -28,7 +28,7 @@ _UNICODE_SPACES = r"\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 
 def plan_schema(max_tasks: int, task_types: Collection[str] | None = None) -> dict[str, Any]:
     """JSON schema of a plan reply: the plan's shape, in the keywords every schema-taking server knows.
-    ``task_types`` are the ones a plan may use (default: all)."""
+    ``task_types`` are the ones a plan may use (default: all); the others may be named as ``missing``."""
     names = _names(task_types)
     arg_keys = sorted({a.key: a.modality for name in names for a in TASKS[name].args}.items())
     args = {
@@ -46,12 +46,7 @@ def plan_schema(max_tasks: int, task_types: Collection[str] | None = None) -> di
         "required": ["id", "task", "dep", "args"],
         "additionalProperties": False,
     }
-    return {
-        "type": "object",
-        "properties": {"tasks": {"type": "array", "items": task, "maxItems": max_tasks}},
-        "required": ["tasks"],
-        "additionalProperties": False,
-    }
+    return _reply({"type": "array", "items": task, "maxItems": max_tasks}, task_types)
 
 
 def exact_plan_schema(
@@ -101,13 +96,17 @@ def exact_plan_schema(
             break
         items = [{"$ref": f"#/$defs/task-{i}"} for i in range(n)]
         lists.append({"type": "array", "prefixItems": items, "items": False, "minItems": n})
-    return {
-        "type": "object",
-        "properties": {"tasks": {"anyOf": lists}},
-        "required": ["tasks"],
-        "additionalProperties": False,
-        "$defs": defs,
-    }
+    return {**_reply({"anyOf": lists}, task_types), "$defs": defs}
+
+
+def _reply(tasks: dict[str, Any], task_types: Collection[str] | None) -> dict[str, Any]:
+    """The reply object: the tasks and, where some task types cannot run here, which of them the request
+    would need (``missing``)."""
+    properties: dict[str, Any] = {"tasks": tasks}
+    missing = [name for name in TASKS if task_types is not None and name not in task_types]
+    if missing:
+        properties["missing"] = {"type": "array", "items": {"enum": missing}, "uniqueItems": True, "maxItems": 3}
+    return {"type": "object", "properties": properties, "required": ["tasks"], "additionalProperties": False}
 
 
 def _names(task_types: Collection[str] | None) -> tuple[str, ...]:

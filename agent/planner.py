@@ -74,7 +74,7 @@ def plan_messages(
         head = [system]
         for demo in shots:
             head.append({"role": "user", "content": _render_request(demo.request, demo.request.history)})
-            head.append({"role": "assistant", "content": json.dumps({"tasks": list(demo.plan)})})
+            head.append({"role": "assistant", "content": json.dumps(demo.reply())})
         turns = _fit_history(request, head, budget_tokens)
         if turns is not None:
             return [*head, {"role": "user", "content": _render_request(request, turns)}]
@@ -206,11 +206,18 @@ def _render_files(request: Request) -> str:
 
 
 def system_prompt(max_tasks: int, task_types: Collection[str] | None = None) -> str:
-    """The fixed part of the prompt: the rules and the task types that can run here."""
+    """The fixed part of the prompt: the rules, the task types that can run here, and the ones that cannot."""
     lines = []
+    missing = []
     for t in TASKS.values():
         if task_types is not None and t.name not in task_types:
+            missing.append(t.name)
             continue
         args = ", ".join(f"{a.key}: {a.modality}{'' if a.required else ', optional'}" for a in t.args)
         lines.append(f"- {t.name}: {t.description} | {args} | {t.output}")
-    return prompt_template("planner_system.txt").substitute(tasks="\n".join(lines), max_tasks=max_tasks)
+    unavailable = (
+        prompt_template("planner_unavailable.txt").substitute(unavailable=", ".join(missing)) if missing else ""
+    )
+    return prompt_template("planner_system.txt").substitute(
+        tasks="\n".join(lines), max_tasks=max_tasks, unavailable=unavailable
+    )

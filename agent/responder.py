@@ -71,8 +71,10 @@ def _alternating(messages: list[dict[str, str]]) -> list[dict[str, str]]:
 class Responder:
     """Stage 4: ``respond`` streams the answer; an LLM failure becomes ``GenerationError``."""
 
-    def __init__(self, llm: LLM) -> None:
+    def __init__(self, llm: LLM, *, unavailable: Sequence[str] = ()) -> None:
+        """``unavailable``: the task types this setup cannot run, so a chat answer never pretends to."""
         self.llm = llm
+        self.unavailable = tuple(unavailable)
         self.reply_tokens = min(2048, llm.context_tokens // 4)
 
     def respond(
@@ -106,6 +108,10 @@ class Responder:
             )
         else:
             system = load_prompt("chat_system.txt")
+            if self.unavailable:
+                system += "\n\n" + prompt_template("chat_unavailable.txt").substitute(
+                    unavailable=", ".join(self.unavailable)
+                )
             attached = f"\n\n(Attached: {', '.join(request.attachments)})" if request.attachments else ""
             current = request.text + attached
         head = [{"role": "system", "content": system}]

@@ -68,9 +68,11 @@ class Runtime:
                 backends = [*_local_backend(settings, llm, encoder, extra), HFBackend(settings)]
             catalog = Catalog.for_data_dir(settings.data_dir).with_models(extra)
             all_backends = Backends([LLMTaskBackend(llm), *backends])
+            # Plan only what can run here: the prompt, the schemas and the demonstrations follow.
+            task_types = all_backends.runnable_task_types(catalog)
             if demos is None and settings.demos == "retrieval":
-                demos = _demo_selector(encoder)
-            agent = Agent(llm, catalog, all_backends, settings.execution, demos=demos)
+                demos = _demo_selector(encoder, task_types)
+            agent = Agent(llm, catalog, all_backends, settings.execution, demos=demos, task_types=task_types)
         except BaseException:
             await storage.close()
             raise
@@ -135,9 +137,9 @@ def _local_backend(
     return [LocalBackend(settings, llm, encoder=encoder)]
 
 
-def _demo_selector(encoder: SentenceEncoder | None) -> DemoSelector | None:
+def _demo_selector(encoder: SentenceEncoder | None, task_types: frozenset[str]) -> DemoSelector | None:
     if encoder is None:
         return None
     from agent.demos import EmbeddingDemoSelector
 
-    return EmbeddingDemoSelector(encoder=encoder)
+    return EmbeddingDemoSelector(encoder=encoder, task_types=task_types)

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from ..catalog import ModelInfo
+from ..catalog import Catalog, ModelInfo
 from ..events import LLMUsage
 from ..plan import PlannedTask, TaskOutput
 from ..resources import Resource
@@ -112,6 +112,10 @@ class Backends:
     def available(self, model: ModelInfo) -> bool:
         backend = self.for_model(model)
         return backend is not None and backend.available(model)
+
+    def runnable_task_types(self, catalog: Catalog) -> frozenset[str]:
+        """The task types some model of ``catalog`` can run on these backends now: what may be planned."""
+        return frozenset(t for t in catalog.tasks() if any(self.available(m) for m in catalog.by_task(t)))
 
     def explain(self, model_id: str) -> str:
         """Why ``model_id`` cannot run here, naming what would enable it ("needs …: set …")."""

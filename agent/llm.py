@@ -31,7 +31,6 @@ import openai
 from openai.types.chat import ChatCompletionMessageParam
 from openai.types.chat.completion_create_params import ResponseFormat
 
-from .backends import BackendStatus
 from .errors import LLMError, LLMTimeoutError
 from .events import LLMUsage
 from .grammar import grammar_safe
@@ -46,6 +45,7 @@ from .logs import redact
 from .prompts import clip
 from .request import valid_text
 from .settings import Settings
+from .status import BackendStatus
 
 __all__ = [
     "JSON_MODES",
@@ -111,6 +111,10 @@ class LLM(Protocol):
 
     async def status(self) -> BackendStatus:
         """Whether the LLM is reachable; never raises."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the client or the model (at shutdown)."""
         ...
 
 

@@ -15,6 +15,7 @@ from typing import Literal
 
 from dotenv import dotenv_values
 
+from .config import ExecutionConfig
 from .errors import ConfigurationError
 from .http import url_secrets
 
@@ -79,6 +80,16 @@ class Settings:
     @property
     def uses_embedded_llm(self) -> bool:
         return not (self.openai_base_url or self.openai_api_key)
+
+    @property
+    def execution(self) -> ExecutionConfig:
+        return ExecutionConfig(
+            max_tasks=self.max_tasks,
+            model_selection=self.model_selection,
+            top_k=self.top_k,
+            task_timeout=self.task_timeout,
+            task_retries=self.task_retries,
+        )
 
     @property
     def max_attachment_bytes(self) -> int:

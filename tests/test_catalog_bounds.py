@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from agent.catalog import refresh_catalog
+from agent.catalog_refresh import refresh_catalog
 from agent.errors import AgentError
-from agent.settings import Settings
 
 
 class EndlessHub:
@@ -66,7 +65,7 @@ async def test_an_endless_listing_is_refused_after_the_size_cap(endless: Endless
     with pytest.raises(
         AgentError, match=r"could not reach the Hugging Face Hub at .*over the 33,554,432-byte limit"
     ):
-        await refresh_catalog(Settings(data_dir=tmp_path / "data"))
+        await refresh_catalog(tmp_path / "data", None)
     assert endless.bytes_sent < 64 << 20
     print(f"\nrefused after {endless.bytes_sent / 2**20:.0f} MiB sent, {time.monotonic() - started:.1f} s")
     assert not (tmp_path / "data" / "catalog.jsonl").exists()
@@ -80,6 +79,6 @@ async def test_a_trickling_hub_is_stopped_at_the_refresh_deadline(
     started = time.monotonic()
     async with asyncio.timeout(60):
         with pytest.raises(AgentError, match=r"did not finish within 3 s; the catalog is unchanged"):
-            await refresh_catalog(Settings(data_dir=tmp_path / "data"), seconds=3.0)
+            await refresh_catalog(tmp_path / "data", None, seconds=3.0)
     print(f"\nstopped after {time.monotonic() - started:.1f} s")
     assert not (tmp_path / "data" / "catalog.jsonl").exists()

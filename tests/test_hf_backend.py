@@ -12,10 +12,9 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
-from fakes.hf_server import FakeHF, Fault, png_bytes, start_in_thread, wav_bytes
 from PIL import Image
 
-from agent.backends import TaskInput, TaskIO
+from agent.backends import Backend, Backends, BackendStatus, TaskInput, TaskIO
 from agent.backends.hf import HFBackend, load_endpoints
 from agent.catalog import ModelInfo
 from agent.errors import (
@@ -30,6 +29,7 @@ from agent.plan import PlannedTask, TaskOutput
 from agent.resources import MemoryResourceStore, Origin, Resource
 from agent.settings import Settings
 from agent.tasks import TASKS
+from tests.fakes.hf_server import FakeHF, Fault, png_bytes, start_in_thread, wav_bytes
 
 TOKEN = "hf_test_secret_token"
 HF_TASKS = [name for name, t in TASKS.items() if not t.llm_handled]
@@ -358,11 +358,33 @@ def test_bad_endpoints_files_are_configuration_errors(
         load_endpoints(str(path))
 
 
-def test_handles_hub_ids_only() -> None:
-    backend = HFBackend(Settings())
-    assert backend.handles(ModelInfo("Salesforce/blip-image-captioning-large", "image-to-text"))
-    assert not backend.handles(ModelInfo("local/whisper-tiny", "automatic-speech-recognition"))
-    assert not backend.handles(ModelInfo("llm/gpt", "summarization"))
+class _Claims(Backend):
+    """A backend that claims the ids with ``prefix`` and runs nothing."""
+
+    def __init__(self, prefix: str) -> None:
+        self.name = self.prefix = prefix
+        self.enable_hint = f"the {prefix} models"
+
+    def available(self, model: ModelInfo) -> bool:
+        return True
+
+    async def status(self) -> BackendStatus:
+        return BackendStatus(self.name, True, "")
+
+    async def run(self, model: ModelInfo, inp: TaskInput, io: TaskIO) -> TaskOutput:
+        raise AssertionError("not run here")
+
+
+def test_hub_ids_are_whatever_no_other_backend_claims() -> None:
+    hf = HFBackend(Settings())
+    backends = Backends([_Claims("local/"), hf, _Claims("llm/")])
+    assert backends.for_model(ModelInfo("Salesforce/blip-image-captioning-large", "image-to-text")) is hf
+    assert backends.for_model(ModelInfo("local/whisper-tiny", "automatic-speech-recognition")) is not hf
+    assert backends.for_model(ModelInfo("llm/gpt", "summarization")) is not hf
+    assert backends.explain("Salesforce/blip") == (
+        "needs a Hugging Face endpoint: set HF_TOKEN or HUGGINGGPT_ENDPOINTS"
+    )
+    assert backends.explain("local/whisper-tiny") == "needs the local/ models"
 
 
 def test_available_with_a_token_or_another_base_url() -> None:

@@ -9,7 +9,6 @@ from typing import Any
 
 import openai
 import pytest
-from fakes.llm_server import FakeLLMServer, Reply, completion_tokens, prompt_tokens, start_in_thread
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -23,6 +22,7 @@ from agent.plan import PlannedTask
 from agent.resources import Resource
 from agent.settings import Settings
 from agent.tasks import LLM_TASKS, TASKS
+from tests.fakes.llm_server import FakeLLMServer, Reply, completion_tokens, prompt_tokens, start_in_thread
 
 KEY = "sk-test-very-secret-key"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]

@@ -23,7 +23,8 @@ from agent.errors import ConfigurationError, LLMError, LLMTimeoutError, PlanVali
 from agent.events import LLMUsage
 from agent.grammar import GRAMMAR_MAX_REPEAT, grammar_safe
 from agent.local_llm import SMOLLM2, EmbeddedLLM, LoopDetector, PackagedGGUF, assemble_parts, resolve_gguf
-from agent.planner import Planner, exact_plan_schema, parse_plan_text
+from agent.plan_schema import exact_plan_schema
+from agent.planner import Planner, parse_plan_text
 from agent.request import ChatTurn, Request
 from agent.resources import Origin, Resource
 from agent.settings import Settings
@@ -396,7 +397,7 @@ async def test_constrained_plans_always_parse_and_validate(smol: EmbeddedLLM, mo
         return replies[-1]
 
     monkeypatch.setattr(smol, "complete_json", recorded)
-    planner = Planner(smol, settings)
+    planner = Planner(smol, max_tasks=settings.max_tasks)
     rejected = []
     for request in PLAN_REQUESTS:
         try:

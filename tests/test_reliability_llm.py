@@ -13,9 +13,19 @@ import time
 from pathlib import Path
 
 import pytest
-from fakes.agent_fakes import hf_tasks
-from fakes.llm_server import FakeLLMServer, Reply
-from fakes.reliability import Agent, Turn, agent_on, db_rows, image_upload, plan_json, stage, stage_script
+
+from tests.fakes.agent_fakes import hf_tasks
+from tests.fakes.llm_server import FakeLLMServer, Reply
+from tests.fakes.reliability import (
+    Agent,
+    Turn,
+    agent_on,
+    db_rows,
+    image_upload,
+    plan_json,
+    stage,
+    stage_script,
+)
 
 CAPTION = "a red square on a grey background"
 MODELS = hf_tasks("image-to-text", "visual-question-answering")

@@ -15,13 +15,13 @@ import os
 from pathlib import Path
 
 import pytest
-from fakes.agent_fakes import hf_tasks
-from fakes.hf_server import FakeHF, Fault
-from fakes.net import unused_port
-from fakes.reliability import Agent, agent_on, db_rows, image_upload, plan_json, stage, stage_script
 
 from agent.catalog import Catalog
 from agent.executor import MAX_RETRY_AFTER
+from tests.fakes.agent_fakes import hf_tasks
+from tests.fakes.hf_server import FakeHF, Fault
+from tests.fakes.net import unused_port
+from tests.fakes.reliability import Agent, agent_on, db_rows, image_upload, plan_json, stage, stage_script
 
 CAPTIONERS = [m.id for m in Catalog.bundled().by_task("image-to-text")]
 MODELS = hf_tasks("image-to-text", "visual-question-answering")

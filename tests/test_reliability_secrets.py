@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes.agent_fakes import hf_tasks
-from fakes.hf_server import Fault, RunningHF, png_bytes
-from fakes.hf_server import start_in_thread as start_hf
-from fakes.llm_server import Reply, ThreadedServer
-from fakes.llm_server import start_in_thread as start_llm
-from fakes.reliability import plan_json, stage
 
 from agent.catalog import Catalog
+from tests.fakes.agent_fakes import hf_tasks
+from tests.fakes.hf_server import Fault, RunningHF, png_bytes
+from tests.fakes.hf_server import start_in_thread as start_hf
+from tests.fakes.llm_server import Reply, ThreadedServer
+from tests.fakes.llm_server import start_in_thread as start_llm
+from tests.fakes.reliability import plan_json, stage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,7 +68,7 @@ def servers() -> Iterator[tuple[ThreadedServer, RunningHF]]:
 
 def run_cli(args: list[str], env: dict[str, str], cwd: Path, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli", "-v", *args], env=env, cwd=cwd, input=stdin, capture_output=True,
+        [sys.executable, "-m", "app.cli", "-v", *args], env=env, cwd=cwd, input=stdin, capture_output=True,
         text=True, timeout=120,
     )
 

@@ -1,6 +1,6 @@
 """Hugging Face models: HF Inference, Inference Providers and self-hosted endpoints, through one client.
 
-Every Hub model id (anything not ``local/...`` or ``llm/...``) runs here. A model is called at
+Every Hub model id (any id no other backend claims) runs here. A model is called at
 ``{HF_INFERENCE_BASE_URL}/models/{id}``, or at its own URL when ``HUGGINGGPT_ENDPOINTS`` names one; passing a
 URL (never a bare id) keeps ``AsyncInferenceClient`` from making blocking Hub lookups. With
 ``HF_INFERENCE_PROVIDER=auto`` the provider of each model is looked up once, by us, and cached.
@@ -40,7 +40,8 @@ from huggingface_hub.utils import build_hf_headers, get_async_session, hf_raise_
 from PIL import Image
 
 from .. import postprocess
-from ..catalog import ModelInfo, hub_endpoint
+from ..catalog import ModelInfo
+from ..catalog_refresh import hub_endpoint
 from ..errors import (
     AgentError,
     BackendUnavailableError,
@@ -64,7 +65,7 @@ from ..plan import TaskOutput
 from ..request import valid_text
 from ..settings import Settings
 from ..tasks import LLM_TASKS, TASKS
-from . import BackendStatus, TaskInput, TaskIO
+from . import Backend, BackendStatus, TaskInput, TaskIO
 
 __all__ = ["HFBackend", "load_endpoints"]
 
@@ -118,11 +119,12 @@ class _Result:
     files: list[tuple[bytes, str]] = field(default_factory=list)  # (content, mime)
 
 
-class HFBackend:
-    """Runs Hub models over HTTP. Create one per process and ``aclose()`` it at shutdown."""
+class HFBackend(Backend):
+    """Runs Hub models over HTTP: every id no other backend claims. Create one per process and ``aclose()``
+    it at shutdown."""
 
     name = "hf"
-    retry_timeouts = True
+    enable_hint = "a Hugging Face endpoint: set HF_TOKEN or HUGGINGGPT_ENDPOINTS"
 
     def __init__(self, settings: Settings) -> None:
         if settings.hf_inference_provider not in _PROVIDER_MODES:
@@ -167,9 +169,6 @@ class HFBackend:
     def hf_configured(self) -> bool:
         """Hugging Face inference is usable: a token, or a base URL pointing somewhere else (a proxy, a TGI)."""
         return bool(self._token) or self._base != _DEFAULT_BASE_URL
-
-    def handles(self, model: ModelInfo) -> bool:
-        return not model.id.startswith(("local/", "llm/"))
 
     def available(self, model: ModelInfo) -> bool:
         """Configured for it, and its task is one this backend runs (LLM-handled tasks are not)."""

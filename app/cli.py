@@ -1,4 +1,9 @@
-"""The ``hugginggpt`` command: ``ask``, ``chat``, ``bot``, ``run``, ``status`` and ``catalog refresh``."""
+"""The ``hugginggpt`` command: ``ask``, ``chat``, ``bot``, ``run``, ``status`` and ``catalog refresh``.
+
+Every command builds the ``Runtime`` here, in the entry point, and closes it at the end; the bot gets it
+handed over. Everything printed that a model or a user wrote goes through ``terminal_safe``: model output may
+carry escape sequences that would retitle the terminal, clear it or write the clipboard.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +17,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from .errors import AgentError
-from .events import Done, Event, ResponseChunk, RunResult
-from .logs import configure_logging
-from .progress import RunProgress
+from agent.errors import AgentError
+from agent.events import Done, Event, ResponseChunk, RunResult
+from agent.logs import configure_logging
+from agent.progress import RunProgress
+from agent.settings import Settings
+from agent.text import terminal_safe
+from agent.uploads import Upload, check_upload, check_upload_count
+
 from .runtime import Runtime
-from .settings import Settings
-from .uploads import Upload, check_upload, check_upload_count
 
 __all__ = ["main"]
 
@@ -31,34 +38,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.load()
     except AgentError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {terminal_safe(str(err))}", file=sys.stderr)
         return 2
     configure_logging("DEBUG" if getattr(args, "verbose", False) else settings.log_level, settings.secrets)
     command = args.command
     if command == "run":
         command = "bot" if settings.discord_token else "chat"
         args.conversation, args.sync_commands = None, False
+    runner = {"ask": _ask, "chat": _chat, "status": _status, "catalog": _catalog, "bot": _bot}[command]
     try:
-        if command == "bot":
-            from bot.app import run_bot
-
-            return run_bot(settings, sync_commands=args.sync_commands)
-        runner = {"ask": _ask, "chat": _chat, "status": _status, "catalog": _catalog}[command]
         return asyncio.run(runner(args, settings))
     except AgentError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {terminal_safe(str(err))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hugginggpt", description="HuggingGPT: an LLM plans over Hugging Face models.")
+    p = argparse.ArgumentParser(
+        prog="hugginggpt", description="HuggingGPT: an LLM plans over Hugging Face models."
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = p.add_subparsers(dest="command", required=True)
     ask = sub.add_parser("ask", help="run one request and print the answer")
     ask.add_argument("text")
-    ask.add_argument("--attach", action="append", default=[], type=Path, metavar="PATH", help="attach a file (repeatable)")
+    ask.add_argument(
+        "--attach", action="append", default=[], type=Path, metavar="PATH", help="attach a file (repeatable)"
+    )
     ask.add_argument("--conversation", metavar="ID", help="continue (or start) this stored conversation")
     ask.add_argument("--json", action="store_true", help="print exactly one JSON object: the run's trace")
     ask.add_argument("--out", type=Path, metavar="DIR", help="copy the files the run made here")
@@ -72,15 +79,6 @@ def _parser() -> argparse.ArgumentParser:
     catalog = sub.add_parser("catalog", help="the model catalog")
     catalog.add_argument("action", choices=["refresh"])
     return p
-
-
-async def _conversation(rt: Runtime, conversation_id: str | None) -> str:
-    if conversation_id:
-        existing = await rt.storage.get_conversation(conversation_id)
-        if existing is not None:
-            return existing.id
-    created = await rt.storage.create_conversation(PLATFORM, conversation_id=conversation_id)
-    return created.id
 
 
 def _read_file(path: Path, max_bytes: int) -> bytes:
@@ -103,9 +101,8 @@ async def _read_uploads(paths: Sequence[Path], settings: Settings) -> list[Uploa
 
 async def _ask(args: argparse.Namespace, settings: Settings) -> int:
     uploads = await _read_uploads(args.attach, settings)
-    rt = await Runtime.start(settings)
-    try:
-        conversation = await _conversation(rt, args.conversation)
+    async with await Runtime.start(settings) as rt:
+        conversation = (await rt.conversations.open(PLATFORM, conversation_id=args.conversation)).id
         progress = None if args.json else _TerminalProgress(sys.stderr)
         result = await _run_turn(rt, conversation, args.text, uploads, progress, dry_run=args.dry_run)
         out_dir = args.out or settings.data_dir / "outputs" / conversation
@@ -119,8 +116,6 @@ async def _ask(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"file: {path}")
             print(f"conversation: {conversation}", file=sys.stderr)
         return 1 if result.status == "failed" else 0
-    finally:
-        await rt.close()
 
 
 async def _run_turn(
@@ -133,7 +128,8 @@ async def _run_turn(
     dry_run: bool = False,
 ) -> RunResult:
     result: RunResult | None = None
-    async for event in rt.conversations.ask(conversation, text, uploads=uploads, author="terminal", dry_run=dry_run):
+    events = rt.conversations.ask(conversation, text, uploads=uploads, author="terminal", dry_run=dry_run)
+    async for event in events:
         if progress is not None:
             progress.show(event)
         if isinstance(event, Done):
@@ -153,7 +149,7 @@ async def _export_files(rt: Runtime, result: RunResult, out_dir: Path) -> list[P
         if res.path is not None:
             await asyncio.to_thread(shutil.copyfile, res.path, target)
         else:
-            await asyncio.to_thread(target.write_bytes, await rt.storage.read_resource(res))
+            await asyncio.to_thread(target.write_bytes, await rt.conversations.read_file(res))
         paths.append(target.absolute())
     return paths
 
@@ -169,7 +165,7 @@ class _TerminalProgress:
 
     def show(self, event: Event) -> None:
         if isinstance(event, ResponseChunk):
-            self.out.write(event.text)
+            self.out.write(terminal_safe(event.text))
             self.out.flush()
             self._streaming = True
             return
@@ -179,22 +175,25 @@ class _TerminalProgress:
             if self._streaming:
                 self.out.write("\n")
             elif event.result.answer:
-                print(event.result.answer, file=self.out)
+                print(terminal_safe(event.result.answer), file=self.out)
             if event.result.status != "ok":
-                print(f"[{event.result.status}] {event.result.error or ''}".rstrip(), file=self.err)
+                line = f"[{event.result.status}] {event.result.error or ''}".rstrip()
+                print(terminal_safe(line), file=self.err)
             return
         lines = self.state.lines(icons=False)
         for line in lines:
             if line not in self._shown:
-                print(f"  {line}", file=self.err)
+                print(f"  {terminal_safe(line)}", file=self.err)
         self._shown = lines
 
 
 async def _chat(args: argparse.Namespace, settings: Settings) -> int:
-    rt = await Runtime.start(settings)
-    try:
-        conversation = await _conversation(rt, args.conversation)
-        print(f"HuggingGPT chat (conversation {conversation}). /attach PATH to add a file, /quit to leave.", file=sys.stderr)
+    async with await Runtime.start(settings) as rt:
+        conversation = (await rt.conversations.open(PLATFORM, conversation_id=args.conversation)).id
+        print(
+            f"HuggingGPT chat (conversation {conversation}). /attach PATH to add a file, /quit to leave.",
+            file=sys.stderr,
+        )
         await _report_interrupted(rt, conversation)
         pending: list[Upload] = []
         while True:
@@ -210,42 +209,45 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
             if line.startswith("/attach "):
                 try:
                     pending.extend(await _read_uploads([Path(line[8:].strip())], settings))
-                    print(f"attached {pending[-1].filename} ({pending[-1].kind})", file=sys.stderr)
+                    print(f"attached {terminal_safe(pending[-1].filename)} ({pending[-1].kind})", file=sys.stderr)
                 except AgentError as err:
-                    print(f"error: {err}", file=sys.stderr)
+                    print(f"error: {terminal_safe(str(err))}", file=sys.stderr)
                 continue
             result = await _run_turn(rt, conversation, line, pending, _TerminalProgress(sys.stderr))
             pending = []
             for path in await _export_files(rt, result, settings.data_dir / "outputs" / conversation):
                 print(f"file: {path}")
-    finally:
-        await rt.close()
 
 
 async def _report_interrupted(rt: Runtime, conversation: str) -> None:
-    for run in await rt.storage.unreported_interrupted_runs():
-        if run.conversation_id == conversation:
-            print(f"note: run {run.id} was interrupted before it finished ({run.error or 'restart'}).", file=sys.stderr)
-            await rt.storage.mark_reported(run.id)
+    for interrupted in await rt.conversations.interrupted_to_report(PLATFORM):
+        if interrupted.conversation.id == conversation:
+            why = terminal_safe(interrupted.error or "restart")
+            print(f"note: run {interrupted.run_id} was interrupted before it finished ({why}).", file=sys.stderr)
+            await rt.conversations.mark_reported(interrupted.run_id)
+
+
+async def _bot(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.app import check_config, serve
+    from bot.config import DiscordConfig
+
+    check_config(DiscordConfig.from_settings(settings))
+    async with await Runtime.start(settings) as rt:
+        return await serve(rt, settings, sync_commands=args.sync_commands)
 
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
-    rt = await Runtime.start(settings)
-    try:
+    async with await Runtime.start(settings) as rt:
         for s in await rt.status():
-            print(f"{'live' if s.live else 'down':4}  {s.name}: {s.detail}")
-    finally:
-        await rt.close()
+            print(f"{'live' if s.live else 'down':4}  {s.name}: {terminal_safe(s.detail)}")
     return 0
 
 
 async def _catalog(args: argparse.Namespace, settings: Settings) -> int:
-    from .catalog import refresh_catalog
+    from agent.catalog_refresh import refresh_catalog, summarize_refresh
 
-    catalog, path, failed = await refresh_catalog(settings)
-    print(f"catalog: {len(catalog)} models in {len(catalog.tasks())} tasks written to {path}")
-    if failed:
-        print(f"could not list: {', '.join(failed)} (their previous entries are kept)", file=sys.stderr)
+    catalog, path, failed = await refresh_catalog(settings.data_dir, settings.hf_token or None)
+    print(summarize_refresh(catalog, path, failed))
     return 0
 
 

@@ -154,7 +154,9 @@ def _probe(api: HfApi, token: str | None) -> None:
             timeout=_PROBE_TIMEOUT,
         )
     except (httpx2.RequestError, httpx2.InvalidURL, ConnectionError) as err:
-        raise AgentError(f"could not reach the Hugging Face Hub at {public_url(api.endpoint)}: {err}") from err
+        raise AgentError(
+            f"could not reach the Hugging Face Hub at {public_url(api.endpoint)}: {err}"
+        ) from err
     if response.status_code in (401, 403):
         raise ConfigurationError(
             f"the Hugging Face Hub at {public_url(api.endpoint)} refused the token (HTTP {response.status_code}): "
@@ -285,7 +287,9 @@ async def refresh_catalog(
         async with asyncio.timeout(seconds):
             result = await worker.run(_refresh_in_worker, data_dir, token)
     except TimeoutError as err:
-        raise AgentError(f"the catalog refresh did not finish within {seconds:g} s; the catalog is unchanged") from err
+        raise AgentError(
+            f"the catalog refresh did not finish within {seconds:g} s; the catalog is unchanged"
+        ) from err
     except WorkerCrashedError as err:
         raise AgentError(f"the catalog refresh failed ({err}); the catalog is unchanged") from err
     finally:

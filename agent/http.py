@@ -9,8 +9,8 @@ The LLM client (openai) and the model client (huggingface_hub) are both httpx2 c
   uncompressed and a compressed one is refused (a 1 MB gzip body can inflate to gigabytes past any count of
   the bytes on the wire);
 - a redirect is followed only to the same origin (scheme, host and port), at most ``MAX_REDIRECTS`` times:
-  a redirect elsewhere would send the prompt, the user's files and the credentials' holder's requests to a
-  host nobody configured (``RedirectRefusedError``, which names neither the target nor the response).
+  a redirect elsewhere would send the prompt and the user's files to a host nobody configured, and use its
+  answer (``RedirectRefusedError``, whose message names neither the target nor its credentials).
 
 It works through httpx's event hooks, so the client keeps its own transport (connection pool, proxies from
 the environment). Time is not bounded here: callers wrap each attempt in ``asyncio.timeout``.

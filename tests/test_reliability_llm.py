@@ -199,7 +199,9 @@ async def test_invented_model_ids_never_reach_the_wire(tmp_path: Path) -> None:
     [(Reply(keepalive=0.05), "failed"), (Reply(endless=True), "ok")],
     ids=["SSE keep-alives for ever", "endless answer"],
 )
-async def test_a_stream_that_never_ends_is_bounded_in_time_and_size(answer: Reply, status: str, tmp_path: Path) -> None:
+async def test_a_stream_that_never_ends_is_bounded_in_time_and_size(
+    answer: Reply, status: str, tmp_path: Path
+) -> None:
     """Keep-alives hold a run for LLM_TIMEOUT at most; an endless answer is cut at LLM_MAX_ANSWER_CHARS, with
     a note, and stored as cut (fixed: both held the run as long as the server liked; an endless answer
     printed 5.8 MB and stored 11.8 MB)."""

@@ -172,13 +172,17 @@ async def test_an_answer_over_the_output_cap_is_refused_after_reading_about_the_
     )
 
 
-async def test_a_redirect_of_a_model_to_another_host_is_refused_and_the_next_model_used(tmp_path: Path) -> None:
+async def test_a_redirect_of_a_model_to_another_host_is_refused_and_the_next_model_used(
+    tmp_path: Path,
+) -> None:
     """Fixed: the client followed it, sending the user's image and the token there and using its answer."""
     script = stage_script([PLAN], ["It is a red square."])
     async with FakeHF(dict(MODELS)) as other:
         async with agent_on(script, MODELS, tmp_path / "data") as agent:
             agent.hf.script(CAPTIONERS[0], Fault.redirect(f"{other.base_url}/models/{CAPTIONERS[0]}"))
-            turn = await agent.turn("describe it, its colour, and sum it up", [await image_upload()], limit=30)
+            turn = await agent.turn(
+                "describe it, its colour, and sum it up", [await image_upload()], limit=30
+            )
     result = turn.result
     assert result.status == "ok", result.error
     assert {t.id: t.model for t in result.tasks}[0] == CAPTIONERS[1]

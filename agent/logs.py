@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 
 __all__ = ["ECHO_CHARS", "RedactSecrets", "Redactor", "configure_logging", "redact"]
 
@@ -80,12 +81,27 @@ class RedactSecrets(logging.Filter):
         return True
 
 
-def configure_logging(level: str, secrets: Iterable[str]) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(RedactSecrets(secrets))
+def configure_logging(
+    level: str, secrets: Iterable[str], *, log_file: Path | None = None, console_level: str | None = None
+) -> None:
+    """Log at ``level`` to stderr, every line scrubbed of ``secrets``.
+
+    With ``log_file``, the log goes to that file and stderr shows only ``console_level`` and above (default:
+    errors), so that an interactive terminal is not interleaved with library chatter.
+    """
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact = RedactSecrets(secrets)
+    console = logging.StreamHandler()
+    handlers: list[logging.Handler] = [console]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+        console.setLevel((console_level or "ERROR").upper())
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.addFilter(redact)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = handlers
     root.setLevel(level.upper() if isinstance(level, str) else level)
     # Client libraries log request URLs and headers at DEBUG; keep them at WARNING unless asked.
     for noisy in (

@@ -13,7 +13,7 @@ from typing import Literal
 from .events import Done, Event, ModelsSelected, PlanReady, TaskEnded, TaskStarted
 from .plan import Plan, TaskStatus
 
-__all__ = ["RunProgress", "TaskState"]
+__all__ = ["LLM_STAGES", "RunProgress", "TaskState"]
 
 State = Literal["waiting", "running"] | TaskStatus
 _ICONS: dict[State, str] = {"waiting": "⏳", "running": "⚙️", "ok": "✅", "failed": "❌", "skipped": "⏭️"}
@@ -30,11 +30,24 @@ class TaskState:
     note: str | None = None
 
 
+# Stages in which a run waits for the controller LLM (where what the LLM is busy with is worth showing).
+LLM_STAGES = frozenset({"planning", "choosing models", "answering"})
+
+
 @dataclass
 class RunProgress:
+    """``busy`` is what keeps the run waiting on the LLM (loading it, queued behind other requests), as the
+    front end last heard it from ``LLM.activity``; it is shown only in the LLM's stages."""
+
     plan: Plan | None = None
     tasks: dict[int, TaskState] = field(default_factory=dict)
     stage: str = "planning"
+    busy: str | None = None
+
+    @property
+    def headline(self) -> str:
+        """The stage, with what the LLM is busy with when that is what the run waits for."""
+        return f"{self.stage} ({self.busy})" if self.busy and self.stage in LLM_STAGES else self.stage
 
     def apply(self, event: Event) -> bool:
         """Update from ``event``; True if what is shown changed."""

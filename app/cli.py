@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
 from agent.errors import AgentError
 from agent.events import Done, Event, ResponseChunk, RunResult
 from agent.logs import configure_logging
-from agent.progress import RunProgress
+from agent.progress import LLM_STAGES, RunProgress
 from agent.settings import Settings
 from agent.text import terminal_safe
 from agent.uploads import Upload, check_upload, check_upload_count
@@ -40,11 +42,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AgentError as err:
         print(f"error: {terminal_safe(str(err))}", file=sys.stderr)
         return 2
-    configure_logging("DEBUG" if getattr(args, "verbose", False) else settings.log_level, settings.secrets)
+    verbose = getattr(args, "verbose", False)
     command = args.command
     if command == "run":
         command = "bot" if settings.discord_token else "chat"
         args.conversation, args.sync_commands = None, False
+    # In the terminal chat, library logs would land between the user's lines: they go to a file instead.
+    log_file = settings.data_dir / "logs" / "hugginggpt.log" if command == "chat" and not verbose else None
+    configure_logging("DEBUG" if verbose else settings.log_level, settings.secrets, log_file=log_file)
+    if log_file is not None:
+        print(f"(the log goes to {log_file}; hugginggpt -v chat shows it here)", file=sys.stderr)
     runner = {"ask": _ask, "chat": _chat, "status": _status, "catalog": _catalog, "bot": _bot}[command]
     try:
         return asyncio.run(runner(args, settings))
@@ -103,7 +110,7 @@ async def _ask(args: argparse.Namespace, settings: Settings) -> int:
     uploads = await _read_uploads(args.attach, settings)
     async with await Runtime.start(settings) as rt:
         conversation = (await rt.conversations.open(PLATFORM, conversation_id=args.conversation)).id
-        progress = None if args.json else _TerminalProgress(sys.stderr)
+        progress = None if args.json else _TerminalProgress(sys.stderr, rt.conversations.activity)
         result = await _run_turn(rt, conversation, args.text, uploads, progress, dry_run=args.dry_run)
         out_dir = args.out or settings.data_dir / "outputs" / conversation
         paths = await _export_files(rt, result, out_dir)
@@ -129,11 +136,12 @@ async def _run_turn(
 ) -> RunResult:
     result: RunResult | None = None
     events = rt.conversations.ask(conversation, text, uploads=uploads, author="terminal", dry_run=dry_run)
-    async for event in events:
-        if progress is not None:
-            progress.show(event)
-        if isinstance(event, Done):
-            result = event.result
+    async with progress or contextlib.nullcontext():
+        async for event in events:
+            if progress is not None:
+                progress.show(event)
+            if isinstance(event, Done):
+                result = event.result
     assert result is not None, "Conversations.ask always ends with Done"
     return result
 
@@ -155,23 +163,46 @@ async def _export_files(rt: Runtime, result: RunResult, out_dir: Path) -> list[P
 
 
 class _TerminalProgress:
-    """Live progress on a terminal: one line per change, the answer streamed to stdout."""
+    """Live progress on a terminal, from Enter to the answer.
 
-    def __init__(self, err: TextIO, out: TextIO = sys.stdout) -> None:
+    On a terminal, a status line (stage, seconds, and what the LLM is busy with: loading, queued) is redrawn
+    every second, task changes are printed as lines of their own, and the answer streams to stdout. When
+    stderr is not a terminal (a pipe, a log), each new status is printed once as a line instead.
+    """
+
+    def __init__(self, err: TextIO, activity: Callable[[], str | None], out: TextIO = sys.stdout) -> None:
         self.err, self.out = err, out
+        self.activity = activity
         self.state = RunProgress()
+        self.tty = err.isatty()
+        self._started = time.monotonic()
         self._shown: list[str] = []
+        self._status = ""  # the status last drawn (tty) or printed (not a tty)
         self._streaming = False
+        self._ticker: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> _TerminalProgress:
+        self._tick()
+        self._ticker = asyncio.create_task(self._tick_every_second())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        self._clear_status()
 
     def show(self, event: Event) -> None:
         if isinstance(event, ResponseChunk):
+            if not self._streaming:
+                self._clear_status()
+                self._streaming = True
             self.out.write(terminal_safe(event.text))
             self.out.flush()
-            self._streaming = True
             return
         if not self.state.apply(event):
             return
         if isinstance(event, Done):
+            self._clear_status()
             if self._streaming:
                 self.out.write("\n")
             elif event.result.answer:
@@ -181,10 +212,38 @@ class _TerminalProgress:
                 print(terminal_safe(line), file=self.err)
             return
         lines = self.state.lines(icons=False)
-        for line in lines:
-            if line not in self._shown:
+        news = [line for line in lines if line not in self._shown]
+        if news:
+            self._clear_status()
+            for line in news:
                 print(f"  {terminal_safe(line)}", file=self.err)
         self._shown = lines
+        self._tick()
+
+    async def _tick_every_second(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self._tick()
+
+    def _tick(self) -> None:
+        if self._streaming:
+            return
+        self.state.busy = self.activity() if self.state.stage in LLM_STAGES else None
+        status = self.state.headline
+        if self.tty:
+            seconds = time.monotonic() - self._started
+            self.err.write(f"\r\x1b[K… {terminal_safe(status)} · {seconds:.0f}s")
+            self.err.flush()
+            self._status = status
+        elif status != self._status:
+            print(f"… {terminal_safe(status)}", file=self.err)
+            self._status = status
+
+    def _clear_status(self) -> None:
+        if self.tty and self._status:
+            self.err.write("\r\x1b[K")
+            self.err.flush()
+            self._status = ""
 
 
 async def _chat(args: argparse.Namespace, settings: Settings) -> int:
@@ -213,7 +272,8 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
                 except AgentError as err:
                     print(f"error: {terminal_safe(str(err))}", file=sys.stderr)
                 continue
-            result = await _run_turn(rt, conversation, line, pending, _TerminalProgress(sys.stderr))
+            progress = _TerminalProgress(sys.stderr, rt.conversations.activity)
+            result = await _run_turn(rt, conversation, line, pending, progress)
             pending = []
             for path in await _export_files(rt, result, settings.data_dir / "outputs" / conversation):
                 print(f"file: {path}")

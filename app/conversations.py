@@ -111,6 +111,11 @@ class Conversations:
     async def mark_reported(self, run_id: str) -> None:
         await self.storage.mark_reported(run_id)
 
+    def activity(self) -> str | None:
+        """What keeps runs waiting on the controller LLM right now (loading it, other requests ahead), for
+        the front ends' progress displays; None when nothing does."""
+        return self.agent.llm.activity()
+
     # A turn
 
     async def ask(

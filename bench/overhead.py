@@ -110,6 +110,9 @@ class TimedLLM:
     async def aclose(self) -> None:
         await self._llm.aclose()
 
+    def activity(self) -> str | None:
+        return self._llm.activity()
+
 
 class TimedBackend(Backend):
     """A ``Backend`` that records the time spent inside ``run``."""

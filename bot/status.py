@@ -31,8 +31,9 @@ _LINE_LIMIT = 300
 
 
 def render_progress(progress: RunProgress, *, seconds: float | None = None) -> str:
-    """The status text: the stage, then one line per task (state, task, model, seconds, note)."""
-    head = f"**HuggingGPT** · {progress.stage}"
+    """The status text: the stage (and what the LLM is busy with, if that keeps the run waiting), then one
+    line per task (state, task, model, seconds, note)."""
+    head = f"**HuggingGPT** · {progress.headline}"
     if seconds is not None:
         head += f" · {seconds:.1f}s"
     lines = [head]

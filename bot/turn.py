@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import discord
 
 from agent.events import Done, Event, PlanReady, RunResult
-from agent.progress import RunProgress
+from agent.progress import LLM_STAGES, RunProgress
 from agent.uploads import Upload
 from app.conversations import Conversations
 
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 ANSWER_MESSAGES = 3
 """The most messages one answer takes; beyond that, the first ones and the whole answer as a text file."""
 _STOP_NOTICE_SECONDS = 3.0
+_ACTIVITY_SECONDS = 1.0
 _ANSWER_FILE = "answer.txt"
 
 
@@ -61,6 +62,7 @@ async def run_in_thread(
     status = StatusMessage(thread, interval=edit_interval)
     status.show(render_progress(progress))
     typing = asyncio.create_task(keep_typing(thread))
+    watching = asyncio.create_task(_show_llm_activity(conversations, progress, status))
     result: RunResult | None = None
     try:
         events = conversations.ask(
@@ -87,6 +89,7 @@ async def run_in_thread(
         raise
     finally:
         typing.cancel()
+        watching.cancel()
     # The answer goes out at once; the final status edit follows when the edit interval allows.
     final = asyncio.create_task(status.finish(render_progress(progress, seconds=result.seconds if result else None)))
     try:
@@ -96,6 +99,17 @@ async def run_in_thread(
     finally:
         await final
     return result
+
+
+async def _show_llm_activity(conversations: Conversations, progress: RunProgress, status: StatusMessage) -> None:
+    """While the run waits on the LLM, say what keeps it (loading the model, queued behind other requests);
+    checked every second, written only when it changes (the status message throttles its own edits)."""
+    while True:
+        await asyncio.sleep(_ACTIVITY_SECONDS)
+        busy = conversations.activity() if progress.stage in LLM_STAGES else None
+        if busy != progress.busy:
+            progress.busy = busy
+            status.show(render_progress(progress))
 
 
 async def _plan_picture(event: Event) -> tuple[str, bytes] | None:

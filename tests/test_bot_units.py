@@ -150,7 +150,7 @@ async def test_the_answer_is_posted_without_waiting_for_the_final_status_edit() 
         yield Done(result)
 
     thread = FakeThread()
-    conversations = SimpleNamespace(ask=ask)
+    conversations = SimpleNamespace(ask=ask, activity=lambda: None)
     request = ThreadRequest("c1", "hi", (), "alice", None)
     assert await run_in_thread(conversations, thread, request, edit_interval=0.5) is result  # type: ignore[arg-type]
     contents = [content for _, content, _ in thread.log]
@@ -173,7 +173,7 @@ async def test_a_run_that_fails_midway_leaves_the_status_saying_so() -> None:
     thread = FakeThread()
     request = ThreadRequest("c1", "hi", (), "alice", None)
     with pytest.raises(StorageError):
-        await run_in_thread(SimpleNamespace(ask=ask), thread, request, edit_interval=0.0)  # type: ignore[arg-type]
+        await run_in_thread(SimpleNamespace(ask=ask, activity=lambda: None), thread, request, edit_interval=0.0)  # type: ignore[arg-type]
     assert thread.log[-1][1].startswith("**HuggingGPT** · failed")
 
 

@@ -339,6 +339,32 @@ async def test_timeout_stops_generation(smol: EmbeddedLLM) -> None:
     await hasty.aclose()
 
 
+async def test_activity_says_what_keeps_a_caller_waiting(tmp_path: Path) -> None:
+    """Progress displays ask the LLM what a run waits for: the model loading, or other calls ahead."""
+    fresh = EmbeddedLLM(Settings(llm_context_tokens=1024, local_llm_threads=1), gguf=_smollm2())
+    assert fresh.activity() is None
+    seen: set[str] = set()
+
+    async def watch() -> None:
+        while True:
+            seen.add(fresh.activity() or "")
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        calls = [
+            fresh.complete([{"role": "user", "content": f"Say {n}"}], usage=LLMUsage(), max_tokens=8)
+            for n in range(3)
+        ]
+        await asyncio.gather(*calls)
+    finally:
+        watcher.cancel()
+        await fresh.aclose()
+    assert any(s.startswith("loading the model") for s in seen)
+    assert "queued behind 2 other requests" in seen and "queued behind 1 other request" in seen
+    assert fresh.activity() is None
+
+
 UPLOAD = Origin("upload")
 MADE_BY_A_TASK = Origin("task", "r1", 0)
 

@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-# Portable llama.cpp build (no -march=native), so the cached wheel runs on any x86-64 CPU.
-export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+# llama-cpp-python is built for this CPU's instruction sets (AVX-512 when it has them, never AMX) by
+# scripts/llama-build.sh, before the rest; the same pin as in pyproject.toml (tests/test_packaging.py).
+LLAMA_VERSION := 0.3.36
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 # YOLOv3-tiny weights for cv2.dnn. Its declared dependency (opencv-contrib-python) would clash with the
 # headless OpenCV we use, so it is installed without dependencies.
@@ -38,6 +39,7 @@ $(PY):
 $(VENV)/.installed-test: pyproject.toml | $(PY)
 	@bash scripts/system-deps.sh
 	$(PIP) install -q torch==2.13.0
+	@bash scripts/llama-build.sh $(PIP) $(LLAMA_VERSION)
 	$(PIP) install -q -e '.[local,dev]'
 	$(PIP) install -q --no-deps $(NO_DEPS)
 	touch $@
@@ -45,6 +47,7 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 $(VENV)/.installed-run: pyproject.toml | $(PY)
 	@bash scripts/system-deps.sh
 	$(PIP) install -q torch==2.13.0
+	@bash scripts/llama-build.sh $(PIP) $(LLAMA_VERSION)
 	$(PIP) install -q -e '.[local,qwen]'
 	$(PIP) install -q --no-deps $(NO_DEPS)
 	touch $@

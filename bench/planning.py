@@ -43,7 +43,7 @@ ORACLE = "oracle (gold plans via fake LLM)"
 DEFAULT_TASKBENCH = REPO_ROOT.parent / "shared" / "taskbench"
 VALIDITY_SEED = 7546
 VALIDITY_FULL = 500
-DEMO_CHOICES = ("both", "fixed", "retrieval")
+DEMO_CHOICES = ("both", "fixed", "retrieval", "mixed")
 VALIDITY_EMBEDDED = 20
 """Validity sample for the embedded LLM: each plan takes tens of seconds on 2 cores (see BENCHMARKS.md), so
 500 would take hours. The smaller sample is the head of the same seeded sample."""
@@ -231,10 +231,14 @@ def _demo_selectors(kinds: Sequence[str]) -> dict[str, DemoSelector]:
     selectors: dict[str, DemoSelector] = {}
     if "fixed" in kinds:
         selectors["fixed"] = FixedDemos()
-    if "retrieval" in kinds:
+    if "retrieval" in kinds or "mixed" in kinds:
         from agent.demos import EmbeddingDemoSelector
+        from app.runtime import MIXED_HEAD
 
-        selectors["retrieval"] = EmbeddingDemoSelector()
+        if "retrieval" in kinds:
+            selectors["retrieval"] = EmbeddingDemoSelector()
+        if "mixed" in kinds:
+            selectors["mixed"] = EmbeddingDemoSelector(head=MIXED_HEAD)
     return selectors
 
 
@@ -309,9 +313,9 @@ async def run(
     kinds = ["fixed", "retrieval"] if demos_kind == "both" else [demos_kind]
     # Smoke runs skip retrieval: loading the sentence encoder alone takes longer than the rest.
     if smoke or not _retrieval_available():
-        if kinds == ["retrieval"]:
+        if kinds in (["retrieval"], ["mixed"]):
             raise SystemExit(
-                "--demos retrieval: the sentence encoder is not installed (or this is a smoke run)"
+                f"--demos {kinds[0]}: the sentence encoder is not installed (or this is a smoke run)"
             )
         kinds = ["fixed"]
     demos = _demo_selectors(kinds)

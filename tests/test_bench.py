@@ -318,6 +318,19 @@ def test_embedded_llm_smoke(tmp_path: Path) -> None:
     assert model["prompt_tokens_per_s"] > 0 and model["generation_tokens_per_s"] > 0 and model["load_s"] > 0
 
 
+@pytest.mark.skipif(not _embedded_installed(), reason="the embedded LLM (local extras) is not installed")
+def test_llama_build_smoke(tmp_path: Path) -> None:
+    """Two builds compared (here the installed one twice, each in a child process of its own)."""
+    from bench import llama_build
+
+    site = Path(importlib.util.find_spec("llama_cpp").origin).parent.parent  # type: ignore[union-attr, arg-type]
+    builds = ["--build", f"a={site}", "--build", f"b={site}"]
+    assert llama_build.main(["--smoke", "--out", str(tmp_path), *builds]) == 0
+    rows = _result(tmp_path, "llama_build")["data"]["builds"]
+    assert [r["build"] for r in rows] == ["a", "b"]
+    assert all(r["prompt_tokens_per_s"] > 0 and "AVX2" in r["instruction_sets"] for r in rows)
+
+
 def test_report_renders_results(tmp_path: Path) -> None:
     target = Target("LLM calls per request", "≤ 3", "3", True)
     Result(

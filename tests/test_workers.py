@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +30,10 @@ def _spin(seconds: float) -> float:
     while time.monotonic() < end:
         n += 1.0
     return n
+
+
+def _loaded(module: str) -> bool:
+    return module in sys.modules
 
 
 def _refuse() -> None:
@@ -139,3 +146,39 @@ async def test_a_closed_worker_refuses_jobs_and_leaves_no_child() -> None:
     assert _cpu_seconds(pid) is None
     with pytest.raises(WorkerCrashedError, match="closed"):
         await worker.run(_square, 2)
+
+
+def test_the_child_does_not_run_the_parents_main_module_again(tmp_path: Path) -> None:
+    """``hugginggpt`` is a script importing the whole application: a child that ran it again (as
+    multiprocessing's spawn does) would pay 1-2 s and ~65 MB per worker for modules no job uses."""
+    script = tmp_path / "main.py"
+    script.write_text(
+        "import asyncio\n"
+        "import agent.cli\n"
+        "from agent.workers import ProcessWorker\n"
+        "from test_workers import _loaded\n"
+        "async def run():\n"
+        "    worker = ProcessWorker('test')\n"
+        "    print(await worker.run(_loaded, 'agent.cli'))\n"
+        "    await worker.aclose()\n"
+        "if __name__ == '__main__':\n"
+        "    asyncio.run(run())\n"
+    )
+    tests = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, *sys.path])}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
+
+
+async def test_a_job_defined_in_main_is_refused_with_the_reason() -> None:
+    def local() -> None:
+        return None
+
+    local.__module__ = "__main__"
+    worker = ProcessWorker("test")
+    try:
+        with pytest.raises(TypeError, match="__main__"):
+            await worker.run(local)
+    finally:
+        await worker.aclose()

@@ -107,6 +107,11 @@ class ProcessWorker:
         return self._lock.locked()
 
     @property
+    def pid(self) -> int | None:
+        """The child's process id, while there is a child."""
+        return self._process.pid if self._process is not None else None
+
+    @property
     def alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
@@ -127,6 +132,8 @@ class ProcessWorker:
         finally:
             self.waiting -= 1
         try:
+            if self._closed:  # closed while this job waited its turn
+                raise WorkerCrashedError(f"the {self.name} worker is closed")
             return await self._run_locked(fn, args)
         finally:
             self._lock.release()
@@ -143,6 +150,8 @@ class ProcessWorker:
         except (EOFError, OSError) as err:
             detail = await loop.run_in_executor(self._io, self._exit_detail)
             await self._kill(job, "lost its child process")
+            if self._closed:
+                raise WorkerCrashedError(f"the {self.name} worker was closed (shutting down)") from err
             raise WorkerCrashedError(f"the {self.name} worker process died ({detail})") from err
         if status == "ok":
             return value
@@ -216,12 +225,14 @@ class ProcessWorker:
         return f"exit code {code}"
 
     async def aclose(self) -> None:
-        """Kill the child (a running job fails) and stop the worker's thread."""
+        """Kill the child (a running job fails, queued jobs are refused) and stop the worker's thread once
+        they have left."""
         self._closed = True
         process = self._process
         if process is not None and process.poll() is None:
             process.kill()
-        await asyncio.get_running_loop().run_in_executor(self._io, self._reap)
+        async with self._lock:
+            await asyncio.get_running_loop().run_in_executor(self._io, self._reap)
         self._io.shutdown(wait=False)
 
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fakes.procs import cpu_seconds
 
 from agent.errors import ResourceError
 from agent.workers import ProcessWorker, WorkerCrashedError
@@ -48,19 +49,6 @@ def _unpicklable() -> object:
     return lambda: None
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    """User+system CPU seconds of a live process, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return None
-    if fields[0] == "Z":  # a zombie uses no CPU
-        return None
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
-
-
 async def test_a_job_runs_in_a_child_process_that_stays_for_the_next_job() -> None:
     worker = ProcessWorker("test")
     try:
@@ -92,7 +80,7 @@ async def test_a_timeout_kills_the_child_so_its_cpu_work_stops() -> None:
             async with asyncio.timeout(0.5):
                 await worker.run(_spin, 60.0)
         # The child is gone at once: no process burns the 60 s of CPU the job asked for.
-        assert _cpu_seconds(pid) is None
+        assert cpu_seconds(pid) is None
         assert not worker.alive
         # The next job gets a fresh child.
         assert await worker.run(_pid) != pid
@@ -109,7 +97,7 @@ async def test_a_cancelled_caller_kills_the_child() -> None:
         job.cancel()
         with pytest.raises(asyncio.CancelledError):
             await job
-        assert _cpu_seconds(pid) is None
+        assert cpu_seconds(pid) is None
     finally:
         await worker.aclose()
 
@@ -143,7 +131,7 @@ async def test_a_closed_worker_refuses_jobs_and_leaves_no_child() -> None:
     worker = ProcessWorker("test")
     pid = await worker.run(_pid)
     await worker.aclose()
-    assert _cpu_seconds(pid) is None
+    assert cpu_seconds(pid) is None
     with pytest.raises(WorkerCrashedError, match="closed"):
         await worker.run(_square, 2)
 
@@ -182,3 +170,18 @@ async def test_a_job_defined_in_main_is_refused_with_the_reason() -> None:
             await worker.run(local)
     finally:
         await worker.aclose()
+
+
+async def test_closing_a_busy_worker_fails_its_job_and_the_queued_ones_and_leaves_no_child() -> None:
+    worker = ProcessWorker("test")
+    pid = await worker.run(_pid)
+    running = asyncio.create_task(worker.run(_spin, 60.0))
+    queued = asyncio.create_task(worker.run(_square, 5))
+    await asyncio.sleep(0.3)
+    await worker.aclose()
+    with pytest.raises(WorkerCrashedError, match="closed"):
+        await running
+    with pytest.raises(WorkerCrashedError, match="closed"):
+        await queued
+    assert cpu_seconds(pid) is None
+    assert not worker.alive

@@ -43,6 +43,7 @@ from ..errors import (
     ModelTimeoutError,
     ResourceError,
 )
+from ..images import open_image
 from ..llm import LLM
 from ..plan import TaskOutput
 from ..prompts import clip, load_prompt
@@ -393,7 +394,7 @@ def _classify(classifier: _Lazy[_Classifier], image: bytes) -> list[dict[str, An
     from PIL import Image
 
     model = classifier.get()
-    picture = postprocess.open_image(image).convert("RGB")
+    picture = open_image(image).convert("RGB")
     # Shorter side to 256, centre crop 224 (ImageNet evaluation); EfficientNet-Lite takes (x - 127) / 128.
     scale = 256 / min(picture.size)
     picture = picture.resize(
@@ -421,7 +422,7 @@ def _detect(detector: _Lazy[_Detector], image: bytes) -> list[dict[str, Any]]:
     import numpy as np
 
     yolo = detector.get()
-    picture = np.asarray(postprocess.open_image(image).convert("RGB"))
+    picture = np.asarray(open_image(image).convert("RGB"))
     height, width = picture.shape[:2]
     blob = cv2.dnn.blobFromImage(picture, 1 / 255.0, (_YOLO_SIZE, _YOLO_SIZE), swapRB=False, crop=False)
     with yolo.lock:  # one cv2.dnn.Net is not safe to run from two threads at once
@@ -463,7 +464,7 @@ def _canny(image: bytes) -> bytes:
     import cv2
     import numpy as np
 
-    gray = np.asarray(postprocess.open_image(image).convert("L"))
+    gray = np.asarray(open_image(image).convert("L"))
     edges = cv2.Canny(gray, *_CANNY_THRESHOLDS)
     ok, png = cv2.imencode(".png", edges)
     if not ok:

@@ -33,6 +33,7 @@ from discord.ext import commands
 from agent.errors import AgentError, ConfigurationError
 from agent.runtime import Runtime
 from agent.settings import Settings
+from agent.uploads import UploadLimits
 from storage import Conversation
 
 from .attachments import Downloader, IncomingFile, read_attachments
@@ -280,7 +281,7 @@ class HuggingGPTBot(commands.Bot):
         if task is not None:
             self._runs.add(task)
         try:
-            uploads, problems = await read_attachments(files, self.downloader, max_bytes=self.settings.max_attachment_bytes)
+            uploads, problems = await read_attachments(files, self.downloader, UploadLimits.from_settings(self.settings))
             if problems:
                 await post_message(thread, "⚠️ I can't use:\n" + "\n".join(f"- {p}" for p in problems))
             if not text and not uploads:

@@ -28,6 +28,7 @@ from agent.plan import Plan, PlannedTask
 from agent.progress import RunProgress
 from agent.resources import Resource
 from agent.settings import Settings
+from agent.uploads import UploadLimits
 from bot.app import use_discord_endpoints
 from bot.attachments import Downloader, IncomingFile, read_attachments
 from bot.graph import draw_plan
@@ -234,7 +235,7 @@ async def test_read_attachments_keeps_the_good_files_and_names_the_others() -> N
             IncomingFile("ok.png", f"{base}/small.png", len(png_bytes())),
             IncomingFile("text.txt", f"{base}/declared", 200_000),
         ]
-        uploads, problems = await read_attachments(files, downloader, max_bytes=1_000_000)
+        uploads, problems = await read_attachments(files, downloader, UploadLimits(1_000_000, 600.0, 2048))
     await downloader.aclose()
     assert [(u.filename, u.kind, u.mime) for u in uploads] == [("ok.png", "image", "image/png")]
     assert problems == ["big.png: 9.5 MiB is over the 977 KiB limit", "text.txt: not an image, audio or video file I can read"]

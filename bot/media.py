@@ -24,6 +24,7 @@ from agent.errors import ResourceError
 from agent.images import open_image
 from agent.resources import Resource
 from agent.uploads import duration_text, media_seconds
+from agent.workers import run_program
 
 from .text import human_size
 
@@ -129,28 +130,18 @@ async def _encode_mp3(name: str, data: bytes, kbps: int, max_seconds: float) -> 
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
         raise _Unfit("it is too large and ffmpeg, which would make it smaller, is not installed")
-    args = ["-v", "error", "-i", "pipe:0", "-map", "0:a:0", "-t", f"{max_seconds:g}"]
+    args = [ffmpeg, "-v", "error", "-i", "pipe:0", "-map", "0:a:0", "-t", f"{max_seconds:g}"]
     args += ["-c:a", "libmp3lame", "-b:a", f"{kbps}k", "-f", "mp3", "pipe:1"]
-    process = await asyncio.create_subprocess_exec(
-        ffmpeg,
-        *args,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
     try:
-        async with asyncio.timeout(_ENCODE_SECONDS):
-            out, err = await process.communicate(data)
+        done = await run_program(args, data, seconds=_ENCODE_SECONDS)
     except TimeoutError as error:
         raise _Unfit(f"re-encoding it took more than {_ENCODE_SECONDS:g} s") from error
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    if process.returncode != 0 or not out:
-        log.warning("ffmpeg could not encode %s: %s", name, err.decode("utf-8", "replace").strip()[-300:])
+    if done.returncode != 0 or not done.stdout:
+        log.warning(
+            "ffmpeg could not encode %s: %s", name, done.stderr.decode("utf-8", "replace").strip()[-300:]
+        )
         raise _Unfit("the audio could not be decoded to re-encode it")
-    return out
+    return done.stdout
 
 
 def batches(files: list[OutgoingFile], limit: int) -> list[list[OutgoingFile]]:

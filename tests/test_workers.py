@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from fakes.procs import cpu_seconds
+from fakes.procs import children, cpu_seconds, rss_mb
 
 from agent.errors import ResourceError
-from agent.workers import ProcessWorker, WorkerCrashedError
+from agent.workers import ProcessWorker, WorkerCrashedError, run_program
 
 
 def _square(x: int) -> int:
@@ -185,3 +185,38 @@ async def test_closing_a_busy_worker_fails_its_job_and_the_queued_ones_and_leave
         await queued
     assert cpu_seconds(pid) is None
     assert not worker.alive
+
+
+# Programs (ffmpeg, espeak-ng, tesseract) with a deadline.
+
+
+async def test_a_program_gets_a_large_input_streamed_not_copied() -> None:
+    data = b"x" * (64 << 20)
+    before = rss_mb()
+    peak = before
+    job = asyncio.create_task(run_program(["wc", "-c"], data, seconds=60))
+    while not job.done():
+        peak = max(peak, rss_mb())
+        await asyncio.sleep(0.002)
+    done = job.result()
+    assert (done.returncode, done.stdout.strip()) == (0, b"67108864")
+    assert peak - before < 16, f"this process grew by {peak - before:.0f} MB while the program read 64 MB"
+
+
+async def test_a_program_that_stops_reading_early_is_not_an_error() -> None:
+    done = await run_program(["head", "-c", "4"], b"abcdefgh" * (1 << 20), seconds=60)
+    assert (done.returncode, done.stdout) == (0, b"abcd")
+
+
+async def test_a_program_past_its_deadline_or_cancelled_is_killed() -> None:
+    before = set(children())
+    with pytest.raises(TimeoutError):
+        await run_program(["sleep", "30"], b"", seconds=0.2)
+    assert set(children()) <= before
+    job = asyncio.create_task(run_program(["sleep", "30"], b"", seconds=60))
+    await asyncio.sleep(0.2)
+    assert set(children()) - before, "the program runs"
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    assert set(children()) <= before

@@ -47,7 +47,7 @@ from ..llm import LLM
 from ..plan import TaskOutput
 from ..prompts import clip, load_prompt
 from ..settings import Settings
-from ..workers import ProcessWorker, WorkerCrashedError
+from ..workers import ProcessWorker, WorkerCrashedError, run_program
 from . import BackendStatus, TaskInput, TaskIO, local_inference
 from .local_inference import package_dir
 
@@ -307,28 +307,18 @@ def _summary(items: list[dict[str, Any]]) -> str:
 
 
 async def _run_program(args: list[str], stdin: bytes) -> bytes:
-    """A program's standard output for ``stdin``; a ``ModelError`` with its message if it fails."""
-    process = await asyncio.create_subprocess_exec(
-        *args,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    """A program's standard output for ``stdin``; a ``ModelError`` with its message if it fails. Killed on
+    timeout, and on cancellation (a task timeout, a shutdown)."""
     try:
-        async with asyncio.timeout(_SUBPROCESS_SECONDS):
-            out, err = await process.communicate(stdin)
+        done = await run_program(args, stdin, seconds=_SUBPROCESS_SECONDS)
     except TimeoutError as error:
         raise ModelTimeoutError(f"{args[0]} did not finish within {_SUBPROCESS_SECONDS:g} s") from error
-    finally:
-        if process.returncode is None:  # timed out or cancelled (a task timeout, a shutdown)
-            process.kill()
-            await process.wait()
-    if process.returncode != 0:
-        detail = err.decode("utf-8", "replace").strip().splitlines()
+    if done.returncode != 0:
+        detail = done.stderr.decode("utf-8", "replace").strip().splitlines()
         raise ModelError(
-            f"{args[0]} failed: {clip(detail[-1] if detail else f'exit {process.returncode}', 200)}"
+            f"{args[0]} failed: {clip(detail[-1] if detail else f'exit {done.returncode}', 200)}"
         )
-    return out
+    return done.stdout
 
 
 def _fix_wav_sizes(wav: bytes) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 
-__all__ = ["cpu_seconds", "working_threads"]
+__all__ = ["children", "cpu_seconds", "rss_mb", "working_threads"]
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -38,3 +38,21 @@ def working_threads() -> list[int]:
         if state == "R" and int(tid) != me:
             found.append(int(tid))
     return found
+
+
+def children() -> list[int]:
+    """The processes this process started that are still there."""
+    found: list[int] = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                found += [int(pid) for pid in f.read().split()]
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def rss_mb() -> float:
+    """This process's resident set, MB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024

@@ -114,13 +114,17 @@ def shrink(data: bytes, max_side: int, max_pixels: int) -> Shrunk | None:
     if max(width, height) <= max_side:
         open_image(image, max_pixels=max_pixels)
         return Shrunk(data, MIME[fmt], width, height, width * height, downscaled=False)
+    scale = max_side / max(width, height)
+    target = (max(1, round(width * scale)), max(1, round(height * scale)))
+    # A JPEG decodes at 1/2, 1/4 or 1/8 scale with both sides still at least the target's: a 20 MP photo
+    # at 1/2 (a quarter of the memory and time). No effect on other formats.
+    image.draft(image.mode, target)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     elif image.mode not in ("L", "LA", "RGB", "RGBA", "CMYK", "I", "I;16", "F"):
         image = image.convert("RGBA")
     try:
-        # thumbnail() lets JPEG decode at 1/2, 1/4 or 1/8 scale (draft), then resizes with a reducing gap.
-        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     except (OSError, ValueError, SyntaxError) as err:
         raise ResourceError("the image is corrupt or cut short") from err
     image = ImageOps.exif_transpose(image)

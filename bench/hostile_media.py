@@ -113,27 +113,26 @@ async def upload_outcome(files: list[tuple[str, bytes]]) -> str:
 
 
 async def upload_cases(smoke: bool) -> list[tuple[str, Measured]]:
-    scale = 0.1 if smoke else 1.0
+    scale = 0.01 if smoke else 1.0
     day = silent_flac(86_400 * scale)
     liar = silent_flac(3600 * scale, claimed=1.0)
-    png_89mp = solid_png(9459, 9459) if not smoke else solid_png(3000, 3000)
-    png_40mp = solid_png(7300, 5480) if not smoke else solid_png(2500, 2000)
-    photos = [
-        (f"photo-{n}.jpg", photo_jpeg(5472, 3648) if not smoke else photo_jpeg(1600, 1200)) for n in range(10)
-    ]
+    # The 89 MP PNG, one under the 50 MP limit, and phone photos up to the request's 200 MP.
+    wide, big, photo = (
+        ((1200, 1200), (1000, 800), (800, 600)) if smoke else ((9459, 9459), (7300, 5480), (5472, 3648))
+    )
+    wide_png, big_png = solid_png(*wide), solid_png(*big)
+    photos = [(f"photo-{n}.jpg", photo_jpeg(*photo)) for n in range(10)]
+
+    def mp(size: tuple[int, int]) -> str:
+        return f"{size[0] * size[1] / 1e6:.1f} MP"
+
     cases = [
         (f"{86_400 * scale / 3600:g} h FLAC ({len(day) // 1024} KB)", [("day.flac", day)]),
         (f"{3600 * scale / 60:g} min FLAC whose header says 1 s", [("liar.flac", liar)]),
-        (
-            f"{9459 * 9459 / 1e6 if not smoke else 9:.0f} MP PNG ({len(png_89mp) // 1024} KB)",
-            [("wide.png", png_89mp)],
-        ),
-        ("ten of those in one message", [(f"wide-{n}.png", png_89mp) for n in range(10)]),
-        (
-            f"{7300 * 5480 / 1e6 if not smoke else 5:.0f} MP PNG ({len(png_40mp) // 1024} KB), accepted",
-            [("big.png", png_40mp)],
-        ),
-        (f"ten {5472 * 3648 / 1e6 if not smoke else 1.9:.0f} MP JPEG photos in one message", photos),
+        (f"{mp(wide)} PNG ({len(wide_png) // 1024} KB)", [("wide.png", wide_png)]),
+        ("ten of those in one message", [(f"wide-{n}.png", wide_png) for n in range(10)]),
+        (f"{mp(big)} PNG ({len(big_png) // 1024} KB)", [("big.png", big_png)]),
+        (f"ten {mp(photo)} JPEG photos in one message", photos),
     ]
     measured = []
     for label, files in cases:
@@ -172,12 +171,13 @@ async def _until_computing(worker: ProcessWorker) -> int:
 
 
 async def local_cases(smoke: bool) -> tuple[list[tuple[str, Measured]], dict[str, Any]]:
-    settings = Settings(max_media_seconds=60.0 if smoke else 600.0)
+    settings = Settings(max_media_seconds=20.0 if smoke else 600.0)
     backend = LocalBackend(settings, llm=None)  # type: ignore[arg-type]  # no document questions here
     run = Run(backend)
     found: list[tuple[str, Measured]] = []
     data: dict[str, Any] = {}
-    if not backend.available(run.models["local/whisper-tiny.en"]):
+    needed = ("local/whisper-tiny.en", "local/efficientnet-lite0", "local/yolov3-tiny")
+    if not all(backend.available(run.models[m]) for m in needed):
         return found, {"skipped": "the local models are not installed"}
     tiny = solid_png(32, 32)
     try:
@@ -207,11 +207,11 @@ async def local_cases(smoke: bool) -> tuple[list[tuple[str, Measured]], dict[str
         minutes = settings.max_media_seconds * 2 / 60
         refused = await measure(too_long)
         refused.children_mb = await backend.worker("whisper").run(peak_rss_mb)  # its worker, model loaded
-        found.append((f"{minutes:g} min audio already in the conversation, Whisper", refused))
+        found.append((f"{minutes:.3g} min audio already in the conversation, Whisper", refused))
 
         # A long transcription timed out (as the executor bounds a task).
         whisper = backend.worker("whisper")
-        long_audio = noise_wav(min(settings.max_media_seconds - 5, 300))
+        long_audio = noise_wav(min(settings.max_media_seconds - 5, 300))  # longer than the test needs
         job = asyncio.ensure_future(run("local/whisper-tiny.en", audio=(long_audio, "audio/wav")))
         pid = await _until_computing(whisper)
         # Meanwhile: a tiny PNG's classification and the loop's default executor.
@@ -258,8 +258,8 @@ async def local_cases(smoke: bool) -> tuple[list[tuple[str, Measured]], dict[str
 
 
 async def outgoing_cases(smoke: bool) -> list[tuple[str, Measured]]:
-    settings = Settings()
-    scale = 0.1 if smoke else 1.0
+    scale = 0.01 if smoke else 1.0
+    limit, max_seconds = round(DISCORD_LIMIT * scale), Settings().max_media_seconds * scale
     hour = noise_wav(3600 * scale)
     nine = noise_wav(540 * scale, rate=44100, channels=2)
     small = noise_wav(0.4, rate=16000)
@@ -268,20 +268,18 @@ async def outgoing_cases(smoke: bool) -> list[tuple[str, Measured]]:
         return Resource(name=name, kind="audio", mime="audio/wav", sha256="0" * 64, size=len(data))
 
     async def fit(name: str, data: bytes) -> str:
-        out = await fit_for_upload(
-            resource(name, data), data, DISCORD_LIMIT, max_seconds=settings.max_media_seconds
-        )
+        out = await fit_for_upload(resource(name, data), data, limit, max_seconds=max_seconds)
         if isinstance(out, str):
             return out
         return f"uploaded {out.filename}, {len(out.data) // 1024} KB"
 
     return [
         (
-            f"{3600 * scale / 60:g} min of model-made WAV ({len(hour) // 1024 // 1024} MB), 10 MiB limit",
+            f"{3600 * scale / 60:g} min of model-made WAV ({len(hour) // 1024} KB), {limit // 1024} KB limit",
             await measure(lambda: fit("out-1-0.wav", hour)),
         ),
         (
-            f"{540 * scale / 60:g} min of 44.1 kHz stereo WAV ({len(nine) // 1024 // 1024} MB), 10 MiB limit",
+            f"{540 * scale / 60:g} min of 44.1 kHz stereo WAV ({len(nine) // 1024} KB), {limit // 1024} KB limit",
             await measure(lambda: fit("out-1-1.wav", nine)),
         ),
         (f"{len(small) // 1024} KB model-made WAV", await measure(lambda: fit("out-1-2.wav", small))),

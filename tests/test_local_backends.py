@@ -12,8 +12,10 @@ import asyncio
 import importlib.util
 import io
 import math
+import os
 import shutil
 import subprocess
+import threading
 import wave
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -382,3 +384,22 @@ async def test_closing_the_backend_kills_its_workers_and_fails_their_jobs(llm: S
     with pytest.raises(ModelError, match="worker was closed"):
         await job
     assert cpu_seconds(pid) is None
+
+
+@pytest.mark.local
+@shared_loop
+async def test_the_sentence_encoder_does_not_wait_for_the_loops_default_executor(run: Run) -> None:
+    """Every thread of the default executor busy (DNS lookups, file reads): sentence similarity still runs."""
+    release = threading.Event()
+    blockers = [
+        asyncio.create_task(asyncio.to_thread(release.wait)) for _ in range((os.cpu_count() or 1) + 4)
+    ]
+    await asyncio.sleep(0)  # each has taken one of the executor's threads
+    try:
+        async with asyncio.timeout(120):  # liveness, not speed: before the fix this never finished
+            out = await run("local/all-MiniLM-L6-v2", {"text": "A cat sleeps.", "text2": "A kitten naps."})
+        assert out.data > 0.5
+        assert not any(b.done() for b in blockers)
+    finally:
+        release.set()
+        await asyncio.gather(*blockers)

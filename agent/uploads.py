@@ -27,6 +27,7 @@ from .errors import ResourceError
 from .images import Shrunk, TooLargeError, megapixels
 from .settings import Settings
 from .tasks import Modality
+from .text import display_name
 from .workers import ProcessWorker, WorkerCrashedError, run_program
 
 __all__ = [
@@ -115,7 +116,7 @@ async def check_uploads(
     budget = limits.max_request_pixels
     try:
         for filename, data in files:
-            shown = _display_name(filename)
+            shown = display_name(filename)
             try:
                 _check_size(shown, data, limits.max_bytes)
                 if images.is_image(data):
@@ -273,11 +274,6 @@ def _media_kind(out: bytes) -> tuple[Modality, str, float | None] | None:
     if "audio" in streams and fmt in _AUDIO_MIME:
         return "audio", _AUDIO_MIME[fmt], seconds
     return None
-
-
-def _display_name(filename: str) -> str:
-    name = filename.replace("\\", "/").rsplit("/", 1)[-1] or "file"
-    return "".join(ch for ch in name if ch.isprintable())[:80]
 
 
 def _mib(n: int) -> str:

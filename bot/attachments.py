@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from agent.errors import ResourceError
+from agent.text import display_name
 from agent.uploads import Upload, UploadLimits, check_upload_count, check_uploads
 
 from .text import human_size
@@ -79,7 +80,7 @@ async def read_attachments(
     check_upload_count(len(files))
 
     async def one(f: IncomingFile) -> bytes:
-        name = _shown(f.filename)
+        name = display_name(f.filename)
         if f.size > limits.max_bytes:
             raise ResourceError(
                 f"{name}: {human_size(f.size)} is over the {human_size(limits.max_bytes)} limit"
@@ -96,12 +97,9 @@ async def read_attachments(
             problems.append(str(result))
         elif isinstance(result, Exception):
             log.error("attachment %s failed", f.filename, exc_info=result)
-            problems.append(f"{_shown(f.filename)}: could not be read")
+            problems.append(f"{display_name(f.filename)}: could not be read")
         else:
             raise result
     uploads, refused = await check_uploads(fetched, limits)
     return uploads, problems + [str(err) for err in refused]
 
-
-def _shown(filename: str) -> str:
-    return "".join(ch for ch in filename if ch.isprintable())[:80] or "file"

@@ -11,6 +11,12 @@ from typing import Any
 
 import httpx2
 import pytest
+from hypothesis import settings
+
+# Tests never fail on a wall-clock threshold: Hypothesis's per-example deadline (200 ms) would make property
+# tests fail on a busy 2-core machine for no fault of the code.
+settings.register_profile("no-deadline", deadline=None)
+settings.load_profile("no-deadline")
 
 
 @pytest.fixture(autouse=True)

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from agent.demos import load_demonstrations
 from agent.plan import Plan, PlannedTask
-from agent.planner import load_demonstrations, validate_plan
 from bench import economy, overhead, planning, scheduling
 from bench.common import REPO_ROOT, Result, Target, markdown_table, percentile
 from bench.report import render
@@ -147,7 +147,7 @@ def test_oracle_round_trip_scores_perfectly() -> None:
         {"id": 0, "task": "image-classification", "dep": [], "args": {"image": "example.jpg"}},
         {"id": 1, "task": "text-to-speech", "dep": [0], "args": {"text": "<GENERATED>-0"}},
     ]
-    plan = validate_plan({"tasks": raw}, request_resources(gold.request), 12)
+    plan = Plan.from_raw({"tasks": raw}, request_resources(gold.request), 12)
     s = score([(gold.nodes, to_taskbench(plan, tb.to_taskbench))], tb.output_types)
     assert (s.node.f1, s.edge.f1, s.argname.f1, s.value.f1) == (1.0, 1.0, 1.0, 1.0)
 

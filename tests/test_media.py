@@ -12,12 +12,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fakes.hf_server import png_bytes, wav_bytes
-from fakes.media import header_bomb, silent_flac
 from PIL import Image
 
 from agent.resources import Resource
 from bot.media import OutgoingFile, fit_for_upload
+from tests.fakes.hf_server import png_bytes, wav_bytes
+from tests.fakes.media import header_bomb, silent_flac
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
 

@@ -6,12 +6,12 @@ import base64
 import io
 
 import pytest
-from fakes.hf_server import png_bytes
 from PIL import Image
 
 from agent.errors import ResourceError
 from agent.images import open_image
 from agent.postprocess import draw_boxes, overlay_masks, to_png
+from tests.fakes.hf_server import png_bytes
 
 GREY = (128, 128, 128)
 

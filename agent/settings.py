@@ -67,6 +67,10 @@ class Settings:
     # Storage.
     data_dir: Path = Path("data")
     max_attachment_mb: float = 25.0
+    # Media bounds: the longest audio or video taken from users or decoded by local models (their decoders
+    # stop there too), or re-encoded for Discord; and the longest side user images are downscaled to once.
+    max_media_seconds: float = 600.0
+    image_max_side: int = 2048
     # Discord.
     discord_token: str = field(default="", repr=False)
     discord_api_base: str = ""
@@ -154,6 +158,10 @@ class Settings:
             raise ConfigurationError("HUGGINGGPT_DEMOS must be 'retrieval', 'mixed' or 'fixed'")
         if settings.top_k < 1:
             raise ConfigurationError("HUGGINGGPT_TOP_K must be at least 1")
+        if settings.max_media_seconds <= 0:
+            raise ConfigurationError("HUGGINGGPT_MAX_MEDIA_SECONDS must be more than 0")
+        if settings.image_max_side < 64:
+            raise ConfigurationError("HUGGINGGPT_IMAGE_MAX_SIDE must be at least 64 (pixels)")
         if settings.local_llm_threads < 0:
             raise ConfigurationError("LOCAL_LLM_THREADS must be 0 (one per core) or more")
         if settings.llm_max_answer_chars < 1:
@@ -200,6 +208,8 @@ _ENV_NAMES: dict[str, str] = {
     "max_output_mb": "HUGGINGGPT_MAX_OUTPUT_MB",
     "data_dir": "HUGGINGGPT_DATA_DIR",
     "max_attachment_mb": "HUGGINGGPT_MAX_ATTACHMENT_MB",
+    "max_media_seconds": "HUGGINGGPT_MAX_MEDIA_SECONDS",
+    "image_max_side": "HUGGINGGPT_IMAGE_MAX_SIDE",
     "discord_token": "DISCORD_TOKEN",
     "discord_api_base": "DISCORD_API_BASE",
     "discord_gateway_url": "DISCORD_GATEWAY_URL",

@@ -25,7 +25,7 @@ from agent.logs import configure_logging
 from agent.progress import LLM_STAGES, RunProgress
 from agent.settings import Settings
 from agent.text import terminal_safe
-from agent.uploads import Upload, check_upload, check_upload_count
+from agent.uploads import Upload, UploadLimits, check_upload_count, check_uploads
 
 from .runtime import Runtime
 
@@ -96,13 +96,16 @@ def _read_file(path: Path, max_bytes: int) -> bytes:
 
 async def _read_uploads(paths: Sequence[Path], settings: Settings) -> list[Upload]:
     check_upload_count(len(paths))
-    uploads = []
+    files = []
     for path in paths:
         try:
             data = await asyncio.to_thread(_read_file, path, settings.max_attachment_bytes)
         except OSError as err:
             raise AgentError(f"{path}: cannot read the file ({err.strerror or err})") from err
-        uploads.append(await check_upload(path.name, data, max_bytes=settings.max_attachment_bytes))
+        files.append((path.name, data))
+    uploads, refused = await check_uploads(files, UploadLimits.from_settings(settings))
+    if refused:
+        raise refused[0]
     return uploads
 
 

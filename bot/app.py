@@ -275,9 +275,7 @@ class HuggingGPTBot(commands.Bot):
             if self.queue.busy(thread.id):
                 await post_message(thread, "⏳ I'm still working on the previous request here; this one is queued.")
             async with self.queue.turn(thread.id):
-                uploads, problems = await read_attachments(
-                    files, self.downloader, max_bytes=self.config.max_attachment_bytes
-                )
+                uploads, problems = await read_attachments(files, self.downloader, self.config.uploads)
                 if problems:
                     await post_message(thread, "⚠️ I can't use:\n" + "\n".join(f"- {p}" for p in problems))
                 if not text and not uploads:
@@ -288,7 +286,13 @@ class HuggingGPTBot(commands.Bot):
                 request = ThreadRequest(
                     conversation_id, text, uploads, str(author_id), str(message_id) if message_id else None
                 )
-                await run_in_thread(self.conversations, thread, request, edit_interval=self.edit_interval)
+                await run_in_thread(
+                    self.conversations,
+                    thread,
+                    request,
+                    max_media_seconds=self.config.uploads.max_seconds,
+                    edit_interval=self.edit_interval,
+                )
         except AgentError as err:
             log.warning("request in thread %s failed: %s", thread.id, err)
             await post_message(thread, f"❌ {err}")

@@ -1,4 +1,5 @@
-"""Users' attachments: downloaded with a size cap and a timeout, then checked by content (``agent.uploads``).
+"""Users' attachments: downloaded with a size cap and a timeout, then checked together by content
+(``agent.uploads.check_uploads``: each file, and the request's total of image pixels).
 
 The cap is checked three times: against the size Discord reports (nothing is downloaded for a file that is
 too large), against ``Content-Length``, and while streaming (a server may lie or omit it).
@@ -15,7 +16,7 @@ import aiohttp
 
 from agent.errors import ResourceError
 from agent.text import display_name
-from agent.uploads import Upload, check_upload
+from agent.uploads import Upload, UploadLimits, check_upload_count, check_uploads
 
 from .text import human_size
 
@@ -51,7 +52,9 @@ class Downloader:
                 if response.status != 200:
                     raise ResourceError(f"{name}: could not download it (HTTP {response.status})")
                 if (response.content_length or 0) > max_bytes:
-                    raise ResourceError(f"{name}: {human_size(response.content_length or 0)} is over the {human_size(max_bytes)} limit")
+                    raise ResourceError(
+                        f"{name}: {human_size(response.content_length or 0)} is over the {human_size(max_bytes)} limit"
+                    )
                 body = bytearray()
                 async for chunk in response.content.iter_chunked(_CHUNK):
                     body += chunk
@@ -70,23 +73,26 @@ class Downloader:
 
 
 async def read_attachments(
-    files: Sequence[IncomingFile], downloader: Downloader, *, max_bytes: int
+    files: Sequence[IncomingFile], downloader: Downloader, limits: UploadLimits
 ) -> tuple[list[Upload], list[str]]:
-    """Download and check ``files`` concurrently: the usable uploads, in order, and one reason per refused file."""
+    """Download ``files`` concurrently, then check them together: the usable uploads, in order, and one
+    reason per refused file (those not downloaded first). ``ResourceError`` if a request cannot take so many."""
+    check_upload_count(len(files))
 
-    async def one(f: IncomingFile) -> Upload:
+    async def one(f: IncomingFile) -> bytes:
         name = display_name(f.filename)
-        if f.size > max_bytes:
-            raise ResourceError(f"{name}: {human_size(f.size)} is over the {human_size(max_bytes)} limit")
-        data = await downloader.fetch(f.url, name=name, max_bytes=max_bytes)
-        return await check_upload(f.filename, data, max_bytes=max_bytes)
+        if f.size > limits.max_bytes:
+            raise ResourceError(
+                f"{name}: {human_size(f.size)} is over the {human_size(limits.max_bytes)} limit"
+            )
+        return await downloader.fetch(f.url, name=name, max_bytes=limits.max_bytes)
 
     results = await asyncio.gather(*(one(f) for f in files), return_exceptions=True)
-    uploads: list[Upload] = []
+    fetched: list[tuple[str, bytes]] = []
     problems: list[str] = []
     for f, result in zip(files, results, strict=True):
-        if isinstance(result, Upload):
-            uploads.append(result)
+        if isinstance(result, bytes):
+            fetched.append((f.filename, result))
         elif isinstance(result, ResourceError):
             problems.append(str(result))
         elif isinstance(result, Exception):
@@ -94,4 +100,6 @@ async def read_attachments(
             problems.append(f"{display_name(f.filename)}: could not be read")
         else:
             raise result
-    return uploads, problems
+    uploads, refused = await check_uploads(fetched, limits)
+    return uploads, problems + [str(err) for err in refused]
+

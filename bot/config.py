@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from agent.settings import Settings
+from agent.uploads import UploadLimits
 
 __all__ = ["DiscordConfig"]
 
@@ -21,7 +22,7 @@ class DiscordConfig:
     allowed_channels: frozenset[int] = frozenset()
     allowed_roles: frozenset[int] = frozenset()
     user_runs_per_minute: int = 4
-    max_attachment_bytes: int = 25 * 1024 * 1024
+    uploads: UploadLimits = field(default_factory=lambda: UploadLimits(25 * 1024 * 1024, 600.0, 2048))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DiscordConfig:
@@ -33,5 +34,5 @@ class DiscordConfig:
             allowed_channels=settings.discord_allowed_channels,
             allowed_roles=settings.discord_allowed_roles,
             user_runs_per_minute=settings.discord_user_runs_per_minute,
-            max_attachment_bytes=settings.max_attachment_bytes,
+            uploads=UploadLimits.from_settings(settings),
         )

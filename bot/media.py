@@ -1,7 +1,12 @@
-"""Generated files made fit for a Discord upload: images as PNG/JPEG, audio as MP3, under the guild's limit.
+"""Generated files made fit for a Discord upload, under the guild's limit.
 
-Pillow and pydub (ffmpeg) block, so every conversion runs in a worker thread. A file that cannot be made to
-fit is reported by name with the reason instead of being dropped silently.
+A file that fits is uploaded as the model made it (a BMP becomes PNG: Discord does not show BMP). An image
+that does not fit is opened with the project's safe opener (within its pixel limit; a large JPEG decoded at
+reduced scale) and re-encoded as JPEG at shrinking sizes, in a worker thread. Audio that does not fit is
+measured once (its streams counted by ffmpeg, up to ``max_seconds``), then encoded once as an MP3 at the
+highest bitrate that fits, by ffmpeg as a subprocess that streams and is killed after a timeout. Audio longer
+than ``max_seconds``, or that would need less than 32 kbit/s, is refused. Every refusal is a "name: reason"
+line for the user instead of a silent drop.
 """
 
 from __future__ import annotations
@@ -9,14 +14,17 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import PurePath
 
-from PIL import Image, UnidentifiedImageError
-from pydub import AudioSegment
-from pydub.exceptions import CouldntDecodeError
+from PIL import Image
 
+from agent.errors import ResourceError
+from agent.images import open_image
 from agent.resources import Resource
+from agent.uploads import duration_text, media_seconds
+from agent.workers import run_program
 
 from .text import human_size
 
@@ -26,9 +34,14 @@ log = logging.getLogger(__name__)
 
 FILES_PER_MESSAGE = 10
 _AS_IS_IMAGES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
-_AS_IS_AUDIO = frozenset({"audio/mpeg", "audio/ogg"})
-_MP3_BITRATES = ("192k", "128k", "64k", "32k")
+# An image is shown at most this large: a larger one is brought down to it before any other attempt.
+_LARGEST_SIDE = 4096
 _SMALLEST_SIDE = 256
+# LAME's MP3 bitrates (kbit/s), from the best worth sending to the least that still carries speech.
+_MP3_KBPS = (192, 160, 128, 112, 96, 80, 64, 56, 48, 40, 32)
+# Room for the MP3's own headers and frame padding.
+_MP3_MARGIN = 0.95
+_ENCODE_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -41,61 +54,94 @@ class _Unfit(Exception):
     """A file cannot be uploaded; the message says why (shown to the user after the file name)."""
 
 
-async def fit_for_upload(resource: Resource, data: bytes, limit: int) -> OutgoingFile | str:
+async def fit_for_upload(
+    resource: Resource, data: bytes, limit: int, *, max_seconds: float
+) -> OutgoingFile | str:
     """The file to upload for ``resource``, or a short "name: reason" line when it cannot be uploaded."""
     try:
+        if len(data) <= limit and (resource.kind != "image" or resource.mime in _AS_IS_IMAGES):
+            return OutgoingFile(resource.name, data)
         if resource.kind == "image":
             return await asyncio.to_thread(_fit_image, resource.name, resource.mime, data, limit)
         if resource.kind == "audio":
-            return await asyncio.to_thread(_fit_audio, resource.name, resource.mime, data, limit)
-        if len(data) > limit:
-            raise _Unfit(f"{human_size(len(data))} is over this server's {human_size(limit)} upload limit")
-        return OutgoingFile(resource.name, data)
+            return await _fit_audio(resource.name, data, limit, max_seconds)
+        raise _Unfit(f"{human_size(len(data))} is over this server's {human_size(limit)} upload limit")
     except _Unfit as err:
         return f"{resource.name}: {err}"
 
 
 def _fit_image(name: str, mime: str, data: bytes, limit: int) -> OutgoingFile:
-    if mime in _AS_IS_IMAGES and len(data) <= limit:
-        return OutgoingFile(name, data)
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if mime not in _AS_IS_IMAGES:
-                png = _encode(img, "PNG")
-                if len(png) <= limit:
-                    return OutgoingFile(_renamed(name, ".png"), png)
-            rgb = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+        image = open_image(data, reduce_to=_LARGEST_SIDE // 2)
+    except ResourceError as err:
         log.warning("cannot re-encode image %s: %s", name, err)
         raise _Unfit("the image could not be read to make it smaller") from err
-    scale = 1.0
+    if max(image.size) > _LARGEST_SIDE:
+        image.thumbnail((_LARGEST_SIDE, _LARGEST_SIDE), Image.Resampling.LANCZOS)
+    if mime not in _AS_IS_IMAGES:
+        png = _encode(image, "PNG")
+        if len(png) <= limit:
+            return OutgoingFile(_renamed(name, ".png"), png)
+    rgb = image.convert("RGB")
     while True:
-        size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
-        jpeg = _encode(rgb.resize(size, Image.Resampling.LANCZOS) if scale < 1 else rgb, "JPEG", quality=85)
+        jpeg = _encode(rgb, "JPEG", quality=85)
         if len(jpeg) <= limit:
             return OutgoingFile(_renamed(name, ".jpg"), jpeg)
-        if max(size) <= _SMALLEST_SIDE:
-            raise _Unfit(f"still {human_size(len(jpeg))} at {size[0]}×{size[1]}, over this server's {human_size(limit)} upload limit")
-        scale *= 0.7
+        if max(rgb.size) <= _SMALLEST_SIDE:
+            raise _Unfit(
+                f"still {human_size(len(jpeg))} at {rgb.width}×{rgb.height}, over this server's "
+                f"{human_size(limit)} upload limit"
+            )
+        # A JPEG's size goes roughly with its pixel count: aim just under the limit, at least 10% smaller.
+        scale = max(0.5, min(0.9, 0.95 * (limit / len(jpeg)) ** 0.5))
+        size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+        rgb = rgb.resize(size, Image.Resampling.LANCZOS)
 
 
-def _fit_audio(name: str, mime: str, data: bytes, limit: int) -> OutgoingFile:
-    if mime in _AS_IS_AUDIO and len(data) <= limit:
-        return OutgoingFile(name, data)
+async def _fit_audio(name: str, data: bytes, limit: int, max_seconds: float) -> OutgoingFile:
     try:
-        sound = AudioSegment.from_file(io.BytesIO(data))
-    except (CouldntDecodeError, OSError, IndexError) as err:
-        log.warning("cannot decode audio %s: %s", name, err)
+        seconds = await media_seconds(data, "audio", max_seconds)
+    except ResourceError as err:
+        log.warning("cannot measure audio %s: %s", name, err)
         raise _Unfit("the audio could not be decoded to re-encode it") from err
-    mp3 = b""
-    for bitrate in _MP3_BITRATES:
-        out = io.BytesIO()
-        sound.export(out, format="mp3", bitrate=bitrate)
-        mp3 = out.getvalue()
-        if len(mp3) <= limit:
-            return OutgoingFile(_renamed(name, ".mp3"), mp3)
-    raise _Unfit(f"still {human_size(len(mp3))} as a {_MP3_BITRATES[-1]}bit/s MP3, over this server's {human_size(limit)} upload limit")
+    if seconds > max_seconds:
+        raise _Unfit(
+            f"over this server's {human_size(limit)} upload limit, and longer than the "
+            f"{duration_text(max_seconds)} I re-encode"
+        )
+    kbps = int(limit * 8 * _MP3_MARGIN / max(seconds, 1.0) / 1000)
+    bitrate = next((k for k in _MP3_KBPS if k <= kbps), None)
+    if bitrate is None:
+        raise _Unfit(
+            f"{duration_text(seconds)} of audio would need {kbps} kbit/s to fit this server's "
+            f"{human_size(limit)} upload limit; {_MP3_KBPS[-1]} kbit/s is the least I send"
+        )
+    mp3 = await _encode_mp3(name, data, bitrate, max_seconds)
+    if len(mp3) > limit:
+        raise _Unfit(
+            f"still {human_size(len(mp3))} as a {bitrate} kbit/s MP3, over this server's {human_size(limit)} upload limit"
+        )
+    return OutgoingFile(_renamed(name, ".mp3"), mp3)
+
+
+async def _encode_mp3(name: str, data: bytes, kbps: int, max_seconds: float) -> bytes:
+    """``data`` as an MP3 at ``kbps``, by ffmpeg (streamed through pipes; killed on timeout or cancellation).
+    ``-t`` stops it at ``max_seconds`` even if the file holds more than it was measured to."""
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        raise _Unfit("it is too large and ffmpeg, which would make it smaller, is not installed")
+    args = [ffmpeg, "-v", "error", "-i", "pipe:0", "-map", "0:a:0", "-t", f"{max_seconds:g}"]
+    args += ["-c:a", "libmp3lame", "-b:a", f"{kbps}k", "-f", "mp3", "pipe:1"]
+    try:
+        done = await run_program(args, data, seconds=_ENCODE_SECONDS)
+    except TimeoutError as error:
+        raise _Unfit(f"re-encoding it took more than {_ENCODE_SECONDS:g} s") from error
+    if done.returncode != 0 or not done.stdout:
+        log.warning(
+            "ffmpeg could not encode %s: %s", name, done.stderr.decode("utf-8", "replace").strip()[-300:]
+        )
+        raise _Unfit("the audio could not be decoded to re-encode it")
+    return done.stdout
 
 
 def batches(files: list[OutgoingFile], limit: int) -> list[list[OutgoingFile]]:
@@ -122,4 +168,3 @@ def _encode(img: Image.Image, fmt: str, **options: int) -> bytes:
 
 def _renamed(name: str, suffix: str) -> str:
     return str(PurePath(name).with_suffix(suffix))
-

@@ -52,9 +52,15 @@ class ThreadRequest:
 
 
 async def run_in_thread(
-    conversations: Conversations, thread: discord.Thread, request: ThreadRequest, *, edit_interval: float = 1.0
+    conversations: Conversations,
+    thread: discord.Thread,
+    request: ThreadRequest,
+    *,
+    max_media_seconds: float,
+    edit_interval: float = 1.0,
 ) -> RunResult | None:
     """Run ``request`` with live progress in ``thread``, then post the answer. None if no result came.
+    Model-made audio or video longer than ``max_media_seconds`` is refused, not encoded (``fit_for_upload``).
 
     Whatever ends the run early (a failure, a shutdown), the status message is left saying so: it never
     stays at "planning"."""
@@ -95,7 +101,7 @@ async def run_in_thread(
     try:
         if result is not None:
             await status.posted()
-            await _post_answer(conversations, thread, result)
+            await _post_answer(conversations, thread, result, max_media_seconds)
     finally:
         await final
     return result
@@ -122,13 +128,16 @@ async def _plan_picture(event: Event) -> tuple[str, bytes] | None:
         return None
 
 
-async def _post_answer(conversations: Conversations, thread: discord.Thread, result: RunResult) -> None:
+async def _post_answer(
+    conversations: Conversations, thread: discord.Thread, result: RunResult, max_media_seconds: float
+) -> None:
     limit = thread.guild.filesize_limit
     files: list[OutgoingFile] = []
     problems: list[str] = []
     for resource in result.files:
         try:
-            fitted = await fit_for_upload(resource, await conversations.read_file(resource), limit)
+            data = await conversations.read_file(resource)
+            fitted = await fit_for_upload(resource, data, limit, max_seconds=max_media_seconds)
         except Exception:
             log.exception("could not prepare %s for upload", resource.name)
             fitted = f"{resource.name}: could not be read"

@@ -359,3 +359,17 @@ def test_discord_latency_smoke(tmp_path: Path) -> None:
     # The thread comes first, the answer last.
     assert 0 < run["thread_s"] <= run["status_s"] <= run["answer_s"]
     assert run["edits"] >= 0
+
+
+def test_hostile_media_smoke(tmp_path: Path) -> None:
+    from bench import hostile_media
+
+    assert hostile_media.main(["--smoke", "--out", str(tmp_path)]) == 0
+    data = _result(tmp_path, "hostile_media")
+    outcomes = {row[0]: row[1] for row in data["rows"]}
+    assert outcomes["ten of those in one message"] == "10 accepted"
+    assert any("is over the 10 min limit" in outcome for outcome in outcomes.values())
+    local = data["data"]["local"]
+    if "skipped" not in local:
+        assert local["timeout"]["worker_alive_1s_later"] is False
+        assert local["shutdown_worker_alive"] is False

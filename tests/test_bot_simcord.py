@@ -191,10 +191,10 @@ async def test_mention_with_png_opens_one_thread_with_progress_answer_and_files(
         assert status.content.startswith("**HuggingGPT** · done")
         assert "✅ 0 image-to-image" in status.content and "✅ 1 text-to-speech" in status.content
         assert [a.filename for a in status.attachments] == ["plan.png"]
-        # The answer, with the generated image and the speech re-encoded as MP3.
+        # The answer, with the generated image and the speech as the model made it (it fits).
         assert answer.content.startswith("Here is your picture")
         names = sorted(a.filename for a in answer.attachments)
-        assert names == ["out-1-0.png", "out-1-1.mp3"]
+        assert names == ["out-1-0.png", "out-1-1.wav"]
         # Nobody is pinged: the bot sends allowed_mentions none, so the @everyone in the model's text is inert.
         assert not answer.mention_everyone and not answer.role_mentions
         sends = w.requests("POST", f"/channels/{thread.id}/messages")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
-import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,18 +24,18 @@ from agent.errors import ResourceError
 from agent.events import Done, LLMUsage, PlanReady, RunResult
 from agent.plan import Plan, PlannedTask
 from agent.progress import RunProgress
-from agent.resources import Resource
 from agent.settings import Settings
+from agent.uploads import UploadLimits
 from bot.app import use_discord_endpoints
 from bot.attachments import Downloader, IncomingFile, read_attachments
 from bot.config import DiscordConfig
 from bot.graph import draw_plan
 from bot.limits import AccessPolicy, RateLimiter, ThreadQueue
-from bot.media import FILES_PER_MESSAGE, OutgoingFile, batches, fit_for_upload
+from bot.media import FILES_PER_MESSAGE, OutgoingFile, batches
 from bot.status import StatusMessage, render_progress
 from bot.turn import ThreadRequest, run_in_thread
 from storage import StorageError
-from tests.fakes.hf_server import png_bytes, wav_bytes
+from tests.fakes.hf_server import png_bytes
 
 # --------------------------------------------------------------------------- access and load
 
@@ -152,7 +151,7 @@ async def test_the_answer_is_posted_without_waiting_for_the_final_status_edit() 
     thread = FakeThread()
     conversations = SimpleNamespace(ask=ask, activity=lambda: None)
     request = ThreadRequest("c1", "hi", (), "alice", None)
-    assert await run_in_thread(conversations, thread, request, edit_interval=0.5) is result  # type: ignore[arg-type]
+    assert await run_in_thread(conversations, thread, request, max_media_seconds=600.0, edit_interval=0.5) is result  # type: ignore[arg-type]
     contents = [content for _, content, _ in thread.log]
     assert contents[0].startswith("**HuggingGPT**")  # the status message, first
     assert contents[1] == "Hello!"  # then the answer, at once
@@ -173,7 +172,7 @@ async def test_a_run_that_fails_midway_leaves_the_status_saying_so() -> None:
     thread = FakeThread()
     request = ThreadRequest("c1", "hi", (), "alice", None)
     with pytest.raises(StorageError):
-        await run_in_thread(SimpleNamespace(ask=ask, activity=lambda: None), thread, request, edit_interval=0.0)  # type: ignore[arg-type]
+        await run_in_thread(SimpleNamespace(ask=ask, activity=lambda: None), thread, request, max_media_seconds=600.0, edit_interval=0.0)  # type: ignore[arg-type]
     assert thread.log[-1][1].startswith("**HuggingGPT** · failed")
 
 
@@ -255,63 +254,13 @@ async def test_read_attachments_keeps_the_good_files_and_names_the_others() -> N
             IncomingFile("ok.png", f"{base}/small.png", len(png_bytes())),
             IncomingFile("text.txt", f"{base}/declared", 200_000),
         ]
-        uploads, problems = await read_attachments(files, downloader, max_bytes=1_000_000)
+        uploads, problems = await read_attachments(files, downloader, UploadLimits(1_000_000, 600.0, 2048))
     await downloader.aclose()
     assert [(u.filename, u.kind, u.mime) for u in uploads] == [("ok.png", "image", "image/png")]
     assert problems == ["big.png: 9.5 MiB is over the 977 KiB limit", "text.txt: not an image, audio or video file I can read"]
 
 
-# --------------------------------------------------------------------------- generated files
-
-
-def resource(name: str, mime: str, data: bytes) -> Resource:
-    kind = mime.split("/")[0]
-    return Resource(name=name, kind=kind, mime=mime, sha256="0" * 64, size=len(data))  # type: ignore[arg-type]
-
-
-def noise(side: int, fmt: str) -> bytes:
-    rng = random.Random(side)
-    img = Image.frombytes("RGB", (side, side), bytes(rng.getrandbits(8) for _ in range(side * side * 3)))
-    out = io.BytesIO()
-    img.save(out, format=fmt)
-    return out.getvalue()
-
-
-async def test_images_are_kept_converted_or_downscaled_to_fit() -> None:
-    small = await fit_for_upload(resource("out-1-0.png", "image/png", png_bytes()), png_bytes(), 1_000_000)
-    assert small == OutgoingFile("out-1-0.png", png_bytes())
-
-    bmp = noise(64, "BMP")
-    converted = await fit_for_upload(resource("out-1-1.bmp", "image/bmp", bmp), bmp, 1_000_000)
-    assert isinstance(converted, OutgoingFile) and converted.filename == "out-1-1.png"
-
-    big = noise(400, "PNG")
-    fitted = await fit_for_upload(resource("out-2-0.png", "image/png", big), big, 60_000)
-    assert isinstance(fitted, OutgoingFile) and fitted.filename == "out-2-0.jpg" and len(fitted.data) <= 60_000
-    with Image.open(io.BytesIO(fitted.data)) as img:
-        assert img.format == "JPEG" and img.width < 400
-
-    unfit = await fit_for_upload(resource("out-3-0.png", "image/png", big), big, 1_000)
-    assert isinstance(unfit, str) and unfit.startswith("out-3-0.png: still ") and "upload limit" in unfit
-
-    broken = await fit_for_upload(resource("out-4-0.png", "image/png", b"not a png"), b"not a png", 5)
-    assert broken == "out-4-0.png: the image could not be read to make it smaller"
-
-
-async def test_audio_is_reencoded_as_mp3_to_fit() -> None:
-    wav = wav_bytes(seconds=2.0)
-    mp3 = await fit_for_upload(resource("out-1-0.wav", "audio/wav", wav), wav, 1_000_000)
-    assert isinstance(mp3, OutgoingFile) and mp3.filename == "out-1-0.mp3"
-    assert mp3.data[:3] == b"ID3" or mp3.data[0] == 0xFF
-
-    unfit = await fit_for_upload(resource("out-1-0.wav", "audio/wav", wav), wav, 100)
-    assert isinstance(unfit, str) and "32k" in unfit and "upload limit" in unfit
-
-    garbage = await fit_for_upload(resource("out-2-0.wav", "audio/wav", b"RIFFxxxx"), b"RIFFxxxx", 1_000_000)
-    assert garbage == "out-2-0.wav: the audio could not be decoded to re-encode it"
-
-    video = await fit_for_upload(resource("out-3-0.mp4", "video/mp4", b"v" * 50), b"v" * 50, 10)
-    assert video == "out-3-0.mp4: 50 bytes is over this server's 10 bytes upload limit"
+# --------------------------------------------------------------------------- generated files (more in test_media.py)
 
 
 def test_files_are_batched_by_count_and_total_size() -> None:

@@ -71,7 +71,7 @@ def test_the_bot_process_over_the_wire(tmp_path: Path) -> None:
         answer = next(r for r in fake.requests_to("POST", thread + "$", status=200) if r.files)
         assert answer.json["content"] == "Here you are, @everyone."
         assert answer.json["allowed_mentions"] == {"parse": []}
-        assert sorted(answer.files) == ["out-1-0.png", "out-1-1.mp3"]
+        assert sorted(answer.files) == ["out-1-0.png", "out-1-1.wav"]  # the speech as made: it fits
         assert fake.heartbeats >= 1
 
         # A follow-up whose planning hangs, then another one: it is queued. Then SIGTERM.

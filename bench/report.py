@@ -19,6 +19,7 @@ ORDER = (
     "embedded_llm",
     "llama_build",
     "hostile_media",
+    "soak",
 )
 """The scripts, in the order ``python -m bench`` runs them and BENCHMARKS.md shows them."""
 
@@ -30,8 +31,8 @@ mode (tiny sizes, seconds) that `tests/test_bench.py` runs so the scripts cannot
 tests: no test depends on a timing.
 
 Timings depend on how busy the machine was: each script records the load average (1/5/15 min) when it
-finished; on 2 cores, 2 means both cores were busy before our own work. The full `make bench` takes over an
-hour on 2 cores, almost all of it the embedded LLM planning TaskBench requests.
+finished; on 2 cores, 2 means both cores were busy before our own work. The full `make bench` takes about two
+hours on 2 cores, most of it the embedded LLM planning TaskBench requests and the 30-minute soak.
 """
 
 

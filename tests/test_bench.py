@@ -373,3 +373,18 @@ def test_hostile_media_smoke(tmp_path: Path) -> None:
     if "skipped" not in local:
         assert local["timeout"]["worker_alive_1s_later"] is False
         assert local["shutdown_worker_alive"] is False
+
+
+def test_soak_smoke(tmp_path: Path) -> None:
+    from bench import soak
+
+    assert soak.main(["--smoke", "--out", str(tmp_path)]) == 0
+    data = _result(tmp_path, "soak")["data"]
+    # Every kind was sent once, the good ones after the hostile ones had started.
+    assert data["good"]["count"] == len(soak.GOOD) and data["good_overlapped"]["count"] >= 1
+    assert {name: h["count"] for name, h in data["hostile"].items()} == {k.name: 1 for k in soak.HOSTILE}
+    # Good requests got their answer with nothing shown as a failure; every hostile one got a message.
+    assert data["good"]["errors"] == 0
+    assert all(h["clear"] == 1 for h in data["hostile"].values())
+    assert data["bot_alive_at_end"] and data["tracebacks_in_bot_log"] == 0
+    assert data["peak_rss_mib"]["bot"] > 0

@@ -135,9 +135,15 @@ class FakeDiscord:
         ]
 
     async def user_message(
-        self, content: str, *, channel_id: int = CHANNEL_ID, attachments: Sequence[tuple[str, bytes, str]] = ()
+        self,
+        content: str,
+        *,
+        channel_id: int = CHANNEL_ID,
+        attachments: Sequence[tuple[str, bytes, str]] = (),
+        author: tuple[int, str] = (USER_ID, "alice"),
     ) -> dict[str, Any]:
-        """A member's message in ``channel_id``, dispatched as MESSAGE_CREATE; mentions are parsed from ``content``."""
+        """A member's message in ``channel_id``, dispatched as MESSAGE_CREATE; mentions are parsed from ``content``.
+        ``author`` is the member's (id, name): several simulated users each have their own."""
         message_id = next(self._ids)
         files = []
         for filename, data, content_type in attachments:
@@ -149,7 +155,7 @@ class FakeDiscord:
                           "proxy_url": url, "content_type": content_type})
         mentions = [_user(int(uid), "hugginggpt", bot=True) for uid in re.findall(r"<@!?(\d+)>", content)
                     if int(uid) == BOT_ID]
-        message = self._message(channel_id, _user(USER_ID, "alice"), content, files)
+        message = self._message(channel_id, _user(*author), content, files)
         message["id"] = str(message_id)
         message["mentions"] = mentions
         message["member"] = {"roles": [], "joined_at": _now(), "deaf": False, "mute": False, "flags": 0}

@@ -1,4 +1,5 @@
-"""The ``hugginggpt`` command: ``ask``, ``chat``, ``bot``, ``run``, ``status`` and ``catalog refresh``."""
+"""The ``hugginggpt`` command: ``ask``, ``chat``, ``bot``, ``run``, ``status``, ``catalog refresh`` and
+``storage migrate``."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ import logging
 import shutil
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
+
+from storage import Storage, migrate_storage, shown_url
 
 from .errors import AgentError
 from .events import Done, Event, ResponseChunk, RunResult
 from .logs import configure_logging
 from .progress import RunProgress
-from .runtime import Runtime
+from .runtime import Runtime, storage_config
 from .settings import Settings
 from .uploads import Upload, check_upload, check_upload_count
 
@@ -33,7 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AgentError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    configure_logging("DEBUG" if getattr(args, "verbose", False) else settings.log_level, settings.secrets)
+    secrets = settings.secrets
+    if getattr(args, "to", None):  # the target database's password, given on the command line
+        secrets += Settings.from_mapping({"DATABASE_URL": args.to}).secrets
+    configure_logging("DEBUG" if getattr(args, "verbose", False) else settings.log_level, secrets)
     command = args.command
     if command == "run":
         command = "bot" if settings.discord_token else "chat"
@@ -43,7 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bot.app import run_bot
 
             return run_bot(settings, sync_commands=args.sync_commands)
-        runner = {"ask": _ask, "chat": _chat, "status": _status, "catalog": _catalog}[command]
+        runner = {"ask": _ask, "chat": _chat, "status": _status, "catalog": _catalog, "storage": _storage}[
+            command
+        ]
         return asyncio.run(runner(args, settings))
     except AgentError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -53,12 +62,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hugginggpt", description="HuggingGPT: an LLM plans over Hugging Face models.")
+    p = argparse.ArgumentParser(
+        prog="hugginggpt", description="HuggingGPT: an LLM plans over Hugging Face models."
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = p.add_subparsers(dest="command", required=True)
     ask = sub.add_parser("ask", help="run one request and print the answer")
     ask.add_argument("text")
-    ask.add_argument("--attach", action="append", default=[], type=Path, metavar="PATH", help="attach a file (repeatable)")
+    ask.add_argument(
+        "--attach", action="append", default=[], type=Path, metavar="PATH", help="attach a file (repeatable)"
+    )
     ask.add_argument("--conversation", metavar="ID", help="continue (or start) this stored conversation")
     ask.add_argument("--json", action="store_true", help="print exactly one JSON object: the run's trace")
     ask.add_argument("--out", type=Path, metavar="DIR", help="copy the files the run made here")
@@ -71,16 +84,18 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="which LLM, backends and database are reachable")
     catalog = sub.add_parser("catalog", help="the model catalog")
     catalog.add_argument("action", choices=["refresh"])
+    storage = sub.add_parser("storage", help="the database and the stored files")
+    storage_actions = storage.add_subparsers(dest="action", required=True)
+    move = storage_actions.add_parser(
+        "migrate", help="copy every conversation and file to a PostgreSQL database"
+    )
+    move.add_argument("--to", required=True, metavar="URL", help="the target: postgresql://user@host:5432/db")
+    move.add_argument("--blob-url", metavar="URL", help="also copy the files to this s3://bucket/prefix")
     return p
 
 
 async def _conversation(rt: Runtime, conversation_id: str | None) -> str:
-    if conversation_id:
-        existing = await rt.storage.get_conversation(conversation_id)
-        if existing is not None:
-            return existing.id
-    created = await rt.storage.create_conversation(PLATFORM, conversation_id=conversation_id)
-    return created.id
+    return (await rt.storage.open_conversation(PLATFORM, conversation_id=conversation_id)).id
 
 
 def _read_file(path: Path, max_bytes: int) -> bytes:
@@ -133,7 +148,9 @@ async def _run_turn(
     dry_run: bool = False,
 ) -> RunResult:
     result: RunResult | None = None
-    async for event in rt.conversations.ask(conversation, text, uploads=uploads, author="terminal", dry_run=dry_run):
+    async for event in rt.conversations.ask(
+        conversation, text, uploads=uploads, author="terminal", dry_run=dry_run
+    ):
         if progress is not None:
             progress.show(event)
         if isinstance(event, Done):
@@ -194,7 +211,10 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
     rt = await Runtime.start(settings)
     try:
         conversation = await _conversation(rt, args.conversation)
-        print(f"HuggingGPT chat (conversation {conversation}). /attach PATH to add a file, /quit to leave.", file=sys.stderr)
+        print(
+            f"HuggingGPT chat (conversation {conversation}). /attach PATH to add a file, /quit to leave.",
+            file=sys.stderr,
+        )
         await _report_interrupted(rt, conversation)
         pending: list[Upload] = []
         while True:
@@ -225,7 +245,10 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
 async def _report_interrupted(rt: Runtime, conversation: str) -> None:
     for run in await rt.storage.unreported_interrupted_runs():
         if run.conversation_id == conversation:
-            print(f"note: run {run.id} was interrupted before it finished ({run.error or 'restart'}).", file=sys.stderr)
+            print(
+                f"note: run {run.id} was interrupted before it finished ({run.error or 'restart'}).",
+                file=sys.stderr,
+            )
             await rt.storage.mark_reported(run.id)
 
 
@@ -236,6 +259,25 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{'live' if s.live else 'down':4}  {s.name}: {s.detail}")
     finally:
         await rt.close()
+    return 0
+
+
+async def _storage(args: argparse.Namespace, settings: Settings) -> int:
+    """``storage migrate``: copy everything into the target (run again to resume), then say what to set."""
+    source = storage_config(settings)
+    target = replace(source, database_url=args.to, blob_url=args.blob_url or source.blob_url)
+    if target == source:
+        print("error: the target is the storage already in use", file=sys.stderr)
+        return 1
+    async with await Storage.open(source) as src, await Storage.open(target) as dst:
+        print(f"copying {src.describe()}\n     to {dst.describe()}", file=sys.stderr)
+        report = await migrate_storage(src, dst)
+    print(f"copied: {report.summary()}")
+    print(
+        f"To use it, set DATABASE_URL={shown_url(args.to)} (with its password)"
+        + (f" and BLOB_URL={args.blob_url}" if args.blob_url else "")
+        + ", then restart."
+    )
     return 0
 
 

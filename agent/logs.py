@@ -41,5 +41,6 @@ def configure_logging(level: str, secrets: Iterable[str]) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper() if isinstance(level, str) else level)
     # Client libraries log request URLs and headers at DEBUG; keep them at WARNING unless asked.
-    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "huggingface_hub", "discord", "aiosqlite", "urllib3"):
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "huggingface_hub", "discord", "aiosqlite", "urllib3",
+                  "alembic", "botocore", "boto3", "s3transfer"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

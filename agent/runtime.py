@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from storage import Storage
+from storage import S3Options, Storage, StorageConfig
 
 from .backends import Backend, Backends, BackendStatus
 from .backends.hf import HFBackend
@@ -27,7 +27,7 @@ from .settings import Settings
 if TYPE_CHECKING:
     from .demos import SentenceEncoder
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "storage_config"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Runtime:
     @classmethod
     async def start(cls, settings: Settings, *, llm: LLM | None = None) -> Runtime:
         """Open storage and build the clients. ``llm`` overrides the configured one (tests, benchmarks)."""
-        storage = await Storage.open(settings.data_dir)
+        storage = await Storage.open(storage_config(settings))
         try:
             llm = llm or _make_llm(settings)
             backends: list[Backend] = [LLMTaskBackend(llm)]
@@ -72,7 +72,8 @@ class Runtime:
         # The LLM task backend reports the controller LLM itself.
         statuses = await self.backends.status()
         db_ok = await self.storage.ping()
-        statuses.append(BackendStatus("database", db_ok, "ok" if db_ok else "not reachable"))
+        where = self.storage.describe()
+        statuses.append(BackendStatus("database", db_ok, where if db_ok else f"not reachable ({where})"))
         return statuses
 
     async def close(self) -> None:
@@ -84,6 +85,17 @@ class Runtime:
         if aclose_llm is not None:
             await aclose_llm()
         await self.storage.close()
+
+
+def storage_config(settings: Settings) -> StorageConfig:
+    """Where ``settings`` put the database and the files."""
+    s3 = S3Options(
+        endpoint_url=settings.aws_endpoint_url_s3 or None,
+        region=settings.aws_region or None,
+        access_key_id=settings.aws_access_key_id or None,
+        secret_access_key=settings.aws_secret_access_key or None,
+    )
+    return StorageConfig(settings.data_dir, settings.database_url or None, settings.blob_url or None, s3)
 
 
 def _make_llm(settings: Settings) -> LLM:

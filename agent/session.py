@@ -7,10 +7,11 @@ crash leaves everything committed so far and the run is found ``interrupted`` at
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 
-from storage import Storage
+from storage import RunEnd, Storage, TaskRecord, Turn, TurnBusyError
 
 from .errors import AgentError
 from .events import (
@@ -27,7 +28,6 @@ from .events import (
 from .pipeline import Agent
 from .plan import Plan
 from .request import ChatTurn, Request, valid_text
-from .resources import Origin, extension_for, name_prefix
 from .uploads import Upload, check_upload_count
 
 __all__ = ["HISTORY_TURNS", "Conversations"]
@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 # The most earlier messages handed to the planner; it trims further to fit the LLM's context.
 HISTORY_TURNS = 40
+# While another run of the conversation runs, how often to look again: from 0.1 s, doubling, up to 2 s.
+_FIRST_WAIT = 0.1
+_LONGEST_WAIT = 2.0
 
 
 class Conversations:
@@ -60,35 +63,21 @@ class Conversations:
         check_upload_count(len(uploads))
         text = valid_text(text)
         storage = self.storage
-        history = await storage.messages(conversation_id, limit=HISTORY_TURNS)
-        message = await storage.add_message(
-            conversation_id, "user", text, author=author, platform_message_id=platform_message_id
-        )
-        attached: list[str] = []
-        for upload in uploads:
-            prefix = name_prefix(upload.kind)
-            number = await storage.next_resource_number(conversation_id, prefix)
-            res = await storage.add_resource(
-                conversation_id,
-                upload.data,
-                name=f"{prefix}-{number}{extension_for(upload.mime)}",
-                mime=upload.mime,
-                origin=Origin("upload"),
-                message_id=message.id,
-            )
-            attached.append(res.name)
-        run_id = await storage.start_run(conversation_id, message.id)
+        turn = await self._begin_turn(conversation_id, text, uploads, author, platform_message_id)
+        run_id = turn.run_id
         request = Request(
             text=text,
-            history=tuple(ChatTurn(m.role, m.text) for m in history),
-            resources=tuple(await storage.resources(conversation_id)),
-            attachments=tuple(attached),
-            turn=await storage.count_user_turns(conversation_id),
+            history=tuple(ChatTurn(m.role, m.text) for m in turn.history),
+            resources=tuple(turn.resources),
+            attachments=tuple(r.name for r in turn.attached),
+            turn=turn.turn,
             run_id=run_id,
         )
         plan = Plan()
         try:
-            async for event in self.agent.run(request, storage.resource_store(conversation_id), dry_run=dry_run):
+            async for event in self.agent.run(
+                request, storage.resource_store(conversation_id), dry_run=dry_run
+            ):
                 if isinstance(event, PlanReady):
                     plan = event.plan
                 await self._record(conversation_id, run_id, event, plan)
@@ -99,7 +88,9 @@ class Conversations:
             yield await self._fail(conversation_id, run_id, str(err))
         except Exception:
             log.exception("run %s crashed", run_id)
-            yield await self._fail(conversation_id, run_id, "Something went wrong inside the bot; the details are in its log.")
+            yield await self._fail(
+                conversation_id, run_id, "Something went wrong inside the bot; the details are in its log."
+            )
         except BaseException:
             # Cancelled (shutdown, kill of the front end): keep what is committed, say so at the next start.
             try:
@@ -107,6 +98,36 @@ class Conversations:
             except AgentError:
                 log.warning("could not mark run %s interrupted; the next start will", run_id)
             raise
+
+    async def _begin_turn(
+        self,
+        conversation_id: str,
+        text: str,
+        uploads: Sequence[Upload],
+        author: str | None,
+        platform_message_id: str | None,
+    ) -> Turn:
+        """Record the message, its files and a running run at once; while another run of the conversation
+        is running (another process, or a queued request), wait for it to end or for its process to be reaped."""
+        delay = _FIRST_WAIT
+        while True:
+            try:
+                return await self.storage.begin_turn(
+                    conversation_id,
+                    text,
+                    uploads,
+                    author=author,
+                    platform_message_id=platform_message_id,
+                    history_limit=HISTORY_TURNS,
+                )
+            except TurnBusyError as busy:
+                if await self.storage.reap():
+                    continue  # its process was dead: the run is interrupted now
+                log.info(
+                    "conversation %s is busy with run %s; waiting %.1f s", conversation_id, busy.run_id, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _LONGEST_WAIT)
 
     async def _record(self, conversation_id: str, run_id: str, event: Event, plan: Plan) -> None:
         storage = self.storage
@@ -116,39 +137,54 @@ class Conversations:
             await storage.set_plan(
                 run_id,
                 plan.to_json(),
-                {str(k): {"model": c.model, "reason": c.reason, "candidates": list(c.candidates)} for k, c in event.choices.items()},
+                {
+                    str(k): {"model": c.model, "reason": c.reason, "candidates": list(c.candidates)}
+                    for k, c in event.choices.items()
+                },
             )
         elif isinstance(event, TaskFinished):
             await storage.record_task(
-                run_id, event.task_id, task=event.task, model=event.model, status="ok",
-                seconds=event.seconds, output=event.output.to_json(), error=None,
+                TaskRecord(
+                    run_id,
+                    event.task_id,
+                    event.task,
+                    event.model,
+                    "ok",
+                    event.seconds,
+                    event.output.to_json(),
+                    None,
+                )
             )
         elif isinstance(event, TaskFailed):
             await storage.record_task(
-                run_id, event.task_id, task=event.task, model=event.model, status="failed",
-                seconds=event.seconds, output=None, error=event.error,
+                TaskRecord(
+                    run_id, event.task_id, event.task, event.model, "failed", event.seconds, None, event.error
+                )
             )
         elif isinstance(event, TaskSkipped):
             await storage.record_task(
-                run_id, event.task_id, task=event.task, model=None, status="skipped",
-                seconds=0.0, output=None, error=event.reason,
+                TaskRecord(run_id, event.task_id, event.task, None, "skipped", 0.0, None, event.reason)
             )
         elif isinstance(event, Done):
             result = event.result
             if result.answer:
                 await storage.add_message(conversation_id, "assistant", result.answer, run_id=run_id)
             await storage.finish_run(
-                run_id, result.status, answer=result.answer, error=result.error,
-                llm_calls=result.llm.calls, prompt_tokens=result.llm.prompt_tokens,
-                completion_tokens=result.llm.completion_tokens, seconds=result.seconds,
+                run_id,
+                RunEnd(
+                    result.status,
+                    result.answer,
+                    result.error,
+                    result.llm.calls,
+                    result.llm.prompt_tokens,
+                    result.llm.completion_tokens,
+                    result.seconds,
+                ),
             )
 
     async def _fail(self, conversation_id: str, run_id: str, message: str) -> Done:
         try:
-            await self.storage.finish_run(
-                run_id, "failed", answer=None, error=message, llm_calls=0, prompt_tokens=0,
-                completion_tokens=0, seconds=0.0,
-            )
+            await self.storage.finish_run(run_id, RunEnd("failed", error=message))
         except AgentError:
             log.exception("could not record the failure of run %s", run_id)
         return Done(RunResult(run_id, "failed", Plan(), {}, [], message, [], LLMUsage(), 0.0, error=message))

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from dotenv import dotenv_values
 
@@ -56,9 +57,16 @@ class Settings:
     task_timeout: float = 120.0
     task_retries: int = 2
     max_tasks: int = 12
-    # Storage.
+    # Storage. Without DATABASE_URL: SQLite in data_dir; without BLOB_URL: files under data_dir.
     data_dir: Path = Path("data")
     max_attachment_mb: float = 25.0
+    database_url: str = field(default="", repr=False)
+    blob_url: str = ""
+    # S3 settings for BLOB_URL; empty ones are left to boto3 (its environment variables, config files, roles).
+    aws_endpoint_url_s3: str = ""
+    aws_region: str = ""
+    aws_access_key_id: str = ""
+    aws_secret_access_key: str = field(default="", repr=False)
     # Discord.
     discord_token: str = field(default="", repr=False)
     discord_api_base: str = ""
@@ -80,7 +88,14 @@ class Settings:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Values that must never reach a log, a message or the database."""
-        return tuple(s for s in (self.openai_api_key, self.hf_token, self.discord_token) if s)
+        values = (
+            self.openai_api_key,
+            self.hf_token,
+            self.discord_token,
+            self.aws_secret_access_key,
+            *_url_passwords(self.database_url),
+        )
+        return tuple(s for s in values if s)
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, dotenv: str | Path | None = ".env") -> Settings:
@@ -129,6 +144,18 @@ class Settings:
         return settings
 
 
+def _url_passwords(url: str) -> tuple[str, ...]:
+    """The passwords a database URL may hold: in its user info, or as libpq's ``password`` parameter."""
+    if not url:
+        return ()
+    parts = urlsplit(url)
+    try:
+        inline = parts.password
+    except ValueError:
+        inline = None
+    return tuple(p for p in (inline and unquote(inline), *parse_qs(parts.query).get("password", [])) if p)
+
+
 _ENV_NAMES: dict[str, str] = {
     "openai_base_url": "OPENAI_BASE_URL",
     "openai_api_key": "OPENAI_API_KEY",
@@ -152,6 +179,12 @@ _ENV_NAMES: dict[str, str] = {
     "max_tasks": "HUGGINGGPT_MAX_TASKS",
     "data_dir": "HUGGINGGPT_DATA_DIR",
     "max_attachment_mb": "HUGGINGGPT_MAX_ATTACHMENT_MB",
+    "database_url": "DATABASE_URL",
+    "blob_url": "BLOB_URL",
+    "aws_endpoint_url_s3": "AWS_ENDPOINT_URL_S3",
+    "aws_region": "AWS_REGION",
+    "aws_access_key_id": "AWS_ACCESS_KEY_ID",
+    "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
     "discord_token": "DISCORD_TOKEN",
     "discord_api_base": "DISCORD_API_BASE",
     "discord_gateway_url": "DISCORD_GATEWAY_URL",

@@ -1,11 +1,24 @@
-"""The records the storage API returns. Plain frozen dataclasses, so no backend type leaks to callers."""
+"""The records the storage API takes and returns. Plain frozen dataclasses, so no backend type leaks to callers."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Protocol, get_args
 
-__all__ = ["RUN_STATUSES", "Conversation", "Message", "Role", "Run", "RunStatus", "TaskRecord"]
+from agent.resources import Resource
+
+__all__ = [
+    "RUN_STATUSES",
+    "Conversation",
+    "Message",
+    "NewUpload",
+    "Role",
+    "Run",
+    "RunEnd",
+    "RunStatus",
+    "TaskRecord",
+    "Turn",
+]
 
 Role = Literal["user", "assistant"]
 RunStatus = Literal["running", "ok", "partial", "failed", "interrupted"]
@@ -53,6 +66,19 @@ class TaskRecord:
 
 
 @dataclass(frozen=True)
+class RunEnd:
+    """How a run ended: what ``finish_run`` records."""
+
+    status: RunStatus
+    answer: str | None = None
+    error: str | None = None
+    llm_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class Run:
     """One request's trip through the four stages, persisted as it happens.
 
@@ -78,3 +104,36 @@ class Run:
     transitions: list[tuple[str, float]]
     tasks: list[TaskRecord]
     reported: bool
+
+
+class NewUpload(Protocol):
+    """A user's file for ``begin_turn`` (``agent.uploads.Upload`` is one): its bytes, kind and MIME type.
+
+    Its conversation name (``img-2.png``) is chosen by the storage from ``kind`` and ``mime``.
+    """
+
+    @property
+    def data(self) -> bytes: ...
+
+    @property
+    def kind(self) -> Literal["text", "image", "audio", "video"]: ...
+
+    @property
+    def mime(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What ``begin_turn`` wrote and read in its one transaction.
+
+    ``history`` holds the conversation's messages before ``message`` (the last ``history_limit``), oldest
+    first; ``resources`` every file of the conversation, the new uploads (``attached``) included; ``turn``
+    counts the conversation's user messages, this one included.
+    """
+
+    message: Message
+    run_id: str
+    turn: int
+    attached: list[Resource]
+    history: list[Message]
+    resources: list[Resource]

@@ -58,14 +58,29 @@ def test_a_killed_command_loses_nothing_committed_and_the_restart_reports_it(
     llm = start_llm(script)
     hf = start_hf(hf_tasks("text-to-image", "image-to-text"))
     data_dir = storage_config.data_dir
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENAI_BASE_URL": llm.base_url, "OPENAI_API_KEY": "sk-test",
-           "HF_TOKEN": "hf_test", "HF_INFERENCE_BASE_URL": hf.base_url, "HUGGINGGPT_DATA_DIR": str(data_dir),
-           "HUGGINGGPT_MODEL_SELECTION": "downloads", "HUGGINGGPT_DEMOS": "fixed",
-           "DATABASE_URL": storage_config.database_url or ""}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OPENAI_BASE_URL": llm.base_url,
+        "OPENAI_API_KEY": "sk-test",
+        "HF_TOKEN": "hf_test",
+        "HF_INFERENCE_BASE_URL": hf.base_url,
+        "HUGGINGGPT_DATA_DIR": str(data_dir),
+        "HUGGINGGPT_MODEL_SELECTION": "downloads",
+        "HUGGINGGPT_DEMOS": "fixed",
+        "DATABASE_URL": storage_config.database_url or "",
+    }
 
     def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "agent.cli", *args], env=env, cwd=tmp_path, input=stdin,
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "agent.cli", *args],
+            env=env,
+            cwd=tmp_path,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     photo = tmp_path / "photo.png"
     photo.write_bytes(png_bytes())
@@ -75,12 +90,26 @@ def test_a_killed_command_loses_nothing_committed_and_the_restart_reports_it(
         done = json.loads(first.stdout)
         # The second run: the drawing finishes, the captioner takes a minute; kill -9 in between.
         hf.server.script(CAPTIONER, Fault.slow(60))
-        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "ask", "draw a dog and describe my photo",
-                                 "--conversation", "c1"], env=env, cwd=tmp_path,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "ask",
+                "draw a dog and describe my photo",
+                "--conversation",
+                "c1",
+            ],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 60
-        while not (any(r.model == CAPTIONER for r in hf.server.requests)
-                   and db_rows(storage_config, "SELECT count(*) FROM tasks WHERE status = 'ok'") == [(2,)]):
+        while not (
+            any(r.model == CAPTIONER for r in hf.server.requests)
+            and db_rows(storage_config, "SELECT count(*) FROM tasks WHERE status = 'ok'") == [(2,)]
+        ):
             assert proc.poll() is None and time.monotonic() < deadline, "the run did not get mid-way"
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
@@ -98,10 +127,16 @@ def test_a_killed_command_loses_nothing_committed_and_the_restart_reports_it(
         ("ok", done["answer"])
     ]
     messages = db_rows(storage_config, "SELECT role, text FROM messages ORDER BY seq")
-    assert messages == [("user", "draw a cat"), ("assistant", "Here it is."),
-                        ("user", "draw a dog and describe my photo"),
-                        ("user", "draw a cat again"), ("assistant", "Here it is.")]
-    assert db_rows(storage_config, "SELECT task_id, status FROM tasks WHERE run_id = ?", (killed,)) == [(0, "ok")]
+    assert messages == [
+        ("user", "draw a cat"),
+        ("assistant", "Here it is."),
+        ("user", "draw a dog and describe my photo"),
+        ("user", "draw a cat again"),
+        ("assistant", "Here it is."),
+    ]
+    assert db_rows(storage_config, "SELECT task_id, status FROM tasks WHERE run_id = ?", (killed,)) == [
+        (0, "ok")
+    ]
     names = [n for (n,) in db_rows(storage_config, "SELECT name FROM resources ORDER BY seq")]
     assert names == ["img-1.png", "out-1-0.png", "out-2-0.png", "out-3-0.png"]  # the killed run's output kept
     files_are_whole(storage_config)
@@ -112,7 +147,10 @@ def test_a_killed_command_loses_nothing_committed_and_the_restart_reports_it(
 
 async def test_kill_9_among_thirty_busy_conversations(storage_config: StorageConfig) -> None:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    where = [str(storage_config.data_dir), *([storage_config.database_url] if storage_config.database_url else [])]
+    where = [
+        str(storage_config.data_dir),
+        *([storage_config.database_url] if storage_config.database_url else []),
+    ]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(DRIVER), *where, stdout=asyncio.subprocess.PIPE, env=env
     )
@@ -141,5 +179,7 @@ async def test_kill_9_among_thirty_busy_conversations(storage_config: StorageCon
     assert set(finished) <= answered  # every committed answer is there
     files_are_whole(storage_config)
     database_is_sound(storage_config)
-    print(f"\ncrash ({storage_config.engine}): kill -9 with {len(runs)} runs recorded: {len(finished)} ended before it, all kept as they "
-          f"ended; {len(interrupted)} cut short, all marked interrupted to be reported")
+    print(
+        f"\ncrash ({storage_config.engine}): kill -9 with {len(runs)} runs recorded: {len(finished)} ended before it, all kept as they "
+        f"ended; {len(interrupted)} cut short, all marked interrupted to be reported"
+    )

@@ -45,7 +45,9 @@ async def kill_writer_mid_run(config: StorageConfig) -> tuple[str, str, int]:
     return conversation_id, run_id, committed
 
 
-async def nothing_committed_is_lost(store: Storage, conversation_id: str, run_id: str, committed: int) -> None:
+async def nothing_committed_is_lost(
+    store: Storage, conversation_id: str, run_id: str, committed: int
+) -> None:
     conv = await store.find_conversation("test", "crash")
     assert conv is not None and conv.id == conversation_id and conv.owner == "tester"
 

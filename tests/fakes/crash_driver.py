@@ -24,11 +24,15 @@ CONVERSATIONS = 30
 MODELS = hf_tasks("image-to-text", "text-to-image")
 PLANS = [
     [{"id": 0, "task": "text-to-image", "dep": [], "args": {"text": "a cat"}}],
-    [{"id": 0, "task": "image-to-text", "dep": [], "args": {"image": "img-1.png"}},
-     {"id": 1, "task": "text-to-image", "dep": [], "args": {"text": "a dog"}}],
-    [{"id": 0, "task": "image-to-text", "dep": [], "args": {"image": "img-1.png"}},
-     {"id": 1, "task": "text-to-image", "dep": [0], "args": {"text": "<GENERATED>-0"}},
-     {"id": 2, "task": "summarization", "dep": [0], "args": {"text": "<GENERATED>-0"}}],
+    [
+        {"id": 0, "task": "image-to-text", "dep": [], "args": {"image": "img-1.png"}},
+        {"id": 1, "task": "text-to-image", "dep": [], "args": {"text": "a dog"}},
+    ],
+    [
+        {"id": 0, "task": "image-to-text", "dep": [], "args": {"image": "img-1.png"}},
+        {"id": 1, "task": "text-to-image", "dep": [0], "args": {"text": "<GENERATED>-0"}},
+        {"id": 2, "task": "summarization", "dep": [0], "args": {"text": "<GENERATED>-0"}},
+    ],
 ]
 
 
@@ -46,8 +50,13 @@ async def main(data_dir: Path, database_url: str | None) -> None:
     rng = random.Random()
     async with FakeHF(MODELS) as hf, FakeLLMServer(script) as llm:
         for model in MODELS:
-            hf.script(model, *(rng.choice([Fault(), Fault.slow(0.05), Fault.slow(0.3), Fault.error(500)])
-                               for _ in range(2000)))
+            hf.script(
+                model,
+                *(
+                    rng.choice([Fault(), Fault.slow(0.05), Fault.slow(0.3), Fault.error(500)])
+                    for _ in range(2000)
+                ),
+            )
         rt = await start_runtime(
             llm.base_url, hf.base_url, data_dir, **({"DATABASE_URL": database_url} if database_url else {})
         )

@@ -33,7 +33,9 @@ async def main(config: StorageConfig) -> None:
     )
     run_id = await storage.start_run(conversation.id, request.id)
     await storage.set_plan(run_id, [{"id": 1, "task": "text-to-image"}], {"1": {"model": "a/b"}})
-    await storage.record_task(TaskRecord(run_id, 1, "text-to-image", "a/b", "ok", 1.5, {"text": "done"}, None))
+    await storage.record_task(
+        TaskRecord(run_id, 1, "text-to-image", "a/b", "ok", 1.5, {"text": "done"}, None)
+    )
     print("READY", conversation.id, run_id, flush=True)
     n = 0
     while True:

@@ -50,9 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bot.app import run_bot
 
             return run_bot(settings, sync_commands=args.sync_commands)
-        runner = {"ask": _ask, "chat": _chat, "status": _status, "catalog": _catalog, "storage": _storage}[
-            command
-        ]
+        runner = {"ask": _ask, "chat": _chat, "status": _status, "catalog": _catalog, "storage": _storage}[command]
         return asyncio.run(runner(args, settings))
     except AgentError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -62,16 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="hugginggpt", description="HuggingGPT: an LLM plans over Hugging Face models."
-    )
+    p = argparse.ArgumentParser(prog="hugginggpt", description="HuggingGPT: an LLM plans over Hugging Face models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = p.add_subparsers(dest="command", required=True)
     ask = sub.add_parser("ask", help="run one request and print the answer")
     ask.add_argument("text")
-    ask.add_argument(
-        "--attach", action="append", default=[], type=Path, metavar="PATH", help="attach a file (repeatable)"
-    )
+    ask.add_argument("--attach", action="append", default=[], type=Path, metavar="PATH", help="attach a file (repeatable)")
     ask.add_argument("--conversation", metavar="ID", help="continue (or start) this stored conversation")
     ask.add_argument("--json", action="store_true", help="print exactly one JSON object: the run's trace")
     ask.add_argument("--out", type=Path, metavar="DIR", help="copy the files the run made here")
@@ -86,9 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     catalog.add_argument("action", choices=["refresh"])
     storage = sub.add_parser("storage", help="the database and the stored files")
     storage_actions = storage.add_subparsers(dest="action", required=True)
-    move = storage_actions.add_parser(
-        "migrate", help="copy every conversation and file to a PostgreSQL database"
-    )
+    move = storage_actions.add_parser("migrate", help="copy every conversation and file to a PostgreSQL database")
     move.add_argument("--to", required=True, metavar="URL", help="the target: postgresql://user@host:5432/db")
     move.add_argument("--blob-url", metavar="URL", help="also copy the files to this s3://bucket/prefix")
     return p
@@ -148,9 +140,7 @@ async def _run_turn(
     dry_run: bool = False,
 ) -> RunResult:
     result: RunResult | None = None
-    async for event in rt.conversations.ask(
-        conversation, text, uploads=uploads, author="terminal", dry_run=dry_run
-    ):
+    async for event in rt.conversations.ask(conversation, text, uploads=uploads, author="terminal", dry_run=dry_run):
         if progress is not None:
             progress.show(event)
         if isinstance(event, Done):
@@ -211,10 +201,7 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
     rt = await Runtime.start(settings)
     try:
         conversation = await _conversation(rt, args.conversation)
-        print(
-            f"HuggingGPT chat (conversation {conversation}). /attach PATH to add a file, /quit to leave.",
-            file=sys.stderr,
-        )
+        print(f"HuggingGPT chat (conversation {conversation}). /attach PATH to add a file, /quit to leave.", file=sys.stderr)
         await _report_interrupted(rt, conversation)
         pending: list[Upload] = []
         while True:
@@ -245,10 +232,7 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
 async def _report_interrupted(rt: Runtime, conversation: str) -> None:
     for run in await rt.storage.unreported_interrupted_runs():
         if run.conversation_id == conversation:
-            print(
-                f"note: run {run.id} was interrupted before it finished ({run.error or 'restart'}).",
-                file=sys.stderr,
-            )
+            print(f"note: run {run.id} was interrupted before it finished ({run.error or 'restart'}).", file=sys.stderr)
             await rt.storage.mark_reported(run.id)
 
 
@@ -273,11 +257,8 @@ async def _storage(args: argparse.Namespace, settings: Settings) -> int:
         print(f"copying {src.describe()}\n     to {dst.describe()}", file=sys.stderr)
         report = await migrate_storage(src, dst)
     print(f"copied: {report.summary()}")
-    print(
-        f"To use it, set DATABASE_URL={shown_url(args.to)} (with its password)"
-        + (f" and BLOB_URL={args.blob_url}" if args.blob_url else "")
-        + ", then restart."
-    )
+    blobs = f" and BLOB_URL={args.blob_url}" if args.blob_url else ""
+    print(f"To use it, set DATABASE_URL={shown_url(args.to)} (with its password){blobs}, then restart.")
     return 0
 
 

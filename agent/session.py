@@ -75,9 +75,7 @@ class Conversations:
         )
         plan = Plan()
         try:
-            async for event in self.agent.run(
-                request, storage.resource_store(conversation_id), dry_run=dry_run
-            ):
+            async for event in self.agent.run(request, storage.resource_store(conversation_id), dry_run=dry_run):
                 if isinstance(event, PlanReady):
                     plan = event.plan
                 await self._record(conversation_id, run_id, event, plan)
@@ -88,9 +86,7 @@ class Conversations:
             yield await self._fail(conversation_id, run_id, str(err))
         except Exception:
             log.exception("run %s crashed", run_id)
-            yield await self._fail(
-                conversation_id, run_id, "Something went wrong inside the bot; the details are in its log."
-            )
+            yield await self._fail(conversation_id, run_id, "Something went wrong inside the bot; the details are in its log.")
         except BaseException:
             # Cancelled (shutdown, kill of the front end): keep what is committed, say so at the next start.
             try:
@@ -100,32 +96,21 @@ class Conversations:
             raise
 
     async def _begin_turn(
-        self,
-        conversation_id: str,
-        text: str,
-        uploads: Sequence[Upload],
-        author: str | None,
-        platform_message_id: str | None,
+        self, conversation_id: str, text: str, uploads: Sequence[Upload], author: str | None, message_id: str | None
     ) -> Turn:
-        """Record the message, its files and a running run at once; while another run of the conversation
-        is running (another process, or a queued request), wait for it to end or for its process to be reaped."""
+        """Record the message, its files and a running run in one transaction. While another run of the
+        conversation runs (another process's, or a request queued here), wait for it to end or for its process
+        to be reaped."""
         delay = _FIRST_WAIT
         while True:
             try:
                 return await self.storage.begin_turn(
-                    conversation_id,
-                    text,
-                    uploads,
-                    author=author,
-                    platform_message_id=platform_message_id,
-                    history_limit=HISTORY_TURNS,
+                    conversation_id, text, uploads, author=author, platform_message_id=message_id, history_limit=HISTORY_TURNS
                 )
             except TurnBusyError as busy:
                 if await self.storage.reap():
-                    continue  # its process was dead: the run is interrupted now
-                log.info(
-                    "conversation %s is busy with run %s; waiting %.1f s", conversation_id, busy.run_id, delay
-                )
+                    continue  # its process was dead: that run is interrupted now
+                log.info("conversation %s is busy with run %s; waiting %.1f s", conversation_id, busy.run_id, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _LONGEST_WAIT)
 
@@ -137,49 +122,26 @@ class Conversations:
             await storage.set_plan(
                 run_id,
                 plan.to_json(),
-                {
-                    str(k): {"model": c.model, "reason": c.reason, "candidates": list(c.candidates)}
-                    for k, c in event.choices.items()
-                },
+                {str(k): {"model": c.model, "reason": c.reason, "candidates": list(c.candidates)} for k, c in event.choices.items()},
             )
         elif isinstance(event, TaskFinished):
             await storage.record_task(
-                TaskRecord(
-                    run_id,
-                    event.task_id,
-                    event.task,
-                    event.model,
-                    "ok",
-                    event.seconds,
-                    event.output.to_json(),
-                    None,
-                )
+                TaskRecord(run_id, event.task_id, event.task, event.model, "ok", event.seconds, event.output.to_json(), None)
             )
         elif isinstance(event, TaskFailed):
             await storage.record_task(
-                TaskRecord(
-                    run_id, event.task_id, event.task, event.model, "failed", event.seconds, None, event.error
-                )
+                TaskRecord(run_id, event.task_id, event.task, event.model, "failed", event.seconds, None, event.error)
             )
         elif isinstance(event, TaskSkipped):
-            await storage.record_task(
-                TaskRecord(run_id, event.task_id, event.task, None, "skipped", 0.0, None, event.reason)
-            )
+            await storage.record_task(TaskRecord(run_id, event.task_id, event.task, None, "skipped", 0.0, None, event.reason))
         elif isinstance(event, Done):
             result = event.result
             if result.answer:
                 await storage.add_message(conversation_id, "assistant", result.answer, run_id=run_id)
             await storage.finish_run(
                 run_id,
-                RunEnd(
-                    result.status,
-                    result.answer,
-                    result.error,
-                    result.llm.calls,
-                    result.llm.prompt_tokens,
-                    result.llm.completion_tokens,
-                    result.seconds,
-                ),
+                RunEnd(result.status, result.answer, result.error, result.llm.calls, result.llm.prompt_tokens,
+                       result.llm.completion_tokens, result.seconds),
             )
 
     async def _fail(self, conversation_id: str, run_id: str, message: str) -> Done:

@@ -1,12 +1,14 @@
 """Writes to a Storage until it is killed: the subject of tests/test_storage_crash.py.
 
-Usage: ``python storage_writer.py DATA_DIR [DATABASE_URL]``. Prints ``READY <conversation> <run>`` once the fixed records are
+Usage: ``python storage_writer.py DATA_DIR [DATABASE_URL]`` (``WRITER_HEARTBEAT``: seconds between its
+heartbeats, default the storage's). Prints ``READY <conversation> <run>`` once the fixed records are
 committed, then ``COMMITTED <n>`` after each loop step has been committed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +22,8 @@ def payload(n: int) -> bytes:
 
 
 async def main(config: StorageConfig) -> None:
-    storage = await Storage.open(config)
+    beat = os.environ.get("WRITER_HEARTBEAT")
+    storage = await Storage.open(config, **({"heartbeat": float(beat)} if beat else {}))
     conversation = await storage.create_conversation("test", external_id="crash", owner="tester")
     request = await storage.add_message(conversation.id, "user", "draw a cat", author="tester")
     await storage.add_resource(

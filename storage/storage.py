@@ -317,20 +317,18 @@ class Storage:
     ) -> Resource:
         """Store the content (once per content), then the resource row that names it in the conversation."""
         for attempt in range(1, _BLOB_ATTEMPTS + 1):
-            digest = await self._put_blob(data, name)
+            digest, generation = await self._put_blob(data, name)
             resource = self._resource_for(name, mime, digest, len(data), origin)
 
-            async def step(conn: AsyncConnection, resource: Resource = resource) -> None:
-                await _lock_conversation(conn, conversation_id)
-                await _hold_blob(conn, resource.sha256)
-                seq = await _next_seq(conn, resources, resources.c.conversation_id, conversation_id)
-                try:
-                    await _insert_resource(conn, conversation_id, resource, seq, message_id, self._clock())
-                except IntegrityError as err:
-                    raise _resource_conflict(err, name) from err
-
+            row = partial(
+                self._add_resource_row,
+                conversation_id=conversation_id,
+                resource=resource,
+                generation=generation,
+                message_id=message_id,
+            )
             try:
-                await self._db.write(step)
+                await self._db.write(row)
             except _BlobGone:
                 log.info("the content of %s was swept while being added (attempt %d); again", name, attempt)
                 continue
@@ -377,7 +375,7 @@ class Storage:
         """
         for attempt in range(1, _BLOB_ATTEMPTS + 1):
             names = [f"upload {n + 1}" for n in range(len(uploads))]
-            digests = [await self._put_blob(u.data, name) for u, name in zip(uploads, names, strict=True)]
+            stored = [await self._put_blob(u.data, name) for u, name in zip(uploads, names, strict=True)]
             try:
                 turn = await self._db.write(
                     partial(
@@ -385,7 +383,7 @@ class Storage:
                         conversation_id=conversation_id,
                         text=text,
                         uploads=uploads,
-                        digests=digests,
+                        stored=stored,
                         author=author,
                         platform_message_id=platform_message_id,
                         history_limit=history_limit,
@@ -579,7 +577,10 @@ class Storage:
         now = time.time()  # blob times are the wall clock's, whatever clock the rows use
         try:
             async for batch in self._blobs.listing():
-                rows = [{"sha256": d, "size": size, "touched_at": mtime} for d, size, mtime in batch]
+                rows = [
+                    {"sha256": d, "size": size, "touched_at": mtime, "generation": _new_id()}
+                    for d, size, mtime in batch
+                ]
                 adopt = self._db.insert(blobs).values(rows).on_conflict_do_nothing(index_elements=["sha256"])
                 await self._db.execute(adopt)
             leftovers = await self._blobs.remove_leftovers(older_than, now)
@@ -630,17 +631,20 @@ class Storage:
         if await self._db.write(step):
             await self.sweep_orphan_files()
 
-    async def _put_blob(self, data: bytes, name: str) -> str:
-        """Refresh (or create) the blob row, commit, then store the content: see the module's docstring."""
+    async def _put_blob(self, data: bytes, name: str) -> tuple[str, str]:
+        """Refresh (or create) the blob row, commit, then store the content: see the module's docstring.
+        Returns the digest and the row's generation, which the row referring to it must find unchanged."""
         digest = await asyncio.to_thread(digest_of, data)
+        now = time.time()
         touch = (
             self._db.insert(blobs)
-            .values(sha256=digest, size=len(data), touched_at=time.time())
-            .on_conflict_do_update(index_elements=["sha256"], set_={"touched_at": time.time()})
+            .values(sha256=digest, size=len(data), touched_at=now, generation=_new_id())
+            .on_conflict_do_update(index_elements=["sha256"], set_={"touched_at": now})
+            .returning(blobs.c.generation)
         )
-        await self._db.execute(touch)
+        generation = await self._db.write(partial(_scalar, query=touch))
         await self._blobs.put(digest, data, name=name)
-        return digest
+        return digest, str(generation)
 
     async def _remove_blob(self, digest: str, *, older_than: float | None) -> int:
         """Remove the content and its row if nothing refers to it (and, with ``older_than``, it is that
@@ -714,6 +718,23 @@ class Storage:
             origin=Origin(row.origin, row.run_id, row.task_id),
         )
 
+    async def _add_resource_row(
+        self,
+        conn: AsyncConnection,
+        *,
+        conversation_id: str,
+        resource: Resource,
+        generation: str,
+        message_id: str | None,
+    ) -> None:
+        await _lock_conversation(conn, conversation_id)
+        await _hold_blob(conn, resource.sha256, generation)
+        seq = await _next_seq(conn, resources, resources.c.conversation_id, conversation_id)
+        try:
+            await _insert_resource(conn, conversation_id, resource, seq, message_id, self._clock())
+        except IntegrityError as err:
+            raise _resource_conflict(err, resource.name) from err
+
     async def _insert_run(
         self, conn: AsyncConnection, run_id: str, conversation_id: str, request_message_id: str | None
     ) -> None:
@@ -747,7 +768,7 @@ class Storage:
         conversation_id: str,
         text: str,
         uploads: Sequence[NewUpload],
-        digests: list[str],
+        stored: list[tuple[str, str]],
         author: str | None,
         platform_message_id: str | None,
         history_limit: int | None,
@@ -767,8 +788,8 @@ class Storage:
         history = await _history(conn, conversation_id, history_limit, before=seq)
         attached: list[Resource] = []
         numbers: dict[str, int] = {}
-        for upload, digest in zip(uploads, digests, strict=True):
-            await _hold_blob(conn, digest)
+        for upload, (digest, generation) in zip(uploads, stored, strict=True):
+            await _hold_blob(conn, digest, generation)
             prefix = name_prefix(upload.kind)
             if prefix not in numbers:
                 numbers[prefix] = await _uploads_named(conn, conversation_id, prefix)
@@ -813,6 +834,10 @@ async def _first(conn: AsyncConnection, query: Any) -> Row[Any] | None:
     return (await conn.execute(query)).first()
 
 
+async def _scalar(conn: AsyncConnection, query: Any) -> Any:
+    return (await conn.execute(query)).scalar_one()
+
+
 async def _scalars(conn: AsyncConnection, query: Any) -> list[Any]:
     return list((await conn.execute(query)).scalars())
 
@@ -829,9 +854,15 @@ async def _lock_conversation(conn: AsyncConnection, conversation_id: str) -> Non
         raise NotFoundError(f"conversation {conversation_id} does not exist (it may have been reset)")
 
 
-async def _hold_blob(conn: AsyncConnection, digest: str) -> None:
-    """Key-share lock on the blob row a resource is about to refer to; ``_BlobGone`` if a sweep took it."""
-    query = select(blobs.c.sha256).where(blobs.c.sha256 == digest).with_for_update(read=True, key_share=True)
+async def _hold_blob(conn: AsyncConnection, digest: str, generation: str) -> None:
+    """Key-share lock on the blob row a resource is about to refer to; ``_BlobGone`` if the row is gone, or
+    is not the one this process refreshed before storing the content (removed, then made again by a sweep
+    that found the content listed, or by another adder: the content may have been deleted in between)."""
+    query = (
+        select(blobs.c.sha256)
+        .where(blobs.c.sha256 == digest, blobs.c.generation == generation)
+        .with_for_update(read=True, key_share=True)
+    )
     if (await conn.execute(query)).first() is None:
         raise _BlobGone(digest)
 

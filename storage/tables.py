@@ -139,6 +139,8 @@ blobs = Table(
     Column("sha256", Text, primary_key=True),
     Column("size", Integer, nullable=False),
     Column("touched_at", Double, nullable=False),
+    # Made anew whenever the row is: an adder checks it to know the row it refreshed is still the same one.
+    Column("generation", Text, nullable=False),
 )
 
 resources = Table(

@@ -506,7 +506,8 @@ async def test_storing_content_that_is_already_there_makes_it_young_again(
         long_ago = time.time() - storage.storage.ORPHAN_GRACE_SECONDS - 60
         db_rows(storage_config, "UPDATE blobs SET touched_at = ?", (long_ago,))
         db_rows(storage_config, "DELETE FROM resources")  # unreferenced and a day old: a sweep would take it
-        assert await opened._put_blob(b"same bytes", "a.txt") == kept.sha256  # about to be referenced again
+        digest, _ = await opened._put_blob(b"same bytes", "a.txt")  # about to be referenced again
+        assert digest == kept.sha256
         assert await opened.sweep_orphan_files() == 0
         assert kept.path is not None and kept.path.exists()
         db_rows(storage_config, "UPDATE blobs SET touched_at = ?", (long_ago,))

@@ -42,6 +42,7 @@ def upgrade() -> None:
         sa.Column("sha256", sa.Text, primary_key=True),
         sa.Column("size", sa.Integer, nullable=False),
         sa.Column("touched_at", sa.Double, nullable=False),
+        sa.Column("generation", sa.Text, nullable=False),
     )
     op.create_table(
         "processes",
@@ -59,8 +60,8 @@ def upgrade() -> None:
         sa.Column("at", sa.Double, nullable=False),
     )
     op.execute(
-        "INSERT INTO blobs (sha256, size, touched_at)"
-        " SELECT sha256, max(size), max(created_at) FROM resources GROUP BY sha256"
+        "INSERT INTO blobs (sha256, size, touched_at, generation)"
+        " SELECT sha256, max(size), max(created_at), 'adopted' FROM resources GROUP BY sha256"
     )
     for table in (*_ORDERED, "run_transitions"):
         op.add_column(table, sa.Column("seq", sa.Integer))

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from sqlalchemy import Table, bindparam, func, select, tuple_, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import Connection, Table, bindparam, func, select, tuple_, update
 
 from .errors import StorageError
 from .storage import Storage
@@ -111,18 +110,18 @@ async def _batches(storage: Storage, table: Table) -> AsyncIterator[list[dict[st
         last = tuple(rows[-1][col.name] for col in key)
 
 
-async def _rows(conn: AsyncConnection, query: Any) -> list[dict[str, Any]]:
-    return [dict(row._mapping) for row in (await conn.execute(query)).all()]
+def _rows(conn: Connection, query: Any) -> list[dict[str, Any]]:
+    return [dict(row._mapping) for row in (conn.execute(query)).all()]
 
 
-async def _ids(conn: AsyncConnection, table: Table) -> list[str]:
-    return list((await conn.execute(select(table.c.id))).scalars())
+def _ids(conn: Connection, table: Table) -> list[str]:
+    return list((conn.execute(select(table.c.id))).scalars())
 
 
-async def _count(conn: AsyncConnection, table: Table) -> int:
-    return int((await conn.execute(select(func.count()).select_from(table))).scalar_one())
+def _count(conn: Connection, table: Table) -> int:
+    return int((conn.execute(select(func.count()).select_from(table))).scalar_one())
 
 
-async def _other_processes(conn: AsyncConnection, me: str) -> int:
+def _other_processes(conn: Connection, me: str) -> int:
     query = select(func.count()).select_from(processes).where(processes.c.id != me)
-    return int((await conn.execute(query)).scalar_one())
+    return int((conn.execute(query)).scalar_one())

@@ -21,7 +21,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy import Connection, inspect, text
+from sqlalchemy import Connection, inspect
 
 from .database import Database
 from .errors import StorageError
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 SCRIPTS = Path(__file__).resolve().parent / "migrations"
 LEGACY_REVISIONS = {1: "0001", 2: "0002"}
 """SQLite ``user_version`` of the releases before Alembic, and the revision each matches."""
-_ADVISORY_KEY = 0x6867_7074_0001  # "hgpt" + 1: any constant all our processes agree on
 
 
 def _scripts() -> ScriptDirectory:
@@ -45,29 +44,7 @@ HEAD: str = _scripts().get_current_head() or ""
 
 async def upgrade(db: Database) -> tuple[str | None, str]:
     """Upgrade to the newest revision; return the revision found (None: a new database) and the one reached."""
-    async with db.connection() as conn:
-        if db.dialect == "sqlite":
-            # Table rebuilds (batch mode) must not fire ON DELETE actions: keys are checked at the end instead.
-            await conn.run_sync(_pragma, "foreign_keys = OFF")
-            conn.sync_connection.info["begin"] = "BEGIN IMMEDIATE"  # type: ignore[union-attr]
-        try:
-            async with conn.begin():
-                if db.dialect == "postgresql":
-                    await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_KEY})
-                return await conn.run_sync(_upgrade)
-        finally:
-            if db.dialect == "sqlite":
-                await conn.run_sync(_pragma, "foreign_keys = ON")
-
-
-def _pragma(conn: Connection, setting: str) -> None:
-    """A PRAGMA outside any transaction (inside one SQLite ignores ``foreign_keys``), on the driver's cursor:
-    SQLAlchemy would begin a transaction first."""
-    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    try:
-        cursor.execute(f"PRAGMA {setting}")
-    finally:
-        cursor.close()
+    return await db.migrate(_upgrade)
 
 
 def _upgrade(conn: Connection) -> tuple[str | None, str]:

@@ -29,9 +29,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from sqlalchemy import Row, and_, delete, exists, func, select, update
+from sqlalchemy import Connection, Row, and_, delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ColumnElement
 
 from agent.resources import Origin, Resource, ResourceStore, extension_for, kind_of_mime, name_prefix
@@ -127,7 +126,7 @@ class Storage:
             raise StorageError(
                 f"cannot use the data directory {config.data_dir}: {err.strerror or err}"
             ) from err
-        db = Database.create(config, busy_timeout=busy_timeout)
+        db = Database(config, busy_timeout=busy_timeout)
         try:
             blob_store = open_blob_store(config)
         except BaseException:
@@ -197,9 +196,9 @@ class Storage:
         """A new conversation; ``ConflictError`` if its id or its ``(platform, external_id)`` is taken."""
         conversation = self._conversation(platform, external_id, owner, title, conversation_id)
 
-        async def step(conn: AsyncConnection) -> None:
+        def step(conn: Connection) -> None:
             try:
-                await conn.execute(conversations.insert().values(**_row(conversation)))
+                conn.execute(conversations.insert().values(**_row(conversation)))
             except IntegrityError as err:
                 raise ConflictError("this conversation already exists") from err
 
@@ -225,10 +224,10 @@ class Storage:
         else:
             key = conversations.c.id == conversation.id
 
-        async def step(conn: AsyncConnection) -> Row[Any] | None:
+        def step(conn: Connection) -> Row[Any] | None:
             insert = self._db.insert(conversations).values(**_row(conversation)).on_conflict_do_nothing()
-            await conn.execute(insert)
-            return (await conn.execute(select(conversations).where(key))).first()
+            conn.execute(insert)
+            return (conn.execute(select(conversations).where(key))).first()
 
         row = await self._db.write(step)
         if row is None:  # the id is new but the platform's channel belongs to another conversation
@@ -251,10 +250,10 @@ class Storage:
     async def delete_conversation(self, conversation_id: str) -> None:
         """Remove the conversation with its messages, runs and resources, then the contents nobody else uses."""
 
-        async def step(conn: AsyncConnection) -> list[str]:
+        def step(conn: Connection) -> list[str]:
             mine = select(resources.c.sha256).where(resources.c.conversation_id == conversation_id).distinct()
-            digests = list((await conn.execute(mine)).scalars())
-            await conn.execute(delete(conversations).where(conversations.c.id == conversation_id))
+            digests = list((conn.execute(mine)).scalars())
+            conn.execute(delete(conversations).where(conversations.c.id == conversation_id))
             return digests
 
         for digest in await self._db.write(step):
@@ -285,10 +284,10 @@ class Storage:
             run_id=run_id,
         )
 
-        async def step(conn: AsyncConnection) -> None:
-            await _lock_conversation(conn, conversation_id)
+        def step(conn: Connection) -> None:
+            _lock_conversation(conn, conversation_id)
             try:
-                await _insert_message(conn, message)
+                _insert_message(conn, message)
             except IntegrityError as err:
                 raise NotFoundError(f"run {run_id} does not exist") from err
 
@@ -400,10 +399,10 @@ class Storage:
         """A ``running`` run owned by this process; ``TurnBusyError`` if another run of it is running."""
         run_id = _new_id()
 
-        async def step(conn: AsyncConnection) -> None:
-            await _lock_conversation(conn, conversation_id)
+        def step(conn: Connection) -> None:
+            _lock_conversation(conn, conversation_id)
             try:
-                await self._insert_run(conn, run_id, conversation_id, request_message_id)
+                self._insert_run(conn, run_id, conversation_id, request_message_id)
             except IntegrityError as err:
                 raise NotFoundError(f"message {request_message_id} does not exist") from err
 
@@ -436,9 +435,9 @@ class Storage:
             .on_conflict_do_update(index_elements=["run_id", "task_id"], set_=changed)
         )
 
-        async def step(conn: AsyncConnection) -> None:
-            await _update_run(conn, record.run_id, {"updated_at": now})
-            await conn.execute(statement)
+        def step(conn: Connection) -> None:
+            _update_run(conn, record.run_id, {"updated_at": now})
+            conn.execute(statement)
 
         await self._db.write(step)
 
@@ -458,9 +457,9 @@ class Storage:
             "updated_at": now,
         }
 
-        async def step(conn: AsyncConnection) -> None:
-            await _update_run(conn, run_id, values)
-            await _add_transition(conn, run_id, end.status, now)
+        def step(conn: Connection) -> None:
+            _update_run(conn, run_id, values)
+            _add_transition(conn, run_id, end.status, now)
 
         try:
             await self._db.write(step)
@@ -515,13 +514,13 @@ class Storage:
         if not dead_runs and not dead_owners:
             return 0
 
-        async def step(conn: AsyncConnection) -> int:
+        def step(conn: Connection) -> int:
             marked = 0
             stamp = self._clock()
             for run_id in dead_runs:
-                marked += await _interrupt(conn, run_id, _INTERRUPTED, stamp)
+                marked += _interrupt(conn, run_id, _INTERRUPTED, stamp)
             if dead_owners:
-                await conn.execute(delete(processes).where(processes.c.id.in_(dead_owners)))
+                conn.execute(delete(processes).where(processes.c.id.in_(dead_owners)))
             return marked
 
         marked = await self._db.write(step)
@@ -541,12 +540,12 @@ class Storage:
         }
         OPEN_HERE.add(self._id)
 
-        async def step(conn: AsyncConnection) -> None:
-            beat = await conn.execute(
+        def step(conn: Connection) -> None:
+            beat = conn.execute(
                 update(processes).where(processes.c.id == self._id).values(heartbeat_at=db_now())
             )
             if beat.rowcount == 0:
-                await conn.execute(processes.insert().values(**row, heartbeat_at=db_now()))
+                conn.execute(processes.insert().values(**row, heartbeat_at=db_now()))
 
         await self._db.write(step)
 
@@ -612,8 +611,8 @@ class Storage:
         """Sweep if no process has in a day: one of all the processes sharing the database does it."""
         now = time.time()
 
-        async def step(conn: AsyncConnection) -> bool:
-            claim = await conn.execute(
+        def step(conn: Connection) -> bool:
+            claim = conn.execute(
                 update(maintenance)
                 .where(maintenance.c.name == _SWEEP_JOB, maintenance.c.at <= now - _SWEEP_EVERY)
                 .values(at=now)
@@ -626,7 +625,7 @@ class Storage:
                 .on_conflict_do_nothing()
                 .returning(maintenance.c.name)
             )
-            return (await conn.execute(first)).first() is not None
+            return (conn.execute(first)).first() is not None
 
         if await self._db.write(step):
             await self.sweep_orphan_files()
@@ -650,22 +649,18 @@ class Storage:
         """Remove the content and its row if nothing refers to it (and, with ``older_than``, it is that
         old), holding the row's lock throughout. Returns 1 if removed."""
 
-        async def step(conn: AsyncConnection) -> int:
+        def step(conn: Connection) -> int:
             held = (
-                await conn.execute(
-                    select(blobs.c.touched_at).where(blobs.c.sha256 == digest).with_for_update()
-                )
+                conn.execute(select(blobs.c.touched_at).where(blobs.c.sha256 == digest).with_for_update())
             ).first()
             if held is None:
                 return 0
             if older_than is not None and held.touched_at >= time.time() - older_than:
                 return 0
-            if (
-                await conn.execute(select(resources.c.id).where(resources.c.sha256 == digest).limit(1))
-            ).first():
+            if (conn.execute(select(resources.c.id).where(resources.c.sha256 == digest).limit(1))).first():
                 return 0
-            await self._blobs.delete(digest)
-            await conn.execute(delete(blobs).where(blobs.c.sha256 == digest))
+            self._db.wait(self._blobs.delete(digest))  # still holding the row
+            conn.execute(delete(blobs).where(blobs.c.sha256 == digest))
             return 1
 
         try:
@@ -718,37 +713,37 @@ class Storage:
             origin=Origin(row.origin, row.run_id, row.task_id),
         )
 
-    async def _add_resource_row(
+    def _add_resource_row(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         *,
         conversation_id: str,
         resource: Resource,
         generation: str,
         message_id: str | None,
     ) -> None:
-        await _lock_conversation(conn, conversation_id)
-        await _hold_blob(conn, resource.sha256, generation)
-        seq = await _next_seq(conn, resources, resources.c.conversation_id, conversation_id)
+        _lock_conversation(conn, conversation_id)
+        _hold_blob(conn, resource.sha256, generation)
+        seq = _next_seq(conn, resources, resources.c.conversation_id, conversation_id)
         try:
-            await _insert_resource(conn, conversation_id, resource, seq, message_id, self._clock())
+            _insert_resource(conn, conversation_id, resource, seq, message_id, self._clock())
         except IntegrityError as err:
             raise _resource_conflict(err, resource.name) from err
 
-    async def _insert_run(
-        self, conn: AsyncConnection, run_id: str, conversation_id: str, request_message_id: str | None
+    def _insert_run(
+        self, conn: Connection, run_id: str, conversation_id: str, request_message_id: str | None
     ) -> None:
         """Insert a running run; the conversation is locked. ``TurnBusyError`` if one is running already."""
         busy = (
-            await conn.execute(
+            conn.execute(
                 select(runs.c.id).where(runs.c.conversation_id == conversation_id, runs.c.status == "running")
             )
         ).first()
         if busy is not None:
             raise TurnBusyError(conversation_id, busy.id)
         now = self._clock()
-        seq = await _next_seq(conn, runs, runs.c.conversation_id, conversation_id)
-        await conn.execute(
+        seq = _next_seq(conn, runs, runs.c.conversation_id, conversation_id)
+        conn.execute(
             runs.insert().values(
                 id=run_id,
                 conversation_id=conversation_id,
@@ -760,11 +755,11 @@ class Storage:
                 session=self._id,
             )
         )
-        await _add_transition(conn, run_id, "running", now)
+        _add_transition(conn, run_id, "running", now)
 
-    async def _begin_turn(
+    def _begin_turn(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         conversation_id: str,
         text: str,
         uploads: Sequence[NewUpload],
@@ -773,9 +768,9 @@ class Storage:
         platform_message_id: str | None,
         history_limit: int | None,
     ) -> Turn:
-        await _lock_conversation(conn, conversation_id)
+        _lock_conversation(conn, conversation_id)
         busy = (
-            await conn.execute(
+            conn.execute(
                 select(runs.c.id).where(runs.c.conversation_id == conversation_id, runs.c.status == "running")
             )
         ).first()
@@ -784,30 +779,28 @@ class Storage:
         message = Message(
             _new_id(), conversation_id, "user", text, author, platform_message_id, self._clock(), None
         )
-        seq = await _insert_message(conn, message)
-        history = await _history(conn, conversation_id, history_limit, before=seq)
+        seq = _insert_message(conn, message)
+        history = _history(conn, conversation_id, history_limit, before=seq)
         attached: list[Resource] = []
         numbers: dict[str, int] = {}
         for upload, (digest, generation) in zip(uploads, stored, strict=True):
-            await _hold_blob(conn, digest, generation)
+            _hold_blob(conn, digest, generation)
             prefix = name_prefix(upload.kind)
             if prefix not in numbers:
-                numbers[prefix] = await _uploads_named(conn, conversation_id, prefix)
+                numbers[prefix] = _uploads_named(conn, conversation_id, prefix)
             numbers[prefix] += 1
             name = f"{prefix}-{numbers[prefix]}{extension_for(upload.mime)}"
             resource = self._resource_for(name, upload.mime, digest, len(upload.data), Origin("upload"))
-            resource_seq = await _next_seq(conn, resources, resources.c.conversation_id, conversation_id)
+            resource_seq = _next_seq(conn, resources, resources.c.conversation_id, conversation_id)
             try:
-                await _insert_resource(
-                    conn, conversation_id, resource, resource_seq, message.id, self._clock()
-                )
+                _insert_resource(conn, conversation_id, resource, resource_seq, message.id, self._clock())
             except IntegrityError as err:
                 raise _resource_conflict(err, name) from err
             attached.append(resource)
         run_id = _new_id()
-        await self._insert_run(conn, run_id, conversation_id, message.id)
-        turn = await _user_turns(conn, conversation_id)
-        every = [self._resource(row) for row in await _resources_of(conn, conversation_id)]
+        self._insert_run(conn, run_id, conversation_id, message.id)
+        turn = _user_turns(conn, conversation_id)
+        every = [self._resource(row) for row in _resources_of(conn, conversation_id)]
         return Turn(message, run_id, turn, attached, [_message(r) for r in history], every)
 
 
@@ -830,19 +823,19 @@ class ConversationResources:
 # Statements shared by the steps above. Each takes the step's connection.
 
 
-async def _first(conn: AsyncConnection, query: Any) -> Row[Any] | None:
-    return (await conn.execute(query)).first()
+def _first(conn: Connection, query: Any) -> Row[Any] | None:
+    return (conn.execute(query)).first()
 
 
-async def _scalar(conn: AsyncConnection, query: Any) -> Any:
-    return (await conn.execute(query)).scalar_one()
+def _scalar(conn: Connection, query: Any) -> Any:
+    return (conn.execute(query)).scalar_one()
 
 
-async def _scalars(conn: AsyncConnection, query: Any) -> list[Any]:
-    return list((await conn.execute(query)).scalars())
+def _scalars(conn: Connection, query: Any) -> list[Any]:
+    return list((conn.execute(query)).scalars())
 
 
-async def _lock_conversation(conn: AsyncConnection, conversation_id: str) -> None:
+def _lock_conversation(conn: Connection, conversation_id: str) -> None:
     """Lock the conversation's row for this transaction (PostgreSQL; SQLite's write lock covers it), so the
     numbering below is atomic and a concurrent delete waits; ``NotFoundError`` if it does not exist."""
     query = (
@@ -850,11 +843,11 @@ async def _lock_conversation(conn: AsyncConnection, conversation_id: str) -> Non
         .where(conversations.c.id == conversation_id)
         .with_for_update(key_share=True)
     )
-    if (await conn.execute(query)).first() is None:
+    if (conn.execute(query)).first() is None:
         raise NotFoundError(f"conversation {conversation_id} does not exist (it may have been reset)")
 
 
-async def _hold_blob(conn: AsyncConnection, digest: str, generation: str) -> None:
+def _hold_blob(conn: Connection, digest: str, generation: str) -> None:
     """Key-share lock on the blob row a resource is about to refer to; ``_BlobGone`` if the row is gone, or
     is not the one this process refreshed before storing the content (removed, then made again by a sweep
     that found the content listed, or by another adder: the content may have been deleted in between)."""
@@ -863,18 +856,18 @@ async def _hold_blob(conn: AsyncConnection, digest: str, generation: str) -> Non
         .where(blobs.c.sha256 == digest, blobs.c.generation == generation)
         .with_for_update(read=True, key_share=True)
     )
-    if (await conn.execute(query)).first() is None:
+    if (conn.execute(query)).first() is None:
         raise _BlobGone(digest)
 
 
-async def _next_seq(conn: AsyncConnection, table: Any, parent: Any, parent_id: str) -> int:
+def _next_seq(conn: Connection, table: Any, parent: Any, parent_id: str) -> int:
     query = select(func.coalesce(func.max(table.c.seq), 0) + 1).where(parent == parent_id)
-    return int((await conn.execute(query)).scalar_one())
+    return int((conn.execute(query)).scalar_one())
 
 
-async def _insert_message(conn: AsyncConnection, message: Message) -> int:
-    seq = await _next_seq(conn, messages, messages.c.conversation_id, message.conversation_id)
-    await conn.execute(
+def _insert_message(conn: Connection, message: Message) -> int:
+    seq = _next_seq(conn, messages, messages.c.conversation_id, message.conversation_id)
+    conn.execute(
         messages.insert().values(
             id=message.id,
             conversation_id=message.conversation_id,
@@ -890,15 +883,15 @@ async def _insert_message(conn: AsyncConnection, message: Message) -> int:
     return seq
 
 
-async def _insert_resource(
-    conn: AsyncConnection,
+def _insert_resource(
+    conn: Connection,
     conversation_id: str,
     resource: Resource,
     seq: int,
     message_id: str | None,
     now: float,
 ) -> None:
-    await conn.execute(
+    conn.execute(
         resources.insert().values(
             id=resource.id,
             conversation_id=conversation_id,
@@ -923,32 +916,32 @@ def _resource_conflict(err: IntegrityError, name: str) -> StorageError:
     return NotFoundError(f"the run or message that {name} belongs to does not exist")
 
 
-async def _history(
-    conn: AsyncConnection, conversation_id: str, limit: int | None, *, before: int | None
+def _history(
+    conn: Connection, conversation_id: str, limit: int | None, *, before: int | None
 ) -> list[Row[Any]]:
     """The conversation's messages (before position ``before``), the last ``limit`` of them, oldest first."""
     query = select(messages).where(messages.c.conversation_id == conversation_id)
     if before is not None:
         query = query.where(messages.c.seq < before)
     if limit is None:
-        return list((await conn.execute(query.order_by(messages.c.seq))).all())
-    last = list((await conn.execute(query.order_by(messages.c.seq.desc()).limit(max(limit, 0)))).all())
+        return list((conn.execute(query.order_by(messages.c.seq))).all())
+    last = list((conn.execute(query.order_by(messages.c.seq.desc()).limit(max(limit, 0)))).all())
     return last[::-1]
 
 
-async def _user_turns(conn: AsyncConnection, conversation_id: str) -> int:
+def _user_turns(conn: Connection, conversation_id: str) -> int:
     query = select(func.count()).where(
         messages.c.conversation_id == conversation_id, messages.c.role == "user"
     )
-    return int((await conn.execute(query)).scalar_one())
+    return int((conn.execute(query)).scalar_one())
 
 
-async def _resources_of(conn: AsyncConnection, conversation_id: str) -> list[Row[Any]]:
+def _resources_of(conn: Connection, conversation_id: str) -> list[Row[Any]]:
     query = select(resources).where(resources.c.conversation_id == conversation_id).order_by(resources.c.seq)
-    return list((await conn.execute(query)).all())
+    return list((conn.execute(query)).all())
 
 
-async def _uploads_named(conn: AsyncConnection, conversation_id: str, prefix: str) -> int:
+def _uploads_named(conn: Connection, conversation_id: str, prefix: str) -> int:
     """How many uploads of the conversation are named ``{prefix}-…``."""
     head = f"{prefix}-"
     query = select(func.count()).where(
@@ -956,48 +949,46 @@ async def _uploads_named(conn: AsyncConnection, conversation_id: str, prefix: st
         resources.c.origin == "upload",
         func.substr(resources.c.name, 1, len(head)) == head,
     )
-    return int((await conn.execute(query)).scalar_one())
+    return int((conn.execute(query)).scalar_one())
 
 
-async def _update_run(conn: AsyncConnection, run_id: str, values: dict[str, Any]) -> None:
+def _update_run(conn: Connection, run_id: str, values: dict[str, Any]) -> None:
     """Update one run; ``NotFoundError`` if there is no such run."""
-    result = await conn.execute(update(runs).where(runs.c.id == run_id).values(**values))
+    result = conn.execute(update(runs).where(runs.c.id == run_id).values(**values))
     if result.rowcount == 0:
         raise NotFoundError(f"run {run_id} does not exist")
 
 
-async def _add_transition(conn: AsyncConnection, run_id: str, status: str, at: float) -> None:
+def _add_transition(conn: Connection, run_id: str, status: str, at: float) -> None:
     """Append to the run's transitions; the run's row is locked by the change that goes with it."""
-    seq = await _next_seq(conn, run_transitions, run_transitions.c.run_id, run_id)
-    await conn.execute(run_transitions.insert().values(run_id=run_id, seq=seq, status=status, at=at))
+    seq = _next_seq(conn, run_transitions, run_transitions.c.run_id, run_id)
+    conn.execute(run_transitions.insert().values(run_id=run_id, seq=seq, status=status, at=at))
 
 
-async def _interrupt(conn: AsyncConnection, run_id: str, error: str, now: float) -> int:
-    result = await conn.execute(
+def _interrupt(conn: Connection, run_id: str, error: str, now: float) -> int:
+    result = conn.execute(
         update(runs)
         .where(runs.c.id == run_id, runs.c.status == "running")
         .values(status="interrupted", error=error, updated_at=now, reported=0)
     )
     if result.rowcount == 0:
         return 0
-    await _add_transition(conn, run_id, "interrupted", now)
+    _add_transition(conn, run_id, "interrupted", now)
     return 1
 
 
-async def _liveness_rows(conn: AsyncConnection) -> tuple[float, list[Any], list[Any]]:
+def _liveness_rows(conn: Connection) -> tuple[float, list[Any], list[Any]]:
     """The database's time, every process row, and every running run with its owner."""
-    now = float((await conn.execute(select(db_now()))).scalar_one())
-    owners = list((await conn.execute(select(processes))).all())
-    running = list(
-        (await conn.execute(select(runs.c.id, runs.c.session).where(runs.c.status == "running"))).all()
-    )
+    now = float((conn.execute(select(db_now()))).scalar_one())
+    owners = list((conn.execute(select(processes))).all())
+    running = list((conn.execute(select(runs.c.id, runs.c.session).where(runs.c.status == "running"))).all())
     return now, owners, running
 
 
-async def _load_runs(conn: AsyncConnection, where: ColumnElement[bool]) -> list[Run]:
+def _load_runs(conn: Connection, where: ColumnElement[bool]) -> list[Run]:
     """Runs matching ``where``, with their transitions and tasks, oldest first."""
     order = (runs.c.created_at, runs.c.conversation_id, runs.c.seq)
-    rows = list((await conn.execute(select(runs).where(where).order_by(*order))).all())
+    rows = list((conn.execute(select(runs).where(where).order_by(*order))).all())
     if not rows:
         return []
     selected = select(runs.c.id).where(where)
@@ -1007,11 +998,11 @@ async def _load_runs(conn: AsyncConnection, where: ColumnElement[bool]) -> list[
         .where(run_transitions.c.run_id.in_(selected))
         .order_by(run_transitions.c.run_id, run_transitions.c.seq)
     )
-    for row in (await conn.execute(query)).all():
+    for row in (conn.execute(query)).all():
         transitions.setdefault(row.run_id, []).append((row.status, row.at))
     found: dict[str, list[TaskRecord]] = {}
     for row in (
-        await conn.execute(select(tasks).where(tasks.c.run_id.in_(selected)).order_by(tasks.c.task_id))
+        conn.execute(select(tasks).where(tasks.c.run_id.in_(selected)).order_by(tasks.c.task_id))
     ).all():
         found.setdefault(row.run_id, []).append(_task(row))
     return [_run(row, transitions.get(row.id, []), found.get(row.id, [])) for row in rows]

@@ -303,8 +303,9 @@ def test_overhead_smoke(tmp_path: Path) -> None:
 
 
 def test_storage_scale_smoke(tmp_path: Path) -> None:
-    from bench import storage_scale
     from fakes.postgres import postgres_bin
+
+    from bench import storage_scale
 
     if postgres_bin() is None:
         pytest.skip("PostgreSQL is not installed: run scripts/system-deps.sh (Debian's postgresql)")

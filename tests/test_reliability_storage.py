@@ -218,9 +218,11 @@ async def test_a_run_cancelled_while_the_database_opens_a_transaction_leaves_it_
     not stay open, or every later step of every run fails."""
     armed: list[asyncio.Task[Any]] = []
 
-    def trap(conn: Any) -> None:  # SQLAlchemy's "begin" event: the cancel lands at the next wait, BEGIN's
+    loop = asyncio.get_running_loop()
+
+    def trap(conn: Any) -> None:  # SQLAlchemy's "begin" event (in SQLite's thread, or the loop's for PostgreSQL)
         if armed:
-            asyncio.get_running_loop().call_soon(armed.pop().cancel)
+            loop.call_soon_threadsafe(armed.pop().cancel)  # lands while the transaction begins
 
     turn: list[asyncio.Task[Any]] = []
     answers = stage_script([DRAW], ["Here is your cat."])
@@ -231,7 +233,7 @@ async def test_a_run_cancelled_while_the_database_opens_a_transaction_leaves_it_
         return answers(body)
 
     async with agent_on(script, MODELS, storage_config.data_dir, **engine_env(storage_config)) as agent:
-        event.listen(agent.rt.storage._db.engine.sync_engine, "begin", trap)
+        event.listen(agent.rt.storage._db.engine, "begin", trap)
         turn.append(asyncio.create_task(agent.turn("draw a cat")))
         with pytest.raises(asyncio.CancelledError):
             await turn[0]

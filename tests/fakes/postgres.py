@@ -93,7 +93,7 @@ class PostgresCluster:
         self._admin(f"CREATE DATABASE {TEMPLATE}")
 
         async def migrate() -> None:
-            db = Database.create(StorageConfig(self.root, database_url=self.url(TEMPLATE)), busy_timeout=5.0)
+            db = Database(StorageConfig(self.root, database_url=self.url(TEMPLATE)), busy_timeout=5.0)
             try:
                 await schema.upgrade(db)
             finally:

@@ -1,7 +1,7 @@
 """Helpers for the fault and abuse suite (``tests/test_reliability_*.py``): a whole agent ``Runtime`` on the
 loopback fakes, one user turn run to its end under a time limit, and readers of what a run left behind.
 
-Everything goes through the real clients (``AsyncOpenAI``, ``AsyncInferenceClient``, aiosqlite) over 127.0.0.1.
+Everything goes through the real clients (``AsyncOpenAI``, ``AsyncInferenceClient``, SQLAlchemy) over 127.0.0.1.
 """
 
 from __future__ import annotations

@@ -94,6 +94,7 @@ class Database:
         self._closed = False
         self._async: AsyncEngine | None = None
         self._thread: ThreadPoolExecutor | None = None
+        self._held: Connection | None = None  # SQLite's connection, used only in its thread
         if config.database_url:
             self.dialect = "postgresql"
             self._async = create_async_engine(
@@ -174,7 +175,7 @@ class Database:
         self._closed = True
         try:
             if self._thread is not None:
-                await self._loop.run_in_executor(self._thread, self.engine.dispose)
+                await self._loop.run_in_executor(self._thread, self._close_sqlite)
                 self._thread.shutdown(wait=False)
             elif self._async is not None:
                 await self._async.dispose()
@@ -210,21 +211,32 @@ class Database:
             return await conn.run_sync(step)
 
     def _sqlite_step(self, step: Step[T], begin: str) -> T:
-        """In the SQLite thread: the whole step, from BEGIN to COMMIT or ROLLBACK."""
-        with self.engine.connect() as conn:
-            conn.info["begin"] = begin
-            with conn.begin():
-                return step(conn)
+        """In the SQLite thread: the whole step, from BEGIN to COMMIT or ROLLBACK, on the connection the
+        thread keeps (a new one after a failure that invalidated it)."""
+        conn = self._connection()
+        conn.info["begin"] = begin
+        with conn.begin():
+            return step(conn)
+
+    def _connection(self) -> Connection:
+        if self._held is None or self._held.invalidated or self._held.closed:
+            self._held = self.engine.connect()
+        return self._held
+
+    def _close_sqlite(self) -> None:
+        if self._held is not None:
+            self._held.close()
+        self.engine.dispose()
 
     def _migrate_sqlite(self, upgrade: Step[T]) -> T:
-        with self.engine.connect() as conn:
-            _pragma(conn, "foreign_keys = OFF")
-            try:
-                conn.info["begin"] = "BEGIN IMMEDIATE"
-                with conn.begin():
-                    return upgrade(conn)
-            finally:
-                _pragma(conn, "foreign_keys = ON")
+        conn = self._connection()
+        _pragma(conn, "foreign_keys = OFF")
+        try:
+            conn.info["begin"] = "BEGIN IMMEDIATE"
+            with conn.begin():
+                return upgrade(conn)
+        finally:
+            _pragma(conn, "foreign_keys = ON")
 
     def _retryable(self, err: DBAPIError) -> bool:
         if err.connection_invalidated:

@@ -29,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, delete, exists, func, select, update
+from sqlalchemy import Connection, Row, Table, and_, bindparam, delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql import ColumnElement
 
@@ -428,16 +428,13 @@ class Storage:
             "error": record.error,
         }
         now = self._clock()
-        changed = {k: v for k, v in row.items() if k not in ("run_id", "task_id")}
-        statement = (
-            self._db.insert(tasks)
-            .values(**row)
-            .on_conflict_do_update(index_elements=["run_id", "task_id"], set_=changed)
-        )
+        insert = self._db.insert(tasks)
+        changed = {k: insert.excluded[k] for k in row if k not in ("run_id", "task_id")}
+        statement = insert.on_conflict_do_update(index_elements=["run_id", "task_id"], set_=changed)
 
         def step(conn: Connection) -> None:
             _update_run(conn, record.run_id, {"updated_at": now})
-            conn.execute(statement)
+            conn.execute(statement, row)
 
         await self._db.write(step)
 
@@ -635,13 +632,12 @@ class Storage:
         Returns the digest and the row's generation, which the row referring to it must find unchanged."""
         digest = await asyncio.to_thread(digest_of, data)
         now = time.time()
-        touch = (
-            self._db.insert(blobs)
-            .values(sha256=digest, size=len(data), touched_at=now, generation=_new_id())
-            .on_conflict_do_update(index_elements=["sha256"], set_={"touched_at": now})
-            .returning(blobs.c.generation)
-        )
-        generation = await self._db.write(partial(_scalar, query=touch))
+        insert = self._db.insert(blobs)
+        touch = insert.on_conflict_do_update(
+            index_elements=["sha256"], set_={"touched_at": insert.excluded.touched_at}
+        ).returning(blobs.c.generation)
+        row = {"sha256": digest, "size": len(data), "touched_at": now, "generation": _new_id()}
+        generation = await self._db.write(lambda conn: conn.execute(touch, row).scalar_one())
         await self._blobs.put(digest, data, name=name)
         return digest, str(generation)
 
@@ -724,7 +720,7 @@ class Storage:
     ) -> None:
         _lock_conversation(conn, conversation_id)
         _hold_blob(conn, resource.sha256, generation)
-        seq = _next_seq(conn, resources, resources.c.conversation_id, conversation_id)
+        seq = _next_seq(conn, resources, conversation_id)
         try:
             _insert_resource(conn, conversation_id, resource, seq, message_id, self._clock())
         except IntegrityError as err:
@@ -742,18 +738,19 @@ class Storage:
         if busy is not None:
             raise TurnBusyError(conversation_id, busy.id)
         now = self._clock()
-        seq = _next_seq(conn, runs, runs.c.conversation_id, conversation_id)
+        seq = _next_seq(conn, runs, conversation_id)
         conn.execute(
-            runs.insert().values(
-                id=run_id,
-                conversation_id=conversation_id,
-                seq=seq,
-                request_message_id=request_message_id,
-                status="running",
-                created_at=now,
-                updated_at=now,
-                session=self._id,
-            )
+            runs.insert(),
+            {
+                "id": run_id,
+                "conversation_id": conversation_id,
+                "seq": seq,
+                "request_message_id": request_message_id,
+                "status": "running",
+                "created_at": now,
+                "updated_at": now,
+                "session": self._id,
+            },
         )
         _add_transition(conn, run_id, "running", now)
 
@@ -791,7 +788,7 @@ class Storage:
             numbers[prefix] += 1
             name = f"{prefix}-{numbers[prefix]}{extension_for(upload.mime)}"
             resource = self._resource_for(name, upload.mime, digest, len(upload.data), Origin("upload"))
-            resource_seq = _next_seq(conn, resources, resources.c.conversation_id, conversation_id)
+            resource_seq = _next_seq(conn, resources, conversation_id)
             try:
                 _insert_resource(conn, conversation_id, resource, resource_seq, message.id, self._clock())
             except IntegrityError as err:
@@ -835,15 +832,31 @@ def _scalars(conn: Connection, query: Any) -> list[Any]:
     return list((conn.execute(query)).scalars())
 
 
+# The statements every run makes, built once: SQLAlchemy builds and checks a statement on each construction.
+_LOCK_CONVERSATION = (
+    select(conversations.c.id).where(conversations.c.id == bindparam("cid")).with_for_update(key_share=True)
+)
+_HOLD_BLOB = (
+    select(blobs.c.sha256)
+    .where(blobs.c.sha256 == bindparam("digest"), blobs.c.generation == bindparam("generation"))
+    .with_for_update(read=True, key_share=True)
+)
+_NEXT_SEQ = {
+    table.name: select(func.coalesce(func.max(table.c.seq), 0) + 1).where(parent == bindparam("parent"))
+    for table, parent in (
+        (messages, messages.c.conversation_id),
+        (runs, runs.c.conversation_id),
+        (resources, resources.c.conversation_id),
+        (run_transitions, run_transitions.c.run_id),
+    )
+}
+_UPDATE_RUN = update(runs).where(runs.c.id == bindparam("run_key"))
+
+
 def _lock_conversation(conn: Connection, conversation_id: str) -> None:
     """Lock the conversation's row for this transaction (PostgreSQL; SQLite's write lock covers it), so the
     numbering below is atomic and a concurrent delete waits; ``NotFoundError`` if it does not exist."""
-    query = (
-        select(conversations.c.id)
-        .where(conversations.c.id == conversation_id)
-        .with_for_update(key_share=True)
-    )
-    if (conn.execute(query)).first() is None:
+    if conn.execute(_LOCK_CONVERSATION, {"cid": conversation_id}).first() is None:
         raise NotFoundError(f"conversation {conversation_id} does not exist (it may have been reset)")
 
 
@@ -851,34 +864,30 @@ def _hold_blob(conn: Connection, digest: str, generation: str) -> None:
     """Key-share lock on the blob row a resource is about to refer to; ``_BlobGone`` if the row is gone, or
     is not the one this process refreshed before storing the content (removed, then made again by a sweep
     that found the content listed, or by another adder: the content may have been deleted in between)."""
-    query = (
-        select(blobs.c.sha256)
-        .where(blobs.c.sha256 == digest, blobs.c.generation == generation)
-        .with_for_update(read=True, key_share=True)
-    )
-    if (conn.execute(query)).first() is None:
+    if conn.execute(_HOLD_BLOB, {"digest": digest, "generation": generation}).first() is None:
         raise _BlobGone(digest)
 
 
-def _next_seq(conn: Connection, table: Any, parent: Any, parent_id: str) -> int:
-    query = select(func.coalesce(func.max(table.c.seq), 0) + 1).where(parent == parent_id)
-    return int((conn.execute(query)).scalar_one())
+def _next_seq(conn: Connection, table: Table, parent_id: str) -> int:
+    """The next position in the parent (conversation or run); the parent's row is locked by the caller."""
+    return int(conn.execute(_NEXT_SEQ[table.name], {"parent": parent_id}).scalar_one())
 
 
 def _insert_message(conn: Connection, message: Message) -> int:
-    seq = _next_seq(conn, messages, messages.c.conversation_id, message.conversation_id)
+    seq = _next_seq(conn, messages, message.conversation_id)
     conn.execute(
-        messages.insert().values(
-            id=message.id,
-            conversation_id=message.conversation_id,
-            seq=seq,
-            role=message.role,
-            text=message.text,
-            author=message.author,
-            platform_message_id=message.platform_message_id,
-            created_at=message.created_at,
-            run_id=message.run_id,
-        )
+        messages.insert(),
+        {
+            "id": message.id,
+            "conversation_id": message.conversation_id,
+            "seq": seq,
+            "role": message.role,
+            "text": message.text,
+            "author": message.author,
+            "platform_message_id": message.platform_message_id,
+            "created_at": message.created_at,
+            "run_id": message.run_id,
+        },
     )
     return seq
 
@@ -892,21 +901,22 @@ def _insert_resource(
     now: float,
 ) -> None:
     conn.execute(
-        resources.insert().values(
-            id=resource.id,
-            conversation_id=conversation_id,
-            seq=seq,
-            name=resource.name,
-            kind=resource.kind,
-            mime=resource.mime,
-            size=resource.size,
-            sha256=resource.sha256,
-            origin=resource.origin.source,
-            run_id=resource.origin.run_id,
-            task_id=resource.origin.task_id,
-            message_id=message_id,
-            created_at=now,
-        )
+        resources.insert(),
+        {
+            "id": resource.id,
+            "conversation_id": conversation_id,
+            "seq": seq,
+            "name": resource.name,
+            "kind": resource.kind,
+            "mime": resource.mime,
+            "size": resource.size,
+            "sha256": resource.sha256,
+            "origin": resource.origin.source,
+            "run_id": resource.origin.run_id,
+            "task_id": resource.origin.task_id,
+            "message_id": message_id,
+            "created_at": now,
+        },
     )
 
 
@@ -954,15 +964,15 @@ def _uploads_named(conn: Connection, conversation_id: str, prefix: str) -> int:
 
 def _update_run(conn: Connection, run_id: str, values: dict[str, Any]) -> None:
     """Update one run; ``NotFoundError`` if there is no such run."""
-    result = conn.execute(update(runs).where(runs.c.id == run_id).values(**values))
+    result = conn.execute(_UPDATE_RUN, {"run_key": run_id, **values})
     if result.rowcount == 0:
         raise NotFoundError(f"run {run_id} does not exist")
 
 
 def _add_transition(conn: Connection, run_id: str, status: str, at: float) -> None:
     """Append to the run's transitions; the run's row is locked by the change that goes with it."""
-    seq = _next_seq(conn, run_transitions, run_transitions.c.run_id, run_id)
-    conn.execute(run_transitions.insert().values(run_id=run_id, seq=seq, status=status, at=at))
+    seq = _next_seq(conn, run_transitions, run_id)
+    conn.execute(run_transitions.insert(), {"run_id": run_id, "seq": seq, "status": status, "at": at})
 
 
 def _interrupt(conn: Connection, run_id: str, error: str, now: float) -> int:

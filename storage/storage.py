@@ -102,6 +102,14 @@ class Storage:
         self._active: set[str] = set()  # runs this Storage started that have not ended
         self._keeper: asyncio.Task[None] | None = None
         self._closed = False
+        # Upserts differ by dialect; built once (``excluded`` makes a new alias, at a millisecond each time).
+        task = db.insert(tasks)
+        changed = {c.name: task.excluded[c.name] for c in tasks.c if c.name not in ("run_id", "task_id")}
+        self._upsert_task = task.on_conflict_do_update(index_elements=["run_id", "task_id"], set_=changed)
+        blob = db.insert(blobs)
+        self._touch_blob = blob.on_conflict_do_update(
+            index_elements=["sha256"], set_={"touched_at": blob.excluded.touched_at}
+        ).returning(blobs.c.generation)
 
     @classmethod
     async def open(
@@ -428,13 +436,10 @@ class Storage:
             "error": record.error,
         }
         now = self._clock()
-        insert = self._db.insert(tasks)
-        changed = {k: insert.excluded[k] for k in row if k not in ("run_id", "task_id")}
-        statement = insert.on_conflict_do_update(index_elements=["run_id", "task_id"], set_=changed)
 
         def step(conn: Connection) -> None:
             _update_run(conn, record.run_id, {"updated_at": now})
-            conn.execute(statement, row)
+            conn.execute(self._upsert_task, row)
 
         await self._db.write(step)
 
@@ -632,12 +637,8 @@ class Storage:
         Returns the digest and the row's generation, which the row referring to it must find unchanged."""
         digest = await asyncio.to_thread(digest_of, data)
         now = time.time()
-        insert = self._db.insert(blobs)
-        touch = insert.on_conflict_do_update(
-            index_elements=["sha256"], set_={"touched_at": insert.excluded.touched_at}
-        ).returning(blobs.c.generation)
         row = {"sha256": digest, "size": len(data), "touched_at": now, "generation": _new_id()}
-        generation = await self._db.write(lambda conn: conn.execute(touch, row).scalar_one())
+        generation = await self._db.write(lambda conn: conn.execute(self._touch_blob, row).scalar_one())
         await self._blobs.put(digest, data, name=name)
         return digest, str(generation)
 

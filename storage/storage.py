@@ -29,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from sqlalchemy import Connection, Row, Table, and_, bindparam, delete, exists, func, select, update
+from sqlalchemy import Connection, Integer, Row, Table, and_, bindparam, delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql import ColumnElement
 
@@ -731,13 +731,7 @@ class Storage:
         self, conn: Connection, run_id: str, conversation_id: str, request_message_id: str | None
     ) -> None:
         """Insert a running run; the conversation is locked. ``TurnBusyError`` if one is running already."""
-        busy = (
-            conn.execute(
-                select(runs.c.id).where(runs.c.conversation_id == conversation_id, runs.c.status == "running")
-            )
-        ).first()
-        if busy is not None:
-            raise TurnBusyError(conversation_id, busy.id)
+        _check_idle(conn, conversation_id)
         now = self._clock()
         seq = _next_seq(conn, runs, conversation_id)
         conn.execute(
@@ -767,13 +761,7 @@ class Storage:
         history_limit: int | None,
     ) -> Turn:
         _lock_conversation(conn, conversation_id)
-        busy = (
-            conn.execute(
-                select(runs.c.id).where(runs.c.conversation_id == conversation_id, runs.c.status == "running")
-            )
-        ).first()
-        if busy is not None:
-            raise TurnBusyError(conversation_id, busy.id)
+        _check_idle(conn, conversation_id)
         message = Message(
             _new_id(), conversation_id, "user", text, author, platform_message_id, self._clock(), None
         )
@@ -852,6 +840,24 @@ _NEXT_SEQ = {
     )
 }
 _UPDATE_RUN = update(runs).where(runs.c.id == bindparam("run_key"))
+_RUNNING = select(runs.c.id).where(runs.c.conversation_id == bindparam("cid"), runs.c.status == "running")
+_NO_END = 2**62  # "before" no position
+_IN_CONVERSATION = select(messages).where(
+    messages.c.conversation_id == bindparam("cid"), messages.c.seq < bindparam("before")
+)
+_MESSAGES = _IN_CONVERSATION.order_by(messages.c.seq)
+_LAST_MESSAGES = _IN_CONVERSATION.order_by(messages.c.seq.desc()).limit(bindparam("limit", type_=Integer))
+_USER_TURNS = select(func.count()).where(
+    messages.c.conversation_id == bindparam("cid"), messages.c.role == "user"
+)
+_RESOURCES = (
+    select(resources).where(resources.c.conversation_id == bindparam("cid")).order_by(resources.c.seq)
+)
+_UPLOADS_NAMED = select(func.count()).where(
+    resources.c.conversation_id == bindparam("cid"),
+    resources.c.origin == "upload",
+    func.substr(resources.c.name, 1, bindparam("length", type_=Integer)) == bindparam("head"),
+)
 
 
 def _lock_conversation(conn: Connection, conversation_id: str) -> None:
@@ -927,40 +933,37 @@ def _resource_conflict(err: IntegrityError, name: str) -> StorageError:
     return NotFoundError(f"the run or message that {name} belongs to does not exist")
 
 
+def _check_idle(conn: Connection, conversation_id: str) -> None:
+    """``TurnBusyError`` if a run of the conversation is running (the conversation is locked)."""
+    busy = conn.execute(_RUNNING, {"cid": conversation_id}).first()
+    if busy is not None:
+        raise TurnBusyError(conversation_id, busy.id)
+
+
 def _history(
     conn: Connection, conversation_id: str, limit: int | None, *, before: int | None
 ) -> list[Row[Any]]:
     """The conversation's messages (before position ``before``), the last ``limit`` of them, oldest first."""
-    query = select(messages).where(messages.c.conversation_id == conversation_id)
-    if before is not None:
-        query = query.where(messages.c.seq < before)
+    params = {"cid": conversation_id, "before": before if before is not None else _NO_END}
     if limit is None:
-        return list((conn.execute(query.order_by(messages.c.seq))).all())
-    last = list((conn.execute(query.order_by(messages.c.seq.desc()).limit(max(limit, 0)))).all())
-    return last[::-1]
+        return list(conn.execute(_MESSAGES, params).all())
+    return list(conn.execute(_LAST_MESSAGES, {**params, "limit": max(limit, 0)}).all())[::-1]
 
 
 def _user_turns(conn: Connection, conversation_id: str) -> int:
-    query = select(func.count()).where(
-        messages.c.conversation_id == conversation_id, messages.c.role == "user"
-    )
-    return int((conn.execute(query)).scalar_one())
+    return int(conn.execute(_USER_TURNS, {"cid": conversation_id}).scalar_one())
 
 
 def _resources_of(conn: Connection, conversation_id: str) -> list[Row[Any]]:
-    query = select(resources).where(resources.c.conversation_id == conversation_id).order_by(resources.c.seq)
-    return list((conn.execute(query)).all())
+    return list(conn.execute(_RESOURCES, {"cid": conversation_id}).all())
 
 
 def _uploads_named(conn: Connection, conversation_id: str, prefix: str) -> int:
     """How many uploads of the conversation are named ``{prefix}-…``."""
     head = f"{prefix}-"
-    query = select(func.count()).where(
-        resources.c.conversation_id == conversation_id,
-        resources.c.origin == "upload",
-        func.substr(resources.c.name, 1, len(head)) == head,
+    return int(
+        conn.execute(_UPLOADS_NAMED, {"cid": conversation_id, "head": head, "length": len(head)}).scalar_one()
     )
-    return int((conn.execute(query)).scalar_one())
 
 
 def _update_run(conn: Connection, run_id: str, values: dict[str, Any]) -> None:

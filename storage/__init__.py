@@ -8,10 +8,23 @@ or in an S3-compatible bucket (``BLOB_URL``). Callers see only the records and e
 from .config import S3Options, StorageConfig, shown_url
 from .errors import ConflictError, NotFoundError, StorageError, TurnBusyError
 from .move import MoveReport, migrate_storage
-from .records import Conversation, Message, NewUpload, Role, Run, RunEnd, RunStatus, TaskRecord, Turn
+from .records import (
+    ChatSettings,
+    Conversation,
+    Message,
+    NewUpload,
+    Role,
+    Run,
+    RunEnd,
+    RunStatus,
+    TaskRecord,
+    Turn,
+    Usage,
+)
 from .storage import ConversationResources, Storage
 
 __all__ = [
+    "ChatSettings",
     "ConflictError",
     "Conversation",
     "ConversationResources",
@@ -30,6 +43,7 @@ __all__ = [
     "TaskRecord",
     "Turn",
     "TurnBusyError",
+    "Usage",
     "migrate_storage",
     "shown_url",
 ]

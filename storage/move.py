@@ -19,7 +19,17 @@ from sqlalchemy import Connection, Table, bindparam, func, select, tuple_, updat
 
 from .errors import StorageError
 from .storage import Storage
-from .tables import blobs, conversations, messages, processes, resources, run_transitions, runs, tasks
+from .tables import (
+    blobs,
+    chat_settings,
+    conversations,
+    messages,
+    processes,
+    resources,
+    run_transitions,
+    runs,
+    tasks,
+)
 
 __all__ = ["MoveReport", "migrate_storage"]
 
@@ -28,7 +38,16 @@ log = logging.getLogger(__name__)
 _BATCH = 500
 # Parents before children. messages and runs refer to each other: messages go in without their run, which
 # is set once the runs are there.
-_ORDER: tuple[Table, ...] = (blobs, conversations, messages, runs, run_transitions, tasks, resources)
+_ORDER: tuple[Table, ...] = (
+    blobs,
+    conversations,
+    messages,
+    runs,
+    run_transitions,
+    tasks,
+    resources,
+    chat_settings,
+)
 _KEYS: dict[str, tuple[str, ...]] = {"run_transitions": ("run_id", "seq")}
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, Protocol, get_args
 
 from agent.resources import Resource
 
 __all__ = [
     "RUN_STATUSES",
+    "ChatSettings",
     "Conversation",
     "Message",
     "NewUpload",
@@ -18,16 +19,20 @@ __all__ = [
     "RunStatus",
     "TaskRecord",
     "Turn",
+    "Usage",
 ]
 
 Role = Literal["user", "assistant"]
-RunStatus = Literal["running", "ok", "partial", "failed", "interrupted"]
+RunStatus = Literal["running", "ok", "partial", "failed", "interrupted", "cancelled"]
 RUN_STATUSES: tuple[RunStatus, ...] = get_args(RunStatus)
 
 
 @dataclass(frozen=True)
 class Conversation:
-    """A chat: a Discord thread or channel (``external_id``) or a terminal session (``external_id`` None)."""
+    """A chat: a Discord thread or channel (``external_id``) or a terminal session (``external_id`` None).
+
+    ``guild_id`` is the Discord guild it is in, so usage can be counted per guild.
+    """
 
     id: str
     platform: str
@@ -35,6 +40,7 @@ class Conversation:
     owner: str | None
     created_at: float
     title: str | None
+    guild_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,3 +143,31 @@ class Turn:
     attached: list[Resource]
     history: list[Message]
     resources: list[Resource]
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """What ``/config`` set for a guild or one channel. None inherits: from the guild's, then the deployment's
+    settings."""
+
+    llm_model: str | None = None
+    model_selection: str | None = None
+    max_tasks: int | None = None
+    task_types: tuple[str, ...] | None = None
+    mention_required: bool | None = None
+
+    def over(self, base: ChatSettings) -> ChatSettings:
+        """These settings where set, ``base``'s elsewhere (a channel's over its guild's)."""
+        mine = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(base, **{name: value for name, value in mine.items() if value is not None})
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one user (or, with ``user`` empty, everyone counted) used in a period: runs started, LLM tokens
+    (prompt and completion) of the runs that ended, and seconds the expert models worked."""
+
+    user: str
+    runs: int
+    tokens: int
+    model_seconds: float

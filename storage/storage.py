@@ -41,9 +41,22 @@ from .config import StorageConfig
 from .database import Database, db_now
 from .errors import ConflictError, NotFoundError, StorageError, TurnBusyError
 from .liveness import OPEN_HERE, Identity, owner_alive
-from .records import RUN_STATUSES, Conversation, Message, NewUpload, Role, Run, RunEnd, TaskRecord, Turn
+from .records import (
+    RUN_STATUSES,
+    ChatSettings,
+    Conversation,
+    Message,
+    NewUpload,
+    Role,
+    Run,
+    RunEnd,
+    TaskRecord,
+    Turn,
+    Usage,
+)
 from .tables import (
     blobs,
+    chat_settings,
     conversations,
     maintenance,
     messages,
@@ -200,9 +213,10 @@ class Storage:
         owner: str | None = None,
         title: str | None = None,
         conversation_id: str | None = None,
+        guild_id: str | None = None,
     ) -> Conversation:
         """A new conversation; ``ConflictError`` if its id or its ``(platform, external_id)`` is taken."""
-        conversation = self._conversation(platform, external_id, owner, title, conversation_id)
+        conversation = self._conversation(platform, external_id, owner, title, conversation_id, guild_id)
 
         def step(conn: Connection) -> None:
             try:
@@ -221,10 +235,11 @@ class Storage:
         conversation_id: str | None = None,
         owner: str | None = None,
         title: str | None = None,
+        guild_id: str | None = None,
     ) -> Conversation:
         """The conversation with ``conversation_id`` (or ``platform`` + ``external_id``), created if there is
         none: atomic, so two processes opening the same one at once get the same conversation."""
-        conversation = self._conversation(platform, external_id, owner, title, conversation_id)
+        conversation = self._conversation(platform, external_id, owner, title, conversation_id, guild_id)
         if conversation_id is not None:
             key: ColumnElement[bool] = conversations.c.id == conversation_id
         elif external_id is not None:
@@ -489,6 +504,26 @@ class Storage:
             lambda c: _load_runs(c, and_(runs.c.status == "interrupted", runs.c.reported == 0))
         )
 
+    async def request_of(self, run_id: str) -> tuple[Message, list[str]] | None:
+        """The user message that started the run and the names of the files attached to it (for a retry);
+        None if the run or its message is gone."""
+
+        def step(conn: Connection) -> tuple[Message, list[str]] | None:
+            row = _first(
+                conn,
+                select(messages)
+                .join(runs, runs.c.request_message_id == messages.c.id)
+                .where(runs.c.id == run_id),
+            )
+            if row is None:
+                return None
+            attached = (
+                select(resources.c.name).where(resources.c.message_id == row.id).order_by(resources.c.seq)
+            )
+            return _message(row), _scalars(conn, attached)
+
+        return await self._db.read(step)
+
     async def mark_reported(self, run_id: str) -> None:
         await self._db.execute(update(runs).where(runs.c.id == run_id).values(reported=1))
 
@@ -499,6 +534,63 @@ class Storage:
         except StorageError:
             return False
         return True
+
+    # Settings per guild and channel
+
+    async def chat_settings(self, guild_id: str, channel_id: str | None = None) -> ChatSettings:
+        """What was set for the guild (``channel_id`` None) or for one of its channels; all None if nothing."""
+        query = select(chat_settings).where(
+            chat_settings.c.guild_id == guild_id, chat_settings.c.channel_id == (channel_id or "")
+        )
+        row = await self._db.read(lambda c: _first(c, query))
+        if row is None:
+            return ChatSettings()
+        return ChatSettings(
+            llm_model=row.llm_model,
+            model_selection=row.model_selection,
+            max_tasks=row.max_tasks,
+            task_types=None if row.task_types is None else tuple(json.loads(row.task_types)),
+            mention_required=None if row.mention_required is None else bool(row.mention_required),
+        )
+
+    async def set_chat_settings(
+        self, guild_id: str, channel_id: str | None, settings: ChatSettings, *, by: str | None = None
+    ) -> None:
+        """Replace what is set for the guild (``channel_id`` None) or one channel; None fields inherit."""
+        row = {
+            "guild_id": guild_id,
+            "channel_id": channel_id or "",
+            "llm_model": settings.llm_model,
+            "model_selection": settings.model_selection,
+            "max_tasks": settings.max_tasks,
+            "task_types": None if settings.task_types is None else json.dumps(list(settings.task_types)),
+            "mention_required": None if settings.mention_required is None else int(settings.mention_required),
+            "updated_by": by,
+            "updated_at": self._clock(),
+        }
+        upsert = self._db.insert(chat_settings).values(**row)
+        changed = {k: upsert.excluded[k] for k in row if k not in ("guild_id", "channel_id")}
+        statement = upsert.on_conflict_do_update(index_elements=["guild_id", "channel_id"], set_=changed)
+        await self._db.execute(statement)
+
+    # Usage
+
+    async def usage(
+        self, since: float, *, user: str | None = None, guild_id: str | None = None, limit: int = 10
+    ) -> list[Usage]:
+        """Per user, the runs they started since ``since`` (only in ``guild_id``'s conversations, if given),
+        most tokens first, at most ``limit`` users. Counted from the stored runs and their request messages."""
+        query = _usage_query(since, user, guild_id, by_user=True).limit(max(limit, 0))
+        rows = await self._db.read(lambda c: list(c.execute(query).all()))
+        return [
+            Usage(row.user, int(row.runs), int(row.tokens or 0), float(row.seconds or 0.0)) for row in rows
+        ]
+
+    async def usage_total(self, since: float, *, guild_id: str | None = None) -> Usage:
+        """Everyone's runs since ``since`` together (in ``guild_id``'s conversations, if given)."""
+        query = _usage_query(since, None, guild_id, by_user=False)
+        row = await self._db.read(lambda c: c.execute(query).one())
+        return Usage("", int(row.runs), int(row.tokens or 0), float(row.seconds or 0.0))
 
     # Liveness
 
@@ -676,6 +768,7 @@ class Storage:
         owner: str | None,
         title: str | None,
         conversation_id: str | None,
+        guild_id: str | None,
     ) -> Conversation:
         return Conversation(
             id=conversation_id or _new_id(),
@@ -684,6 +777,7 @@ class Storage:
             owner=owner,
             created_at=self._clock(),
             title=title,
+            guild_id=guild_id,
         )
 
     def _resource_for(self, name: str, mime: str, digest: str, size: int, origin: Origin) -> Resource:
@@ -807,6 +901,37 @@ class ConversationResources:
 
 
 # Statements shared by the steps above. Each takes the step's connection.
+
+
+def _usage_query(since: float, user: str | None, guild_id: str | None, *, by_user: bool) -> Any:
+    """Runs since ``since`` with their requester, tokens and the seconds their tasks took."""
+    seconds = (
+        select(tasks.c.run_id, func.sum(tasks.c.seconds).label("seconds")).group_by(tasks.c.run_id).subquery()
+    )
+    source = runs.join(messages, runs.c.request_message_id == messages.c.id).outerjoin(
+        seconds, seconds.c.run_id == runs.c.id
+    )
+    where = [runs.c.created_at >= since, messages.c.author.is_not(None)]
+    if user is not None:
+        where.append(messages.c.author == user)
+    if guild_id is not None:
+        source = source.join(conversations, conversations.c.id == runs.c.conversation_id)
+        where.append(conversations.c.guild_id == guild_id)
+    tokens = func.sum(runs.c.prompt_tokens + runs.c.completion_tokens)
+    columns = [
+        func.count(runs.c.id).label("runs"),
+        tokens.label("tokens"),
+        func.sum(seconds.c.seconds).label("seconds"),
+    ]
+    if not by_user:
+        return select(*columns).select_from(source).where(*where)
+    return (
+        select(messages.c.author.label("user"), *columns)
+        .select_from(source)
+        .where(*where)
+        .group_by(messages.c.author)
+        .order_by(tokens.desc(), func.count(runs.c.id).desc(), messages.c.author)
+    )
 
 
 def _first(conn: Connection, query: Any) -> Row[Any] | None:
@@ -1030,11 +1155,14 @@ def _row(conversation: Conversation) -> dict[str, Any]:
         "owner": conversation.owner,
         "title": conversation.title,
         "created_at": conversation.created_at,
+        "guild_id": conversation.guild_id,
     }
 
 
 def _conversation(row: Row[Any]) -> Conversation:
-    return Conversation(row.id, row.platform, row.external_id, row.owner, row.created_at, row.title)
+    return Conversation(
+        row.id, row.platform, row.external_id, row.owner, row.created_at, row.title, row.guild_id
+    )
 
 
 def _message(row: Row[Any]) -> Message:

@@ -23,6 +23,7 @@ from sqlalchemy import (
 
 __all__ = [
     "blobs",
+    "chat_settings",
     "conversations",
     "maintenance",
     "messages",
@@ -45,7 +46,10 @@ conversations = Table(
     Column("owner", Text),
     Column("title", Text),
     Column("created_at", Double, nullable=False),
+    # The Discord guild of a thread (None elsewhere, and for conversations from before revision 0004).
+    Column("guild_id", Text),
     UniqueConstraint("platform", "external_id"),
+    Index("conversations_by_guild", "guild_id"),
 )
 
 messages = Table(
@@ -62,6 +66,7 @@ messages = Table(
     Column("run_id", Text, ForeignKey("runs.id", ondelete="SET NULL", use_alter=True)),
     Index("messages_in_order", "conversation_id", "seq", unique=True),
     Index("messages_by_run", "run_id"),
+    Index("messages_by_author", "author", "created_at"),
 )
 
 runs = Table(
@@ -74,7 +79,7 @@ runs = Table(
     Column(
         "status",
         Text,
-        CheckConstraint("status IN ('running', 'ok', 'partial', 'failed', 'interrupted')"),
+        CheckConstraint("status IN ('running', 'ok', 'partial', 'failed', 'interrupted', 'cancelled')"),
         nullable=False,
     ),
     Column("plan", Text),
@@ -92,6 +97,7 @@ runs = Table(
     Column("session", Text),
     Index("runs_in_order", "conversation_id", "seq", unique=True),
     Index("runs_by_request", "request_message_id"),
+    Index("runs_by_time", "created_at"),
     # The database, not only each process's queue, allows one running run per conversation.
     Index(
         "runs_one_running",
@@ -185,4 +191,19 @@ maintenance = Table(
     metadata,
     Column("name", Text, primary_key=True),
     Column("at", Double, nullable=False),
+)
+
+# What ``/config`` set for a whole guild (``channel_id`` '') or one channel; a NULL field inherits.
+chat_settings = Table(
+    "chat_settings",
+    metadata,
+    Column("guild_id", Text, primary_key=True),
+    Column("channel_id", Text, primary_key=True),
+    Column("llm_model", Text),
+    Column("model_selection", Text),
+    Column("max_tasks", Integer),
+    Column("task_types", Text),
+    Column("mention_required", Integer),
+    Column("updated_by", Text),
+    Column("updated_at", Double, nullable=False),
 )

@@ -83,7 +83,7 @@ async def test_open_creates_a_versioned_wal_database(sqlite_dir: Path) -> None:
     db = raw(sqlite_dir)
     assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [(schema.HEAD,)]
     # An older release, which knew only user_version 1 and 2, refuses the file instead of misusing it.
-    assert db.execute("PRAGMA user_version").fetchone()[0] == int(schema.HEAD) == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == int(schema.HEAD) == 4
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     db.close()
@@ -542,7 +542,7 @@ async def test_migrates_a_version_1_database_with_data(sqlite_dir: Path) -> None
         new_run = await store.start_run("c1", None)
         assert (await store.get_run(new_run)) is not None
     db = raw(sqlite_dir)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == int(schema.HEAD)
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert db.execute("PRAGMA foreign_key_check").fetchall() == []
     db.close()
@@ -561,15 +561,15 @@ async def test_refuses_a_database_at_a_newer_revision(storage_config: StorageCon
     async with await Storage.open(storage_config):
         pass
     db_rows(storage_config, "UPDATE alembic_version SET version_num = '0099'")
-    with pytest.raises(StorageError, match="revision 0099, newer than this program's 0003"):
+    with pytest.raises(StorageError, match="revision 0099, newer than this program's 0004"):
         await Storage.open(storage_config)
 
 
 BROKEN_REVISION = """# A revision that fails half-way.
 from alembic import op
 
-revision = "0004"
-down_revision = "0003"
+revision = "0005"
+down_revision = "0004"
 
 
 def upgrade() -> None:
@@ -585,11 +585,11 @@ async def test_a_failing_migration_changes_nothing(
         await store.create_conversation("cli", conversation_id="keep")
     scripts = tmp_path / "migrations"
     shutil.copytree(schema.SCRIPTS, scripts, ignore=shutil.ignore_patterns("__pycache__"))
-    (scripts / "versions" / "0004_broken.py").write_text(BROKEN_REVISION)
+    (scripts / "versions" / "0005_broken.py").write_text(BROKEN_REVISION)
     monkeypatch.setattr(schema, "SCRIPTS", scripts)
     with pytest.raises(StorageError):
         await Storage.open(storage_config)
-    assert db_rows(storage_config, "SELECT version_num FROM alembic_version") == [("0003",)]
+    assert db_rows(storage_config, "SELECT version_num FROM alembic_version") == [("0004",)]
     tables = (
         "SELECT count(*) FROM sqlite_master WHERE name = 'half_done'"
         if storage_config.engine == "sqlite"

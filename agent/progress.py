@@ -54,7 +54,14 @@ class RunProgress:
         elif isinstance(event, TaskSkipped):
             self._set(event.task_id, "skipped", note=event.reason)
         elif isinstance(event, Done):
-            self.stage = {"ok": "done", "partial": "done, with failures", "failed": "failed"}[event.result.status]
+            status = event.result.status
+            self.stage = {"ok": "done", "partial": "done, with failures", "failed": "failed", "cancelled": "cancelled"}[
+                status
+            ]
+            if status == "cancelled":
+                for t in self.tasks.values():
+                    if t.state in ("waiting", "running"):
+                        t.state, t.note = "skipped", "cancelled"
         else:
             return False
         if self.tasks and all(t.state not in ("waiting", "running") for t in self.tasks.values()):

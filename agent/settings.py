@@ -17,7 +17,35 @@ from dotenv import dotenv_values
 
 from .errors import ConfigurationError
 
-__all__ = ["Settings"]
+__all__ = ["RoleLimit", "Settings"]
+
+
+@dataclass(frozen=True)
+class RoleLimit:
+    """``DISCORD_ROLE_LIMITS`` entry: a role's daily runs and LLM tokens (0: unlimited) instead of the
+    per-user defaults."""
+
+    role_id: int
+    runs: int
+    tokens: int
+
+
+def _role_limits(value: str) -> tuple[RoleLimit, ...]:
+    """``ROLE=RUNS/TOKENS`` items, comma separated, e.g. ``1234=100/500000``."""
+    limits = []
+    for item in value.replace(",", " ").split():
+        role, _, counts = item.partition("=")
+        runs, _, tokens = counts.partition("/")
+        try:
+            limit = RoleLimit(int(role), int(runs), int(tokens))
+        except ValueError as err:
+            raise ConfigurationError(
+                f"DISCORD_ROLE_LIMITS: expected ROLE_ID=RUNS/TOKENS items, got {item!r}"
+            ) from err
+        if limit.runs < 0 or limit.tokens < 0:
+            raise ConfigurationError(f"DISCORD_ROLE_LIMITS: limits are 0 (none) or more, got {item!r}")
+        limits.append(limit)
+    return tuple(limits)
 
 
 def _ids(value: str) -> frozenset[int]:
@@ -75,6 +103,12 @@ class Settings:
     discord_allowed_channels: frozenset[int] = frozenset()
     discord_allowed_roles: frozenset[int] = frozenset()
     discord_user_runs_per_minute: int = 4
+    # Daily limits per user (0: none), counted from the stored runs; roles may override them.
+    discord_user_runs_per_day: int = 0
+    discord_user_tokens_per_day: int = 0
+    discord_role_limits: tuple[RoleLimit, ...] = ()
+    # Controller models an admin may choose per guild or channel with /config (same OpenAI-compatible server).
+    llm_models_allowed: tuple[str, ...] = ()
     log_level: str = "INFO"
 
     @property
@@ -120,6 +154,10 @@ class Settings:
             try:
                 if f.name.startswith("discord_allowed_"):
                     kwargs[f.name] = _ids(raw)
+                elif f.name == "discord_role_limits":
+                    kwargs[f.name] = _role_limits(raw)
+                elif f.name == "llm_models_allowed":
+                    kwargs[f.name] = tuple(dict.fromkeys(raw.replace(",", " ").split()))
                 elif f.name == "data_dir":
                     kwargs[f.name] = Path(raw).expanduser()
                 elif isinstance(f.default, bool):
@@ -139,6 +177,10 @@ class Settings:
             raise ConfigurationError("HUGGINGGPT_DEMOS must be 'retrieval' or 'fixed'")
         if settings.top_k < 1:
             raise ConfigurationError("HUGGINGGPT_TOP_K must be at least 1")
+        if settings.discord_user_runs_per_day < 0 or settings.discord_user_tokens_per_day < 0:
+            raise ConfigurationError(
+                "DISCORD_USER_RUNS_PER_DAY and DISCORD_USER_TOKENS_PER_DAY are 0 (none) or more"
+            )
         if settings.local_llm_threads < 0:
             raise ConfigurationError("LOCAL_LLM_THREADS must be 0 (one per core) or more")
         return settings
@@ -192,5 +234,9 @@ _ENV_NAMES: dict[str, str] = {
     "discord_allowed_channels": "DISCORD_ALLOWED_CHANNELS",
     "discord_allowed_roles": "DISCORD_ALLOWED_ROLES",
     "discord_user_runs_per_minute": "DISCORD_USER_RUNS_PER_MINUTE",
+    "discord_user_runs_per_day": "DISCORD_USER_RUNS_PER_DAY",
+    "discord_user_tokens_per_day": "DISCORD_USER_TOKENS_PER_DAY",
+    "discord_role_limits": "DISCORD_ROLE_LIMITS",
+    "llm_models_allowed": "LLM_MODELS_ALLOWED",
     "log_level": "LOG_LEVEL",
 }

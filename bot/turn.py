@@ -22,6 +22,7 @@ from agent.progress import RunProgress
 from agent.runtime import Runtime
 from agent.uploads import Upload
 
+from .controls import CancelButton, RetryButton, controls
 from .graph import draw_plan
 from .media import OutgoingFile, batches, fit_for_upload
 from .status import StatusMessage, keep_typing, render_progress
@@ -43,17 +44,30 @@ class ThreadRequest:
     uploads: Sequence[Upload]
     author: str
     message_id: str | None
+    # Files of the conversation the request is about besides its uploads (a retry names its first try's).
+    reuse: tuple[str, ...] = ()
 
 
 async def run_in_thread(
     runtime: Runtime, thread: discord.Thread, request: ThreadRequest, *, edit_interval: float = 1.0
 ) -> RunResult | None:
-    """Run ``request`` with live progress in ``thread``, then post the answer. None if no result came."""
+    """Run ``request`` with live progress in ``thread``, then post the answer. None if no result came.
+
+    The status message carries a Cancel button while the run runs; the answer a Retry button."""
     progress = RunProgress()
     status = StatusMessage(thread, interval=edit_interval)
     status.show(render_progress(progress))
     typing = asyncio.create_task(keep_typing(thread))
     result: RunResult | None = None
+    run_ids: list[str] = []
+
+    def started(run_id: str) -> None:
+        run_ids.append(run_id)
+        status.show_view(controls(CancelButton(run_id)))
+
+    def ended() -> discord.ui.View | None:
+        return controls(CancelButton(run_ids[0], disabled=True)) if run_ids else None
+
     try:
         events = runtime.conversations.ask(
             request.conversation_id,
@@ -61,6 +75,8 @@ async def run_in_thread(
             uploads=request.uploads,
             author=request.author,
             platform_message_id=request.message_id,
+            reuse=request.reuse,
+            on_run=started,
         )
         async for event in events:
             if isinstance(event, Done):
@@ -73,12 +89,14 @@ async def run_in_thread(
     except asyncio.CancelledError:
         progress.stage = "stopped: the bot is shutting down"
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(status.finish(render_progress(progress)), _STOP_NOTICE_SECONDS)
+            await asyncio.wait_for(status.finish(render_progress(progress), view=ended()), _STOP_NOTICE_SECONDS)
         raise
     finally:
         typing.cancel()
     # The answer goes out at once; the final status edit follows when the edit interval allows.
-    final = asyncio.create_task(status.finish(render_progress(progress, seconds=result.seconds if result else None)))
+    final = asyncio.create_task(
+        status.finish(render_progress(progress, seconds=result.seconds if result else None), view=ended())
+    )
     try:
         if result is not None:
             await status.posted()
@@ -117,17 +135,30 @@ async def _post_answer(runtime: Runtime, thread: discord.Thread, result: RunResu
         text += "\n\n⚠️ Not uploaded:\n" + "\n".join(f"- {p}" for p in problems)
     chunks = split_message(text)
     groups = batches(files, limit)
+    messages: list[tuple[str, Sequence[OutgoingFile]]] = []
     for n, chunk in enumerate(chunks):
         last = n == len(chunks) - 1
-        await post_message(thread, chunk, groups.pop(0) if last and groups else ())
-    for group in groups:
-        await post_message(thread, "", group)
+        messages.append((chunk, groups.pop(0) if last and groups else ()))
+    messages += [("", group) for group in groups]
+    for n, (content, attached) in enumerate(messages):
+        retry = controls(RetryButton(result.run_id)) if n == len(messages) - 1 else None
+        await post_message(thread, content, attached, view=retry)
 
 
-async def post_message(channel: discord.abc.Messageable, content: str, files: Sequence[OutgoingFile] = ()) -> None:
-    """Send a message; if Discord refuses it, log why and try to say so with a short notice."""
+async def post_message(
+    channel: discord.abc.Messageable,
+    content: str,
+    files: Sequence[OutgoingFile] = (),
+    *,
+    view: discord.ui.View | None = None,
+) -> None:
+    """Send a message (with ``view``'s buttons); if Discord refuses it, log why and try to say so."""
     try:
-        await channel.send(content, files=[discord.File(io.BytesIO(f.data), filename=f.filename) for f in files])
+        await channel.send(
+            content,
+            files=[discord.File(io.BytesIO(f.data), filename=f.filename) for f in files],
+            view=view or discord.utils.MISSING,
+        )
     except discord.HTTPException as err:
         log.warning("Discord refused a message (HTTP %s): %s", err.status, err.text)
         with contextlib.suppress(discord.HTTPException):

@@ -12,8 +12,9 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from agent.settings import Settings
 from storage import Usage
+
+from .config import DiscordConfig
 
 __all__ = ["DAY_SECONDS", "DailyLimit", "QuotaPolicy", "day_start", "describe_usage", "refusal"]
 
@@ -37,10 +38,10 @@ class QuotaPolicy:
     roles: Mapping[int, DailyLimit] = field(default_factory=dict)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> QuotaPolicy:
+    def from_config(cls, config: DiscordConfig) -> QuotaPolicy:
         return cls(
-            DailyLimit(settings.discord_user_runs_per_day, settings.discord_user_tokens_per_day),
-            {r.role_id: DailyLimit(r.runs, r.tokens) for r in settings.discord_role_limits},
+            DailyLimit(config.user_runs_per_day, config.user_tokens_per_day),
+            {r.role_id: DailyLimit(r.runs, r.tokens) for r in config.role_limits},
         )
 
     def limit_for(self, role_ids: Iterable[int]) -> DailyLimit:

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import discord
 import simcord
-from fakes.hf_server import png_bytes
-from test_bot_simcord import NO_TASKS, PICTURE_PLAN, World, world
 
 from bot.app import PLATFORM
 from bot.controls import NOT_YOURS
 from bot.quotas import DAY_SECONDS, DailyLimit, QuotaPolicy, day_start
 from storage import ChatSettings
+from tests.fakes.hf_server import png_bytes
+from tests.test_bot_simcord import NO_TASKS, PICTURE_PLAN, World, world
 
 
 def buttons(message: discord.Message) -> dict[str, bool]:

@@ -12,15 +12,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fakes import discord_server, hf_server, llm_server
-from fakes.agent_fakes import agent_settings, hf_tasks, plan, planning_script
-from fakes.discord_server import BOT_ID, FakeDiscord
-from fakes.hf_server import Fault, png_bytes
-
 from bot.controls import NOT_YOURS
 from storage import Storage
+from tests.fakes import discord_server, hf_server, llm_server
+from tests.fakes.agent_fakes import agent_settings, hf_tasks, plan, planning_script
+from tests.fakes.discord_server import BOT_ID, FakeDiscord
+from tests.fakes.hf_server import Fault, png_bytes
 
-CLI = "agent.cli"  # the console script of this tree
+CLI = "app.cli"  # the console script of this tree
 PICTURE_AND_SPEECH = plan(
     ("image-to-image", {"image": "img-1.png", "text": "blue"}), ("text-to-speech", {"text": "hi"})
 )

@@ -10,11 +10,11 @@ import pytest
 import sqlalchemy
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from fakes.reliability import db_rows
 
 from agent.resources import Origin
 from storage import ChatSettings, RunEnd, Storage, StorageConfig, TaskRecord, Usage
 from storage.tables import metadata
+from tests.fakes.reliability import db_rows
 
 
 class Clock:

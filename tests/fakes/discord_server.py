@@ -75,6 +75,7 @@ class FakeDiscord:
     faults: list[_Fault] = field(default_factory=list)
     # What the bot answered to each interaction (by token): its callback, then its follow-ups.
     interaction_replies: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    attachment_gate: asyncio.Event | None = None  # while set and not yet fired, downloads wait for it
     _cdn: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     _sockets: list[web.WebSocketResponse] = field(default_factory=list)
     _pressed: dict[str, int] = field(default_factory=dict)  # interaction token -> the message pressed
@@ -353,6 +354,8 @@ class FakeDiscord:
         return _json(commands)
 
     async def _attachment(self, request: web.Request) -> web.Response:
+        if self.attachment_gate is not None:
+            await self.attachment_gate.wait()
         stored = self._cdn.get(request.match_info["key"])
         if stored is None:
             return web.Response(status=404)

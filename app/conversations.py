@@ -209,7 +209,12 @@ class Conversations:
         return True
 
     async def _begin_turn(
-        self, conversation_id: str, text: str, uploads: Sequence[Upload], author: str | None, message_id: str | None
+        self,
+        conversation_id: str,
+        text: str,
+        uploads: Sequence[Upload],
+        author: str | None,
+        message_id: str | None,
     ) -> Turn:
         """Record the message, its files and a running run in one transaction. While another run of the
         conversation runs (another process's, or a request queued here), wait for it to end or for its process
@@ -228,7 +233,9 @@ class Conversations:
             except TurnBusyError as busy:
                 if await self.storage.reap():
                     continue  # its process was dead: that run is interrupted now
-                log.info("conversation %s is busy with run %s; waiting %.1f s", conversation_id, busy.run_id, delay)
+                log.info(
+                    "conversation %s is busy with run %s; waiting %.1f s", conversation_id, busy.run_id, delay
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _LONGEST_WAIT)
 
@@ -277,7 +284,9 @@ class Conversations:
                 yield await self._fail(run_id, str(err))
             else:
                 log.error("run %s crashed", run_id, exc_info=err)
-                yield await self._fail(run_id, "Something went wrong inside the bot; the details are in its log.")
+                yield await self._fail(
+                    run_id, "Something went wrong inside the bot; the details are in its log."
+                )
         except BaseException:
             # Cancelled (shutdown, kill of the front end): keep what is committed, say so at the next start.
             worker.cancel()
@@ -303,7 +312,9 @@ class Conversations:
         answer = f"⏹️ Cancelled{f' by {by}' if by else ''}. {kept}"
         await self.storage.add_message(conversation_id, "assistant", answer, run_id=run_id)
         await self.storage.finish_run(run_id, RunEnd("cancelled", answer, "cancelled"))
-        return Done(RunResult(run_id, "cancelled", plan, {}, [], answer, files, LLMUsage(), 0.0, error="cancelled"))
+        return Done(
+            RunResult(run_id, "cancelled", plan, {}, [], answer, files, LLMUsage(), 0.0, error="cancelled")
+        )
 
     async def _record(self, conversation_id: str, run_id: str, event: Event, plan: Plan) -> None:
         storage = self.storage
@@ -318,7 +329,9 @@ class Conversations:
         elif isinstance(event, TaskEnded):
             r = event.result
             output = r.output.to_json() if r.output is not None else None
-            await storage.record_task(TaskRecord(run_id, r.id, r.task, r.model, r.status, r.seconds, output, r.error))
+            await storage.record_task(
+                TaskRecord(run_id, r.id, r.task, r.model, r.status, r.seconds, output, r.error)
+            )
         elif isinstance(event, Done):
             result = event.result
             if result.answer:

@@ -25,6 +25,7 @@ from agent.llm import LLM, OpenAILLM
 from agent.settings import Settings
 from storage import S3Options, Storage, StorageConfig
 
+from .channel_agents import ChannelAgents
 from .conversations import Conversations
 
 MIXED_HEAD = 4
@@ -50,6 +51,7 @@ class Runtime:
     backends: Backends
     agent: Agent
     conversations: Conversations
+    agents: ChannelAgents
 
     @classmethod
     async def start(
@@ -81,7 +83,9 @@ class Runtime:
         except BaseException:
             await storage.close()
             raise
-        return cls(settings, storage, llm, catalog, all_backends, agent, Conversations(agent, storage))
+        agents = ChannelAgents(agent, settings)
+        conversations = Conversations(agent, storage, agent_for=agents)
+        return cls(settings, storage, llm, catalog, all_backends, agent, conversations, agents)
 
     async def status(self) -> list[BackendStatus]:
         """Reachability of the LLM, every backend and the database, for ``/status`` and traces."""
@@ -95,6 +99,7 @@ class Runtime:
     async def close(self) -> None:
         try:
             await self.backends.aclose()
+            await self.agents.aclose()
             await self.llm.aclose()
         finally:
             await self.storage.close()

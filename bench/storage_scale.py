@@ -126,7 +126,9 @@ async def run(smoke: bool, database_url: str | None = None) -> Result:
     if database_url is None:
         from tests.fakes.postgres import PostgresCluster
 
-        cluster = await asyncio.to_thread(PostgresCluster.start)  # it runs the migrations on a loop of its own
+        cluster = await asyncio.to_thread(
+            PostgresCluster.start
+        )  # it runs the migrations on a loop of its own
         database_url = cluster.new_database()
     try:
         rows = [

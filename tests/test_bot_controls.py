@@ -6,6 +6,7 @@ SimCord's settling does not allow: ``test_bot_controls_wire`` presses it over th
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import discord
@@ -174,3 +175,38 @@ async def test_a_token_limit_counts_the_tokens_of_stored_runs(tmp_path: Path) ->
         assert run.prompt_tokens + run.completion_tokens > 1
         await w.alice.send(thread, "two")
         assert "LLM tokens for today (the daily limit on tokens)" in w.bot_messages(thread)[-1].content
+
+
+async def test_config_picks_the_controller_model_selection_tasks_and_task_types_of_runs(
+    tmp_path: Path,
+) -> None:
+    async with world(tmp_path, plans=[NO_TASKS], answers=["Yes."], LLM_MODELS_ALLOWED="big-model") as w:
+        mods = w.guild.create_role("mods", permissions=discord.Permissions(manage_guild=True))
+        carol = w.guild.add_member(w.env.create_user("carol"), roles=[mods])
+        await carol.slash(w.channel, "config set", model="big-model", selection="llm")
+        await carol.slash(
+            w.channel, "config set", channel=w.channel, max_tasks=2, task_types="text-to-speech"
+        )
+
+        await w.mention("say hello")
+        planning = next(r for r in w.llm.requests if not r.get("stream"))
+        assert planning["model"] == "big-model"
+        system = planning["messages"][0]["content"]
+        assert "- text-to-speech:" in system and "- image-to-image:" not in system
+        assert "at most 2" in system
+        answering = next(r for r in w.llm.requests if r.get("stream"))
+        assert answering["model"] == "big-model"
+
+        # Elsewhere in the server: the server's model, every task type, the deployment's limit.
+        other = w.guild.create_text_channel("random")
+        await w.alice.send(other, f"<@{w.bot.user.id}> say hello")  # type: ignore[union-attr]
+        planning = [r for r in w.llm.requests if not r.get("stream")][-1]
+        assert planning["model"] == "big-model"
+        assert "- image-to-image:" in planning["messages"][0]["content"]
+        assert f"at most {w.settings.max_tasks}" in planning["messages"][0]["content"]
+
+        # A model the operator no longer approves is ignored: the deployment's LLM_MODEL plans.
+        w.settings = replace(w.settings, llm_models_allowed=())
+        await w.restart()
+        await w.alice.send(other, f"<@{w.bot.user.id}> again")  # type: ignore[union-attr]
+        assert [r for r in w.llm.requests if not r.get("stream")][-1]["model"] == w.settings.llm_model

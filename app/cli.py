@@ -151,17 +151,25 @@ async def _run_turn(
     """One turn. With ``cancel_on_ctrl_c`` (the chat), Ctrl-C while it runs cancels the run, not the program."""
     result: RunResult | None = None
     runs: list[str] = []
+    interrupted = False
     loop = asyncio.get_running_loop()
 
     def cancel() -> None:
+        nonlocal interrupted
+        interrupted = True  # a Ctrl-C before the run is recorded cancels it as soon as it is
         for run_id in runs:
             rt.conversations.cancel(run_id, by="you")
+
+    def started(run_id: str) -> None:
+        runs.append(run_id)
+        if interrupted:
+            cancel()
 
     if cancel_on_ctrl_c:
         loop.add_signal_handler(signal.SIGINT, cancel)
     try:
         events = rt.conversations.ask(
-            conversation, text, uploads=uploads, author="terminal", dry_run=dry_run, on_run=runs.append
+            conversation, text, uploads=uploads, author="terminal", dry_run=dry_run, on_run=started
         )
         async with progress or contextlib.nullcontext():
             async for event in events:

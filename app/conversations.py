@@ -193,9 +193,7 @@ class Conversations:
             turn=turn.turn,
             run_id=run_id,
         )
-        if on_run is not None:
-            on_run(run_id)
-        async for event in self._run(agent, conversation_id, run_id, request, dry_run):
+        async for event in self._run(agent, conversation_id, run_id, request, dry_run, on_run):
             yield event
 
     def cancel(self, run_id: str, by: str | None = None) -> bool:
@@ -240,7 +238,13 @@ class Conversations:
                 delay = min(delay * 2, _LONGEST_WAIT)
 
     async def _run(
-        self, agent: Agent, conversation_id: str, run_id: str, request: Request, dry_run: bool
+        self,
+        agent: Agent,
+        conversation_id: str,
+        run_id: str,
+        request: Request,
+        dry_run: bool,
+        on_run: Callable[[str], object] | None,
     ) -> AsyncIterator[Event]:
         """Run the agent in a task of its own, recording and passing on its events, so ``cancel`` can stop the
         agent alone while the front end still gets a last ``Done``. If the front end itself is cancelled (a
@@ -260,6 +264,8 @@ class Conversations:
         worker = asyncio.create_task(work(), name=f"run-{run_id}")
         self._workers[run_id] = worker
         try:
+            if on_run is not None:
+                on_run(run_id)  # from here on, ``cancel`` can stop it
             while True:
                 getter = asyncio.ensure_future(events.get())
                 try:

@@ -61,7 +61,15 @@ class ModelError(ExecutionError):
 
 
 class ModelTimeoutError(ModelError, TimeoutError):
-    """A model did not answer within the task timeout."""
+    """A model did not answer within the task timeout.
+
+    ``retryable`` is False when asking the same model again cannot help: a local model that ran out of time
+    on this input would only burn the same CPU time again.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class RetryableModelError(ModelError):

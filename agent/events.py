@@ -1,11 +1,15 @@
-"""Typed progress events. ``Agent.run`` yields them in order; the last one is always ``Done``."""
+"""Typed progress events. ``Agent.run`` yields them in order; the last one is always ``Done``.
+
+A task's end is one ``TaskEnded`` carrying its ``TaskResult``: the same object the run's result, the recorder
+and the progress display keep, so nobody rebuilds it from parts.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from .plan import ModelChoice, Plan, TaskOutput, TaskResult
+from .plan import ModelChoice, Plan, TaskResult
 from .resources import Resource
 
 __all__ = [
@@ -17,9 +21,7 @@ __all__ = [
     "ResponseChunk",
     "RunResult",
     "RunStatus",
-    "TaskFailed",
-    "TaskFinished",
-    "TaskSkipped",
+    "TaskEnded",
     "TaskStarted",
 ]
 
@@ -57,9 +59,9 @@ class RunResult:
     llm: LLMUsage
     seconds: float
     error: str | None = None
-    backends: dict[str, Any] = field(default_factory=dict)
 
     def to_trace(self, conversation: str, file_paths: list[str]) -> dict[str, Any]:
+        """The ``ask --json`` trace, but for ``backends``, which the front end adds from the runtime."""
         return {
             "conversation": conversation,
             "run_id": self.run_id,
@@ -70,7 +72,6 @@ class RunResult:
             "files": file_paths,
             "llm": self.llm.to_json(),
             "seconds": round(self.seconds, 3),
-            "backends": self.backends,
         }
 
 
@@ -92,28 +93,10 @@ class TaskStarted:
 
 
 @dataclass(frozen=True)
-class TaskFinished:
-    task_id: int
-    task: str
-    model: str
-    seconds: float
-    output: TaskOutput
+class TaskEnded:
+    """A task finished, failed or was skipped: ``result.status`` says which."""
 
-
-@dataclass(frozen=True)
-class TaskFailed:
-    task_id: int
-    task: str
-    model: str | None
-    seconds: float
-    error: str
-
-
-@dataclass(frozen=True)
-class TaskSkipped:
-    task_id: int
-    task: str
-    reason: str
+    result: TaskResult
 
 
 @dataclass(frozen=True)
@@ -126,4 +109,4 @@ class Done:
     result: RunResult
 
 
-Event = PlanReady | ModelsSelected | TaskStarted | TaskFinished | TaskFailed | TaskSkipped | ResponseChunk | Done
+Event = PlanReady | ModelsSelected | TaskStarted | TaskEnded | ResponseChunk | Done

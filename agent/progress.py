@@ -1,6 +1,8 @@
-"""The state of a run as a front end shows it: each task waiting, running, done, failed or skipped.
+"""The state of a run as a front end shows it: each task waiting, running, ok, failed or skipped.
 
-Both the terminal and the Discord status message render this one model, fed with the agent's events.
+Both the terminal and the Discord status message render this one model, fed with the agent's events. A
+task's state uses the result's own words (``ok``, ``failed``, ``skipped``) plus the two a result cannot have
+yet (``waiting``, ``running``).
 """
 
 from __future__ import annotations
@@ -8,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .events import Done, Event, ModelsSelected, PlanReady, TaskFailed, TaskFinished, TaskSkipped, TaskStarted
-from .plan import Plan
+from .events import Done, Event, ModelsSelected, PlanReady, TaskEnded, TaskStarted
+from .plan import Plan, TaskStatus
 
-__all__ = ["RunProgress", "TaskState"]
+__all__ = ["LLM_STAGES", "RunProgress", "TaskState"]
 
-State = Literal["waiting", "running", "done", "failed", "skipped"]
-_ICONS: dict[State, str] = {"waiting": "⏳", "running": "⚙️", "done": "✅", "failed": "❌", "skipped": "⏭️"}
+State = Literal["waiting", "running"] | TaskStatus
+_ICONS: dict[State, str] = {"waiting": "⏳", "running": "⚙️", "ok": "✅", "failed": "❌", "skipped": "⏭️"}
 
 
 @dataclass
@@ -28,11 +30,24 @@ class TaskState:
     note: str | None = None
 
 
+# Stages in which a run waits for the controller LLM (where what the LLM is busy with is worth showing).
+LLM_STAGES = frozenset({"planning", "choosing models", "answering"})
+
+
 @dataclass
 class RunProgress:
+    """``busy`` is what keeps the run waiting on the LLM (loading it, queued behind other requests), as the
+    front end last heard it from ``LLM.activity``; it is shown only in the LLM's stages."""
+
     plan: Plan | None = None
     tasks: dict[int, TaskState] = field(default_factory=dict)
     stage: str = "planning"
+    busy: str | None = None
+
+    @property
+    def headline(self) -> str:
+        """The stage, with what the LLM is busy with when that is what the run waits for."""
+        return f"{self.stage} ({self.busy})" if self.busy and self.stage in LLM_STAGES else self.stage
 
     def apply(self, event: Event) -> bool:
         """Update from ``event``; True if what is shown changed."""
@@ -47,12 +62,11 @@ class RunProgress:
             self.stage = "running"
         elif isinstance(event, TaskStarted):
             self._set(event.task_id, "running", model=event.model)
-        elif isinstance(event, TaskFinished):
-            self._set(event.task_id, "done", model=event.model, seconds=event.seconds)
-        elif isinstance(event, TaskFailed):
-            self._set(event.task_id, "failed", seconds=event.seconds, note=event.error)
-        elif isinstance(event, TaskSkipped):
-            self._set(event.task_id, "skipped", note=event.reason)
+        elif isinstance(event, TaskEnded):
+            result = event.result
+            note = result.error if result.status != "ok" else None
+            seconds = result.seconds if result.status != "skipped" else None
+            self._set(result.id, result.status, model=result.model, seconds=seconds, note=note)
         elif isinstance(event, Done):
             self.stage = {"ok": "done", "partial": "done, with failures", "failed": "failed"}[event.result.status]
         else:

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 from .resources import Resource
+from .text import valid_text
 
 __all__ = ["ChatTurn", "Request", "valid_text"]
-
-_SURROGATE_RE = re.compile("[\ud800-\udfff]")
-
-
-def valid_text(text: str) -> str:
-    """``text`` with every lone surrogate replaced by U+FFFD, so it can be stored and printed as UTF-8.
-
-    Lone surrogates are what Python makes of bytes that are not UTF-8 (a terminal in another encoding) and
-    what a JSON ``\\ud800`` escape decodes to; SQLite and UTF-8 streams refuse them.
-    """
-    return _SURROGATE_RE.sub("\ufffd", text)
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from .errors import GenerationError, LLMError
 from .events import LLMUsage
 from .llm import LLM, estimate_message_tokens, estimate_tokens
 from .plan import ModelChoice, Plan, TaskResult
-from .prompts import clip, load_prompt, prompt_template
+from .prompts import load_prompt, prompt_template
 from .request import Request
-from .settings import Settings
+from .text import clip
 
 __all__ = ["Responder", "workflow_json"]
 
@@ -71,9 +71,10 @@ def _alternating(messages: list[dict[str, str]]) -> list[dict[str, str]]:
 class Responder:
     """Stage 4: ``respond`` streams the answer; an LLM failure becomes ``GenerationError``."""
 
-    def __init__(self, llm: LLM, settings: Settings) -> None:
+    def __init__(self, llm: LLM, *, unavailable: Sequence[str] = ()) -> None:
+        """``unavailable``: the task types this setup cannot run, so a chat answer never pretends to."""
         self.llm = llm
-        self.settings = settings
+        self.unavailable = tuple(unavailable)
         self.reply_tokens = min(2048, llm.context_tokens // 4)
 
     def respond(
@@ -107,6 +108,10 @@ class Responder:
             )
         else:
             system = load_prompt("chat_system.txt")
+            if self.unavailable:
+                system += "\n\n" + prompt_template("chat_unavailable.txt").substitute(
+                    unavailable=", ".join(self.unavailable)
+                )
             attached = f"\n\n(Attached: {', '.join(request.attachments)})" if request.attachments else ""
             current = request.text + attached
         head = [{"role": "system", "content": system}]

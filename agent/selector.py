@@ -11,19 +11,20 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from .backends import Backends
-from .backends.llm_tasks import LLM_MODEL_PREFIX
+from .backends.llm_tasks import llm_model_id
 from .catalog import Catalog, ModelInfo
-from .errors import LLMError
+from .errors import LLMError, PlanParseError
 from .events import LLMUsage
-from .llm import LLM, parse_json_reply
+from .llm import LLM
 from .plan import ModelChoice, Plan, PlannedTask
-from .prompts import clip, load_prompt, prompt_template
+from .prompts import load_prompt, prompt_template
+from .replies import parse_json_reply
 from .request import Request
-from .settings import Settings
 from .tasks import LLM_TASKS
+from .text import clip
 
 __all__ = ["Selector", "selection_schema"]
 
@@ -56,13 +57,27 @@ def selection_schema(model_ids: Sequence[str]) -> dict[str, Any]:
 
 
 class Selector:
-    """Stage 2: ``select`` returns a ``ModelChoice`` for every task of the plan, by task id."""
+    """Stage 2: ``select`` returns a ``ModelChoice`` for every task of the plan, by task id.
 
-    def __init__(self, llm: LLM, catalog: Catalog, backends: Backends, settings: Settings) -> None:
+    ``mode`` is ``llm`` (the LLM picks among the ``top_k`` runnable candidates) or ``downloads`` (the top
+    one). LLM-handled tasks go to the controller LLM itself, under the name it really runs as (an embedded
+    model's name is exact only once it is loaded).
+    """
+
+    def __init__(
+        self,
+        llm: LLM,
+        catalog: Catalog,
+        backends: Backends,
+        *,
+        top_k: int = 5,
+        mode: Literal["llm", "downloads"] = "llm",
+    ) -> None:
         self.llm = llm
         self.catalog = catalog
         self.backends = backends
-        self.settings = settings
+        self.top_k = top_k
+        self.mode = mode
 
     async def select(self, request: Request, plan: Plan, usage: LLMUsage) -> dict[int, ModelChoice]:
         choices: dict[int, ModelChoice] = {}
@@ -73,10 +88,8 @@ class Selector:
             ranked_by_task[task.id] = ranked
             runnable = [m for m in ranked if self.backends.available(m)]
             if task.task in LLM_TASKS:
-                # The LLM that is really running: LLM_MODEL names a server's model, not the embedded one.
-                own = f"{LLM_MODEL_PREFIX}{self.llm.model}"
                 reason = f"the controller LLM ({self.llm.model}) does {task.task} itself"
-                choices[task.id] = _choice(task.id, own, reason, ranked)
+                choices[task.id] = _choice(task.id, llm_model_id(self.llm.model), reason, ranked)
             elif not ranked:
                 choices[task.id] = ModelChoice(task.id, "", f"no model in the catalog does {task.task}")
             elif not runnable:
@@ -86,11 +99,11 @@ class Selector:
                 choices[task.id] = _choice(
                     task.id, ranked[0].id, "the only model for this task that can run here", ranked
                 )
-            elif self.settings.model_selection == "downloads":
+            elif self.mode == "downloads":
                 reason = "the most downloaded model for this task that can run here"
                 choices[task.id] = _choice(task.id, ranked[0].id, reason, ranked)
             else:
-                open_tasks[task.id] = runnable[: self.settings.top_k]
+                open_tasks[task.id] = runnable[: self.top_k]
         if open_tasks:
             picked = await self._ask(request, plan, open_tasks, usage)
             for task_id in open_tasks:
@@ -123,13 +136,13 @@ class Selector:
             reply = await self.llm.complete_json(
                 messages, schema=schema, usage=usage, max_tokens=200 + 120 * len(open_tasks)
             )
-        except LLMError as err:
+            answers = _answers(await parse_json_reply(reply))
+        except (LLMError, PlanParseError) as err:
             log.warning("model selection by the LLM failed: %s", err)
             return {
                 task_id: (models[0].id, f"model selection by the LLM failed ({err}); {_TOP}")
                 for task_id, models in open_tasks.items()
             }
-        answers = _answers(parse_json_reply(reply))
         if answers is None:
             log.warning("unreadable model selection reply: %.200r", reply)
             return fallback

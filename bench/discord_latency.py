@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.planner import FixedDemos, load_demonstrations
+from agent.demos import FixedDemos
 
-from .common import Result, percentile, run_main, use_test_fakes
+from .common import Result, percentile, run_main
 from .controller import ScriptedController
 from .harness import loopback
 from .overhead import PLAN, TEXT
@@ -66,10 +66,10 @@ def _is_answer(request: Any) -> bool:
 async def measure(runs: int, model_seconds: float, smoke: bool) -> list[dict[str, float]]:
     """``runs`` timed mentions; in full mode after one untimed mention (loads, connections, caches)."""
     warm_up = 0 if smoke else 1
-    use_test_fakes()
-    from fakes import discord_server
-
-    from bot.app import HuggingGPTBot
+    from app.runtime import Runtime
+    from bot.app import HuggingGPTBot, use_discord_endpoints
+    from bot.config import DiscordConfig
+    from tests.fakes import discord_server
 
     server = discord_server.start_in_thread()
     log = TimedRequests(asyncio.get_running_loop())
@@ -86,22 +86,27 @@ async def measure(runs: int, model_seconds: float, smoke: bool) -> list[dict[str
         ) as world:
             # The scripted selector picks each task's first candidate: the most downloaded model.
             chosen = [world.catalog.by_task(t["task"])[0].id for t in PLAN]
-            bot = HuggingGPTBot(world.settings)
-            await bot.login(TOKEN)  # runs setup_hook: the agent runtime starts here, before any timing
-            running = asyncio.create_task(bot.connect())
-            try:
-                async with asyncio.timeout(120):
-                    await bot.wait_until_ready()
-                planner = bot.runtime.agent.planner
-                if smoke:
-                    # The sentence encoder behind retrieved demonstrations takes seconds to load.
-                    planner.demos = FixedDemos(load_demonstrations())
-                mention = f"<@{discord_server.BOT_ID}> {TEXT}"
-                timed = [await _one(server, log, world.hf, chosen, model_seconds, mention) for _ in range(runs + warm_up)]
-                return timed[warm_up:]
-            finally:
-                await bot.close()
-                await running
+            use_discord_endpoints(server.api_base, server.gateway_url)
+            # The runtime as the bot's entry point builds it (retrieved demonstrations), before any timing.
+            async with await Runtime.start(world.settings) as runtime:
+                bot = HuggingGPTBot(runtime, DiscordConfig.from_settings(world.settings))
+                await bot.login(TOKEN)
+                running = asyncio.create_task(bot.connect())
+                try:
+                    async with asyncio.timeout(120):
+                        await bot.wait_until_ready()
+                    if smoke:
+                        # The sentence encoder behind retrieved demonstrations takes seconds to load.
+                        runtime.agent.planner.demos = FixedDemos()
+                    mention = f"<@{discord_server.BOT_ID}> {TEXT}"
+                    timed = [
+                        await _one(server, log, world.hf, chosen, model_seconds, mention)
+                        for _ in range(runs + warm_up)
+                    ]
+                    return timed[warm_up:]
+                finally:
+                    await bot.close()
+                    await running
     finally:
         server.stop()
 
@@ -110,7 +115,7 @@ async def _one(
     server: Any, log: TimedRequests, hf: Any, models: list[str], seconds: float, mention: str
 ) -> dict[str, float]:
     """One mention, timed from just before the fake dispatches it until the bot goes quiet."""
-    from fakes.hf_server import Fault
+    from tests.fakes.hf_server import Fault
 
     for model in models:
         hf.script(model, Fault.slow(seconds))

@@ -19,10 +19,10 @@ from agent.events import Done, RunResult
 from agent.request import Request
 from agent.resources import MemoryResourceStore, Origin
 
-from .common import Result, Target, run_main, use_test_fakes
+from .common import Result, Target, run_main
 from .controller import ScriptedController, stage_of
 from .embedded import embedded_models, token_counter
-from .harness import build_agent, close_agent, loopback
+from .harness import loopback, runtime_on
 
 __all__ = ["PLANS", "REFERENCE", "main", "run"]
 
@@ -79,14 +79,13 @@ async def _one(agent: Any, text: str, png: bytes, tasks: int) -> RunResult:
 
 
 async def measure(count: Callable[[str], int] | None) -> list[dict[str, Any]]:
-    use_test_fakes()
-    from fakes.hf_server import png_bytes
-    from fakes.llm_server import prompt_tokens
+    from tests.fakes.hf_server import png_bytes
+    from tests.fakes.llm_server import prompt_tokens
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp, loopback(ScriptedController(dict(PLANS.values())), Path(tmp)) as world:
-        agent = build_agent(world)
-        try:
+        async with runtime_on(world) as runtime:
+            agent = runtime.agent
             for tasks, (text, _) in PLANS.items():
                 sent = len(world.llm_requests)
                 result = await _one(agent, text, png_bytes(), tasks)
@@ -107,8 +106,6 @@ async def measure(count: Callable[[str], int] | None) -> list[dict[str, Any]]:
                         "counted_prompt_tokens": sum(s["counted"] for s in by_stage.values()) if count else None,
                     }
                 )
-        finally:
-            await close_agent(agent)
     return rows
 
 

@@ -19,7 +19,6 @@ from agent.events import LLMUsage
 from agent.local_llm import EmbeddedLLM
 from agent.planner import Planner
 from agent.request import Request
-from agent.settings import Settings
 
 from .common import Result, run_main
 from .embedded import EmbeddedModel, embedded_llm, embedded_models
@@ -38,7 +37,7 @@ REQUESTS = (
 
 async def _plans(llm: EmbeddedLLM, requests: Sequence[str]) -> tuple[list[float], int]:
     """Seconds per plan, in order, and how many plans failed to parse or validate."""
-    planner = Planner(llm, Settings(max_tasks=12))
+    planner = Planner(llm, max_tasks=12)
     seconds: list[float] = []
     failures = 0
     for text in requests:

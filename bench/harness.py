@@ -1,29 +1,29 @@
 """The loopback world the agent benchmarks run in: the scripted LLM and the HF fake, each on its own thread.
 
 The fakes run on their own event loops so that the loop under measurement carries only the agent's work
-(they still share the GIL). The agent is built as ``Runtime`` builds it, minus the optional parts that would
-make figures depend on what is installed: the Hugging Face backend only, the fixed demonstrations.
+(they still share the GIL). The runtime is ``Runtime.start``'s, with the optional parts that would make figures
+depend on what is installed replaced: the Hugging Face backend only, the fixed demonstrations.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from agent.backends import Backends
+from agent.backends import Backend
 from agent.backends.hf import HFBackend
 from agent.catalog import Catalog
-from agent.llm import OpenAILLM
-from agent.pipeline import Agent
+from agent.demos import FixedDemos
+from agent.llm import LLM, OpenAILLM
 from agent.settings import Settings
+from app.runtime import Runtime
 
-from .common import use_test_fakes
 from .controller import ScriptedController
 
-__all__ = ["Loopback", "build_agent", "close_agent", "loopback"]
+__all__ = ["Loopback", "loopback", "runtime_on"]
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,7 @@ class Loopback:
 @contextmanager
 def loopback(controller: ScriptedController, data_dir: Path, **overrides: Any) -> Iterator[Loopback]:
     """Start both fakes: the LLM answers as ``controller`` scripts; every catalog model answers."""
-    use_test_fakes()
-    from fakes import hf_server, llm_server
+    from tests.fakes import hf_server, llm_server
 
     catalog = Catalog.for_data_dir(data_dir)
     llm = llm_server.start_in_thread(controller)
@@ -63,15 +62,24 @@ def loopback(controller: ScriptedController, data_dir: Path, **overrides: Any) -
         llm.stop()
 
 
-def build_agent(world: Loopback) -> Agent:
-    """The agent over the fakes; ``close_agent`` it afterwards."""
-    backends = Backends([HFBackend(world.settings)])
-    return Agent(world.settings, OpenAILLM(world.settings), world.catalog, backends)
-
-
-async def close_agent(agent: Agent) -> None:
-    """Close the HTTP clients the agent's LLM and backends hold, as ``Runtime.close`` does."""
-    for client in (*agent.backends.backends, agent.llm):
-        aclose = getattr(client, "aclose", None)
-        if aclose is not None:
-            await aclose()
+@asynccontextmanager
+async def runtime_on(
+    world: Loopback,
+    *,
+    wrap_llm: Callable[[LLM], LLM] | None = None,
+    wrap_backend: Callable[[Backend], Backend] | None = None,
+) -> AsyncIterator[Runtime]:
+    """A runtime over the fakes, storage in the world's data dir; ``wrap_*`` wrap the LLM and the HF
+    backend (to meter them). Closed on exit."""
+    llm: LLM = OpenAILLM(world.settings)
+    hf: Backend = HFBackend(world.settings)
+    runtime = await Runtime.start(
+        world.settings,
+        llm=wrap_llm(llm) if wrap_llm else llm,
+        backends=[wrap_backend(hf) if wrap_backend else hf],
+        demos=FixedDemos(),
+    )
+    try:
+        yield runtime
+    finally:
+        await runtime.close()

@@ -20,20 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.backends import Backend, Backends, BackendStatus, TaskInput, TaskIO
+from agent.agent import Agent
+from agent.backends import Backend, BackendStatus, TaskInput, TaskIO
 from agent.catalog import ModelInfo
 from agent.events import Done, Event, LLMUsage, RunResult
 from agent.llm import LLM
-from agent.pipeline import Agent
 from agent.plan import TaskOutput
 from agent.request import Request
 from agent.resources import MemoryResourceStore
-from agent.session import Conversations
-from storage import Storage
+from app.conversations import Conversations
 
 from .common import Result, Target, percentile, run_main
 from .controller import ScriptedController
-from .harness import Loopback, build_agent, close_agent, loopback
+from .harness import loopback, runtime_on
 
 __all__ = ["Meter", "TimedBackend", "TimedLLM", "main", "run"]
 
@@ -53,9 +52,13 @@ class Meter:
     """Intervals spent waiting on the LLM or a model; ``inside`` is their union within a window."""
 
     spans: list[tuple[float, float]] = field(default_factory=list)
+    enabled: bool = True
 
     @contextmanager
     def span(self) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
         start = time.perf_counter()
         try:
             yield
@@ -104,17 +107,23 @@ class TimedLLM:
     async def status(self) -> BackendStatus:
         return await self._llm.status()
 
+    async def aclose(self) -> None:
+        await self._llm.aclose()
 
-class TimedBackend:
+    def activity(self) -> str | None:
+        return self._llm.activity()
+
+
+class TimedBackend(Backend):
     """A ``Backend`` that records the time spent inside ``run``."""
 
     def __init__(self, backend: Backend, meter: Meter) -> None:
         self._backend = backend
         self._meter = meter
         self.name = backend.name
-
-    def handles(self, model: ModelInfo) -> bool:
-        return self._backend.handles(model)
+        self.prefix = backend.prefix
+        self.enable_hint = backend.enable_hint
+        self.retry_timeouts = backend.retry_timeouts
 
     def available(self, model: ModelInfo) -> bool:
         return self._backend.available(model)
@@ -126,12 +135,8 @@ class TimedBackend:
         with self._meter.span():
             return await self._backend.run(model, inp, io)
 
-
-def _timed_agent(world: Loopback, meter: Meter) -> tuple[Agent, Agent]:
-    """The metered agent, and the plain one whose clients it borrows (to close them)."""
-    plain = build_agent(world)
-    backends = Backends([TimedBackend(b, meter) for b in plain.backends.backends])
-    return Agent(world.settings, TimedLLM(plain.llm, meter), plain.catalog, backends), plain
+    async def aclose(self) -> None:
+        await self._backend.aclose()
 
 
 async def _finish(events: AsyncIterator[Event]) -> RunResult:
@@ -150,7 +155,7 @@ async def _overheads(
 ) -> dict[str, list[float]]:
     """Overhead (ms) of ``runs`` sequential runs, each way; the first run of each is a warm-up."""
     out: dict[str, list[float]] = {"agent": [], "conversation": []}
-    conversation = await conversations.storage.create_conversation("bench")
+    conversation = await conversations.open("bench")
     for n in range(runs + 1):
         for way in out:
             meter.spans.clear()
@@ -174,7 +179,7 @@ async def _ticker(stop: asyncio.Event, lags: list[float]) -> None:
 
 async def _load(conversations: Conversations, count: int) -> dict[str, float]:
     """``count`` conversations ask at once; loop lag, throughput and run latency."""
-    ids = [(await conversations.storage.create_conversation("bench")).id for _ in range(count)]
+    ids = [(await conversations.open("bench")).id for _ in range(count)]
     latencies: list[float] = []
 
     async def ask(conversation_id: str) -> None:
@@ -206,14 +211,15 @@ async def _load(conversations: Conversations, count: int) -> dict[str, float]:
 async def measure(runs: int, levels: Sequence[int]) -> dict[str, Any]:
     meter = Meter()
     with tempfile.TemporaryDirectory() as tmp, loopback(ScriptedController({TEXT: PLAN}), Path(tmp)) as world:
-        agent, plain = _timed_agent(world, meter)
-        storage = await Storage.open(Path(tmp) / "data")
-        try:
-            overheads = await _overheads(agent, Conversations(agent, storage), meter, runs)
-            load = [await _load(Conversations(plain, storage), n) for n in levels]
-        finally:
-            await storage.close()
-            await close_agent(plain)
+        async with runtime_on(
+            world,
+            wrap_llm=lambda llm: TimedLLM(llm, meter),
+            wrap_backend=lambda backend: TimedBackend(backend, meter),
+        ) as runtime:
+            overheads = await _overheads(runtime.agent, runtime.conversations, meter, runs)
+            # The meter's spans are not needed under load: it only adds to every call.
+            meter.enabled = False
+            load = [await _load(runtime.conversations, n) for n in levels]
     return {"overhead_ms": overheads, "load": load}
 
 

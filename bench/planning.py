@@ -23,14 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.demos import DemoSelector, FixedDemos, load_demonstrations
 from agent.errors import LLMError, PlanningError, PlanParseError
 from agent.events import LLMUsage
 from agent.llm import LLM, OpenAILLM
-from agent.planner import DEMO_COUNT, DemoSelector, FixedDemos, Planner, load_demonstrations
+from agent.planner import DEMO_COUNT, Planner
 from agent.request import Request
 from agent.settings import Settings
 
-from .common import REPO_ROOT, Result, Target, parse_args, use_test_fakes
+from .common import REPO_ROOT, Result, Target, parse_args
 from .controller import ScriptedController
 from .embedded import EmbeddedModel, embedded_llm, embedded_models
 from .taskbench import TaskBench, oracle_plan, request_resources, score, to_taskbench
@@ -122,8 +123,7 @@ class Controller:
 
 @asynccontextmanager
 async def _oracle(tb: TaskBench, validity: int) -> AsyncIterator[Controller]:
-    use_test_fakes()
-    from fakes.llm_server import FakeLLMServer
+    from tests.fakes.llm_server import FakeLLMServer
 
     plans = {g.request: oracle_plan(g.nodes, tb.from_taskbench) for g in tb.gold}
     async with FakeLLMServer(ScriptedController(plans)) as server:
@@ -165,12 +165,11 @@ async def _evaluate(
     validity_texts: Sequence[str],
     validity_demos: str,
 ) -> tuple[list[list[Any]], dict[str, Any]]:
-    settings = Settings(max_tasks=12)
     gold = tb.gold[:records]
     rows = []
     data: dict[str, Any] = {}
     for demos_label, selector in demos.items():
-        planner = Planner(controller.llm, settings, selector)
+        planner = Planner(controller.llm, selector, max_tasks=12)
         await selector.select(gold[0].request, DEMO_COUNT)  # loads the sentence encoder outside the timing
         started = time.perf_counter()
         outcomes = await _plan_all(
@@ -231,7 +230,7 @@ def _failures(outcomes: Sequence[Outcome]) -> dict[str, Any]:
 def _demo_selectors(kinds: Sequence[str]) -> dict[str, DemoSelector]:
     selectors: dict[str, DemoSelector] = {}
     if "fixed" in kinds:
-        selectors["fixed"] = FixedDemos(load_demonstrations())
+        selectors["fixed"] = FixedDemos()
     if "retrieval" in kinds:
         from agent.demos import EmbeddingDemoSelector
 

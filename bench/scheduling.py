@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from agent.backends import Backends, TaskInput, TaskIO
 from agent.backends.hf import HFBackend
 from agent.catalog import Catalog, ModelInfo
-from agent.events import LLMUsage, TaskFailed, TaskFinished, TaskSkipped
+from agent.config import ExecutionConfig
+from agent.events import LLMUsage, TaskEnded
 from agent.executor import Executor
 from agent.plan import GENERATED_RE, ModelChoice, Plan, PlannedTask, TaskOutput
 from agent.request import Request
@@ -27,7 +28,7 @@ from agent.resources import MemoryResourceStore, Origin, Resource, extension_for
 from agent.settings import Settings
 from agent.tasks import TASKS
 
-from .common import Result, Target, run_main, use_test_fakes
+from .common import Result, Target, run_main
 
 __all__ = ["Shape", "critical_path", "main", "poll_schedule", "run", "shapes"]
 
@@ -139,10 +140,12 @@ async def _ours(executor: Executor, shape: Shape) -> float:
     store = MemoryResourceStore()
     started = time.perf_counter()
     async for event in executor.execute(plan, choices, Request("bench", run_id="bench"), store, LLMUsage()):
-        if isinstance(event, TaskFailed | TaskSkipped):
-            raise RuntimeError(f"{shape.name}: task {event.task_id} did not run: {event}")
-        if isinstance(event, TaskFinished) and not event.output.text:
-            raise RuntimeError(f"{shape.name}: task {event.task_id} produced no text")
+        if isinstance(event, TaskEnded):
+            result = event.result
+            if result.status != "ok":
+                raise RuntimeError(f"{shape.name}: task {result.id} did not run: {result.error}")
+            if result.output is None or not result.output.text:
+                raise RuntimeError(f"{shape.name}: task {result.id} produced no text")
     return time.perf_counter() - started
 
 
@@ -164,8 +167,7 @@ async def _baseline(backend: HFBackend, catalog: Catalog, shape: Shape, interval
 
 async def measure(sizes: Sequence[int], scale: float, repeats: int) -> list[Timing]:
     """Each shape ``repeats`` times under both schedulers; latencies are 0.2-0.6 s times ``scale``."""
-    use_test_fakes()
-    from fakes.hf_server import Fault, start_in_thread
+    from tests.fakes.hf_server import Fault, start_in_thread
 
     plans = shapes(sizes, 0.2 * scale, 0.6 * scale, random.Random(SEED))
     most = max(len(s.deps) for s in plans)
@@ -177,7 +179,7 @@ async def measure(sizes: Sequence[int], scale: float, repeats: int) -> list[Timi
     try:
         settings = Settings(hf_token="hf_bench", hf_inference_base_url=running.base_url, task_retries=0)
         backend = HFBackend(settings)
-        executor = Executor(Backends([backend]), catalog, settings)
+        executor = Executor(Backends([backend]), catalog, ExecutionConfig(task_retries=0))
         try:
             # One untimed run first: the HTTP client's session and connections are made on first use.
             await _ours(executor, plans[0])

@@ -22,12 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.events import Done
-from agent.session import Conversations
-from storage import Storage, StorageConfig
 
-from .common import REPO_ROOT, Result, parse_args, percentile, use_test_fakes
+from .common import REPO_ROOT, Result, parse_args, percentile
 from .controller import ScriptedController
-from .harness import build_agent, close_agent, loopback
+from .harness import loopback, runtime_on
 from .overhead import PLAN, TEXT
 
 __all__ = ["main", "run"]
@@ -37,16 +35,10 @@ NAME = "storage_scale"
 
 async def _worker(data_dir: Path, database_url: str | None, conversations: int, turns: int, tag: str) -> None:
     """One process's share: set up, say READY, wait for GO, run, print the latencies as one JSON line."""
-    config = StorageConfig(data_dir, database_url=database_url)
-    with loopback(ScriptedController({TEXT: PLAN}), data_dir) as world:
-        agent = build_agent(world)
-        storage = await Storage.open(config)
-        try:
-            service = Conversations(agent, storage)
-            ids = [
-                (await storage.create_conversation("bench", external_id=f"{tag}-{n}")).id
-                for n in range(conversations)
-            ]
+    with loopback(ScriptedController({TEXT: PLAN}), data_dir, database_url=database_url or "") as world:
+        async with runtime_on(world) as runtime:
+            service = runtime.conversations
+            ids = [(await service.open("bench", external_id=f"{tag}-{n}")).id for n in range(conversations)]
             print("READY", flush=True)
             await asyncio.to_thread(sys.stdin.readline)
             latencies: list[float] = []
@@ -64,9 +56,6 @@ async def _worker(data_dir: Path, database_url: str | None, conversations: int, 
 
             await asyncio.gather(*(converse(i) for i in ids))
             print(json.dumps({"latencies": latencies, "failed": failed, "end": time.time()}), flush=True)
-        finally:
-            await storage.close()
-            await close_agent(agent)
 
 
 async def _measure(
@@ -132,10 +121,11 @@ async def run(smoke: bool, database_url: str | None = None) -> Result:
     conversations, turns = (10, 1) if smoke else (200, 2)
     cluster = None
     if database_url is None:
-        use_test_fakes()
-        from fakes.postgres import PostgresCluster
+        from tests.fakes.postgres import PostgresCluster
 
-        cluster = await asyncio.to_thread(PostgresCluster.start)  # it runs the migrations on a loop of its own
+        cluster = await asyncio.to_thread(
+            PostgresCluster.start
+        )  # it runs the migrations on a loop of its own
         database_url = cluster.new_database()
     try:
         rows = [

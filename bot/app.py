@@ -1,17 +1,20 @@
-"""The Discord bot: a thin adapter from Discord messages to stored conversations of the agent.
+"""The Discord bot: a thin adapter from Discord messages to the application's stored conversations.
 
 The whole flow, in order:
 
-- ``setup_hook``: start the agent ``Runtime`` (storage, LLM, backends), add the slash commands, and sync them
-  with Discord only when asked (``--sync-commands``).
+- ``serve`` (the entry point, called by ``hugginggpt bot`` with the ``Runtime`` it built): point discord.py at
+  the configured servers, build the bot around the runtime, run it until SIGTERM/SIGINT.
+- ``setup_hook``: add the slash commands, and sync them with Discord only when asked (``--sync-commands``).
 - ``on_ready``: report in their threads the runs a restart interrupted.
 - ``on_message``: a mention in an allowed channel opens a public thread on that message and starts a
   conversation there (platform ``discord``, external id = thread id, owner = author id); in a thread that has
-  a conversation, every message continues it without a mention. Attachments are downloaded and checked, the
-  run happens in ``turn.run_in_thread`` (one at a time per thread, later ones queued), each user is rate
-  limited, and failures become a short message in the thread (details in the log).
-- ``close`` (SIGTERM/SIGINT in ``run_bot``): stop taking requests, cancel the runs (``Conversations`` records
-  them as interrupted), close the runtime and then the Discord client.
+  a conversation, every message continues it without a mention. ``/ask`` takes the same path
+  (``start_or_continue``). Each request holds its thread's turn from the moment it arrives (so ``/reset`` cannot
+  pull the conversation away under it), downloads its attachments when its turn starts (a queued request
+  holds no files), runs in ``turn.run_in_thread``, and failures become a short message in the thread
+  (details in the log). Each user is rate limited.
+- ``close`` (SIGTERM/SIGINT): stop taking requests, cancel the runs (``Conversations`` records them as
+  interrupted), then close the Discord client. The runtime belongs to the entry point, which closes it.
 
 ``AllowedMentions.none()`` is set on the client, so nothing the model writes can ping anyone.
 """
@@ -31,17 +34,18 @@ from discord import app_commands
 from discord.ext import commands
 
 from agent.errors import AgentError, ConfigurationError
-from agent.runtime import Runtime
 from agent.settings import Settings
-from storage import Conversation
+from app.conversations import Conversation
+from app.runtime import Runtime
 
 from .attachments import Downloader, IncomingFile, read_attachments
 from .commands import SlashCommands
+from .config import DiscordConfig
 from .limits import AccessPolicy, RateLimiter, ThreadQueue
 from .text import request_text, thread_name
 from .turn import ThreadRequest, post_message, run_in_thread
 
-__all__ = ["PLATFORM", "HuggingGPTBot", "run_bot", "use_discord_endpoints"]
+__all__ = ["PLATFORM", "HuggingGPTBot", "serve", "use_discord_endpoints"]
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +72,9 @@ def use_discord_endpoints(api_base: str, gateway_url: str) -> None:
     ``AutoShardedClient`` calls ``HTTPClient.get_bot_gateway``, for the shard count):
     ``DiscordWebSocket.from_client`` connects to the class attribute ``DiscordWebSocket.DEFAULT_GATEWAY``
     (``wss://gateway.discord.gg/``), to which it also returns after an invalidated session, and resumes at
-    the ``resume_gateway_url`` the server gives in READY. Both attributes are process-wide, so they are set
-    here once, before login. Empty values mean Discord's own. ``api_base`` without an ``/api/vN`` suffix gets
-    ``/api/v10``.
+    the ``resume_gateway_url`` the server gives in READY. Both attributes are process-wide, so the entry point
+    sets them once, before login. Empty values mean Discord's own. ``api_base`` without an ``/api/vN`` suffix
+    gets ``/api/v10``.
     """
     base = api_base.rstrip("/") or DISCORD_API_BASE
     if not re.search(r"/api/v\d+$", base):
@@ -82,10 +86,11 @@ def use_discord_endpoints(api_base: str, gateway_url: str) -> None:
 class _Tree(app_commands.CommandTree):
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         """A failed command gets a short answer; the traceback goes to the log only."""
+        name = interaction.command.name if interaction.command else "?"
         if isinstance(error, app_commands.CheckFailure):
-            text = "You can't use that command here."
+            text = "I'm not available here."
         else:
-            log.error("/%s failed", interaction.command.name if interaction.command else "?", exc_info=error)
+            log.error("/%s failed", name, exc_info=error)
             text = ERROR_NOTICE
         try:
             if interaction.response.is_done():
@@ -93,21 +98,22 @@ class _Tree(app_commands.CommandTree):
             else:
                 await interaction.response.send_message(text, ephemeral=True)
         except discord.HTTPException:
-            log.warning("could not tell the user that /%s failed", interaction.command.name if interaction.command else "?")
+            log.warning("could not tell the user that /%s failed", name)
 
 
 class HuggingGPTBot(commands.Bot):
-    """HuggingGPT on Discord. ``downloader`` and ``edit_interval`` are for tests (a fake CDN, fast edits)."""
+    """HuggingGPT on Discord, around a ``Runtime`` it is handed. ``downloader`` and ``edit_interval`` are for
+    tests (a fake CDN, fast edits)."""
 
     def __init__(
         self,
-        settings: Settings,
+        runtime: Runtime,
+        config: DiscordConfig,
         *,
         sync_commands: bool = False,
         downloader: Downloader | None = None,
         edit_interval: float = 1.0,
     ) -> None:
-        discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False  # no voice: silence the warnings
         intents = discord.Intents.default()
         intents.message_content = True
         super().__init__(
@@ -117,56 +123,51 @@ class HuggingGPTBot(commands.Bot):
             help_command=None,
             tree_cls=_Tree,
         )
-        use_discord_endpoints(settings.discord_api_base, settings.discord_gateway_url)
-        self.settings = settings
+        self.runtime = runtime
+        self.conversations = runtime.conversations
+        self.config = config
         self.sync_commands = sync_commands
         self.downloader = downloader or Downloader()
         self.edit_interval = edit_interval
-        self.access = AccessPolicy.from_settings(settings)
-        self.rate_limiter = RateLimiter(settings.discord_user_runs_per_minute)
+        self.access = AccessPolicy(config.allowed_guilds, config.allowed_channels, config.allowed_roles)
+        self.rate_limiter = RateLimiter(config.user_runs_per_minute)
         self.queue = ThreadQueue()
-        self._runtime: Runtime | None = None
         self._runs: set[asyncio.Task[object]] = set()
         self._accepting = True
         self._reported_interrupted = False
 
-    @property
-    def runtime(self) -> Runtime:
-        if self._runtime is None:
-            raise RuntimeError("the bot has not been set up (setup_hook has not run)")
-        return self._runtime
-
     async def setup_hook(self) -> None:
-        self._runtime = await Runtime.start(self.settings)
         await self.add_cog(SlashCommands(self))
         if self.sync_commands:
             synced = await self.tree.sync()
             log.info("synced %d slash commands with Discord", len(synced))
 
     async def on_ready(self) -> None:
-        log.info("logged in as %s (%s) in %d guilds", self.user, self.user.id if self.user else "?", len(self.guilds))
+        me = self.user
+        log.info("logged in as %s (%s) in %d guilds", me, me.id if me else "?", len(self.guilds))
         if not self._reported_interrupted:
             self._reported_interrupted = True
             await self._report_interrupted_runs()
 
     async def _report_interrupted_runs(self) -> None:
-        storage = self.runtime.storage
-        for run in await storage.unreported_interrupted_runs():
-            conversation = await storage.get_conversation(run.conversation_id)
-            if conversation is None or conversation.platform != PLATFORM or conversation.external_id is None:
+        for interrupted in await self.conversations.interrupted_to_report(PLATFORM):
+            thread_id = interrupted.conversation.external_id
+            if thread_id is None:
                 continue
             try:
-                channel = self.get_channel(int(conversation.external_id)) or await self.fetch_channel(
-                    int(conversation.external_id)
-                )
+                channel = self.get_channel(int(thread_id)) or await self.fetch_channel(int(thread_id))
                 if isinstance(channel, discord.abc.Messageable):
                     await channel.send(INTERRUPTED_NOTICE)
             except (discord.NotFound, discord.Forbidden):
-                log.info("thread %s of interrupted run %s is gone", conversation.external_id, run.id)
+                log.info("thread %s of interrupted run %s is gone", thread_id, interrupted.run_id)
             except discord.HTTPException as err:
-                log.warning("could not report interrupted run %s (HTTP %s); will retry at next start", run.id, err.status)
+                log.warning(
+                    "could not report interrupted run %s (HTTP %s); will retry at next start",
+                    interrupted.run_id,
+                    err.status,
+                )
                 continue
-            await storage.mark_reported(run.id)
+            await self.conversations.mark_reported(interrupted.run_id)
 
     # ------------------------------------------------------------------ messages
 
@@ -178,40 +179,26 @@ class HuggingGPTBot(commands.Bot):
             return  # system messages: pins, joins, thread notices
         channel = message.channel
         mentioned = any(user.id == me.id for user in message.mentions)
-        if isinstance(channel, discord.Thread):
-            if not self.allowed(message.guild, channel, message.author):
-                return
-            conversation = await self.conversation_of(channel)
-            if conversation is None:
-                if mentioned:
-                    await post_message(channel, "Mention me in a text channel to start a conversation in a new thread.")
-                return
-            if not await self._within_rate_limit(message.author, channel):
-                return
-            thread, conversation_id = channel, conversation.id
-        elif mentioned:
-            if not self.allowed(message.guild, channel, message.author):
-                return
-            if not isinstance(channel, discord.TextChannel):
-                await post_message(channel, "I can only start conversations in text channels.")
-                return
-            if not await self._within_rate_limit(message.author, channel):
-                return
-            opened = await self.open_thread(channel, message, request_text(message.content, me.id), message.author.id)
-            if opened is None:
-                return
-            thread, conversation_id = opened
-        else:
+        in_thread = isinstance(channel, discord.Thread)
+        if not (in_thread or mentioned) or not self.allowed(message.guild, channel, message.author):
             return
+        conversation = await self.conversation_of(channel) if isinstance(channel, discord.Thread) else None
+        if in_thread and conversation is None:
+            if mentioned:
+                await post_message(channel, "Mention me in a text channel to start a conversation in a new thread.")
+            return
+        if not isinstance(channel, discord.Thread | discord.TextChannel):
+            await post_message(channel, "I can only start conversations in text channels.")
+            return
+        if not await self._within_rate_limit(message.author, channel):
+            return
+        text = request_text(message.content, me.id)
+        target = await self.start_or_continue(channel, message, text, message.author.id, conversation)
+        if target is None:
+            return
+        thread, conversation_id = target
         files = [IncomingFile(a.filename, a.url, a.size) for a in message.attachments]
-        await self.serve(
-            thread,
-            conversation_id,
-            request_text(message.content, me.id),
-            files,
-            author_id=message.author.id,
-            message_id=message.id,
-        )
+        await self.serve(thread, conversation_id, text, files, author_id=message.author.id, message_id=message.id)
 
     def allowed(self, guild: discord.Guild | None, channel: object, user: discord.abc.User) -> bool:
         """Whether the allow-lists let ``user`` use the bot in ``channel`` (a thread counts as its parent)."""
@@ -229,23 +216,24 @@ class HuggingGPTBot(commands.Bot):
 
     async def conversation_of(self, thread: discord.Thread) -> Conversation | None:
         """The conversation held in ``thread``; None if the bot does not own it."""
-        return await self.runtime.storage.find_conversation(PLATFORM, str(thread.id))
+        return await self.conversations.find(PLATFORM, str(thread.id))
 
-    async def forget(self, conversation: Conversation) -> None:
-        """Delete ``conversation`` (messages, files, runs) and start an empty one in the same thread."""
-        storage = self.runtime.storage
-        await storage.delete_conversation(conversation.id)
-        await storage.create_conversation(
-            PLATFORM, external_id=conversation.external_id, owner=conversation.owner, title=conversation.title
-        )
-
-    async def open_thread(
-        self, channel: discord.TextChannel, message: discord.abc.Snowflake, text: str, owner_id: int
+    async def start_or_continue(
+        self,
+        channel: discord.Thread | discord.TextChannel,
+        anchor: discord.abc.Snowflake,
+        text: str,
+        owner_id: int,
+        conversation: Conversation | None,
     ) -> tuple[discord.Thread, str] | None:
-        """A public thread on ``message`` with a new conversation, or None (and a notice) if Discord refuses."""
+        """Where a request goes, for mentions and ``/ask`` alike: ``conversation``, held in the thread the
+        request was made in, or else a new thread opened on ``anchor`` (a message in a text channel) with a
+        new conversation. None if Discord refuses the thread (the user has been told why)."""
+        if isinstance(channel, discord.Thread):
+            return (channel, conversation.id) if conversation is not None else None
         try:
             thread = await channel.create_thread(
-                name=thread_name(text), message=message, auto_archive_duration=THREAD_ARCHIVE_MINUTES
+                name=thread_name(text), message=anchor, auto_archive_duration=THREAD_ARCHIVE_MINUTES
             )
         except discord.HTTPException as err:
             log.warning("could not create a thread in %s (HTTP %s): %s", channel.id, err.status, err.text)
@@ -256,7 +244,7 @@ class HuggingGPTBot(commands.Bot):
             await post_message(channel, notice)
             return None
         try:
-            conversation = await self.runtime.storage.create_conversation(
+            conversation = await self.conversations.open(
                 PLATFORM, external_id=str(thread.id), owner=str(owner_id), title=thread.name
             )
         except AgentError as err:
@@ -275,22 +263,32 @@ class HuggingGPTBot(commands.Bot):
         author_id: int,
         message_id: int | None,
     ) -> None:
-        """Check the attachments, wait for the thread's turn, run the request. Never raises (but cancels)."""
+        """Wait for the thread's turn, then fetch and check the attachments and run the request.
+
+        The turn is held from the start, downloads included: ``/reset`` refuses while any request of the
+        thread is queued or running. Never raises (but cancels).
+        """
         task = asyncio.current_task()
         if task is not None:
             self._runs.add(task)
         try:
-            uploads, problems = await read_attachments(files, self.downloader, max_bytes=self.settings.max_attachment_bytes)
-            if problems:
-                await post_message(thread, "⚠️ I can't use:\n" + "\n".join(f"- {p}" for p in problems))
-            if not text and not uploads:
-                await post_message(thread, "Tell me what you would like me to do (and attach images, audio or video if needed).")
-                return
             if self.queue.busy(thread.id):
                 await post_message(thread, "⏳ I'm still working on the previous request here; this one is queued.")
             async with self.queue.turn(thread.id):
-                request = ThreadRequest(conversation_id, text, uploads, str(author_id), str(message_id) if message_id else None)
-                await run_in_thread(self.runtime, thread, request, edit_interval=self.edit_interval)
+                uploads, problems = await read_attachments(
+                    files, self.downloader, max_bytes=self.config.max_attachment_bytes
+                )
+                if problems:
+                    await post_message(thread, "⚠️ I can't use:\n" + "\n".join(f"- {p}" for p in problems))
+                if not text and not uploads:
+                    await post_message(
+                        thread, "Tell me what you would like me to do (and attach images, audio or video if needed)."
+                    )
+                    return
+                request = ThreadRequest(
+                    conversation_id, text, uploads, str(author_id), str(message_id) if message_id else None
+                )
+                await run_in_thread(self.conversations, thread, request, edit_interval=self.edit_interval)
         except AgentError as err:
             log.warning("request in thread %s failed: %s", thread.id, err)
             await post_message(thread, f"❌ {err}")
@@ -304,35 +302,39 @@ class HuggingGPTBot(commands.Bot):
     # ------------------------------------------------------------------ shutdown
 
     async def close(self) -> None:
-        """Stop taking requests, cancel running ones (recorded as interrupted), close the runtime, then Discord."""
+        """Stop taking requests, cancel running ones (recorded as interrupted), then close Discord."""
         self._accepting = False
         runs = [t for t in self._runs if not t.done()]
         for task in runs:
             task.cancel()
         if runs:
             await asyncio.wait(runs, timeout=_SHUTDOWN_SECONDS)
-        if self._runtime is not None:
-            runtime, self._runtime = self._runtime, None
-            await runtime.close()
         await self.downloader.aclose()
         await super().close()
 
 
-def run_bot(settings: Settings, *, sync_commands: bool) -> int:
-    """Run the bot until SIGTERM or SIGINT; 0 on a clean stop. Configuration problems raise ``ConfigurationError``."""
-    if not settings.discord_token:
-        raise ConfigurationError("DISCORD_TOKEN is not set: create a bot in the Discord Developer Portal and set its token.")
-    return asyncio.run(_serve(settings, sync_commands=sync_commands))
+def check_config(config: DiscordConfig) -> None:
+    """``ConfigurationError`` if the bot cannot start with ``config`` (checked before anything is built)."""
+    if not config.token:
+        raise ConfigurationError(
+            "DISCORD_TOKEN is not set: create a bot in the Discord Developer Portal and set its token."
+        )
 
 
-async def _serve(settings: Settings, *, sync_commands: bool) -> int:
-    bot = HuggingGPTBot(settings, sync_commands=sync_commands)
+async def serve(runtime: Runtime, settings: Settings, *, sync_commands: bool) -> int:
+    """Run the bot on ``runtime`` until SIGTERM or SIGINT; 0 on a clean stop. Configuration problems raise
+    ``ConfigurationError``."""
+    config = DiscordConfig.from_settings(settings)
+    check_config(config)
+    use_discord_endpoints(config.api_base, config.gateway_url)
+    discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False  # no voice: silence the warnings
+    bot = HuggingGPTBot(runtime, config, sync_commands=sync_commands)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with bot:
-        running = asyncio.create_task(bot.start(settings.discord_token))
+        running = asyncio.create_task(bot.start(config.token))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
@@ -342,7 +344,9 @@ async def _serve(settings: Settings, *, sync_commands: bool) -> int:
         try:
             await running
         except discord.LoginFailure as err:
-            raise ConfigurationError("Discord refused DISCORD_TOKEN; copy the bot token again from the Developer Portal.") from err
+            raise ConfigurationError(
+                "Discord refused DISCORD_TOKEN; copy the bot token again from the Developer Portal."
+            ) from err
         except discord.PrivilegedIntentsRequired as err:
             raise ConfigurationError(
                 "Discord refused the Message Content intent: enable it for the bot in the Developer Portal (Bot → "

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from agent.errors import ResourceError
+from agent.text import display_name
 from agent.uploads import Upload, check_upload
 
 from .text import human_size
@@ -74,7 +75,7 @@ async def read_attachments(
     """Download and check ``files`` concurrently: the usable uploads, in order, and one reason per refused file."""
 
     async def one(f: IncomingFile) -> Upload:
-        name = _shown(f.filename)
+        name = display_name(f.filename)
         if f.size > max_bytes:
             raise ResourceError(f"{name}: {human_size(f.size)} is over the {human_size(max_bytes)} limit")
         data = await downloader.fetch(f.url, name=name, max_bytes=max_bytes)
@@ -90,12 +91,7 @@ async def read_attachments(
             problems.append(str(result))
         elif isinstance(result, Exception):
             log.error("attachment %s failed", f.filename, exc_info=result)
-            problems.append(f"{_shown(f.filename)}: could not be read")
+            problems.append(f"{display_name(f.filename)}: could not be read")
         else:
             raise result
     return uploads, problems
-
-
-def _shown(filename: str) -> str:
-    return "".join(ch for ch in filename if ch.isprintable())[:80] or "file"
-

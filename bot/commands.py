@@ -1,7 +1,8 @@
 """Slash commands: ``/ask``, ``/models``, ``/status``, ``/reset``, ``/help``.
 
 They are registered with Discord only by ``hugginggpt bot --sync-commands`` (syncing on every start would hit
-Discord's rate limits for no reason). Every command but ``/help`` follows the allow-lists.
+Discord's rate limits for no reason). Every command but ``/help`` follows the allow-lists: one
+``interaction_check`` for the whole cog, whose refusal the tree's error handler answers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from agent.tasks import TASKS
+from agent.text import clip
 
 from .attachments import IncomingFile
 from .text import MESSAGE_LIMIT
@@ -24,7 +26,6 @@ __all__ = ["HELP_TEXT", "SlashCommands"]
 
 _MODELS_SHOWN = 10
 _ECHO_LIMIT = 1500
-NOT_HERE = "I'm not available here."
 
 HELP_TEXT = """\
 **HuggingGPT** plans your request with a language model, runs Hugging Face models for each step, and answers.
@@ -39,7 +40,10 @@ class SlashCommands(commands.Cog):
     def __init__(self, bot: HuggingGPTBot) -> None:
         self.bot = bot
 
-    def _allowed(self, interaction: discord.Interaction) -> bool:
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        """The allow-lists, for every command but ``/help`` (a refusal becomes a ``CheckFailure``)."""
+        if interaction.command is not None and interaction.command.name == "help":
+            return True
         return self.bot.allowed(interaction.guild, interaction.channel, interaction.user)
 
     @app_commands.command(name="ask", description="Ask HuggingGPT; it answers in a thread.")
@@ -52,9 +56,6 @@ class SlashCommands(commands.Cog):
         attachment: discord.Attachment | None = None,
     ) -> None:
         bot = self.bot
-        if not self._allowed(interaction):
-            await interaction.response.send_message(NOT_HERE, ephemeral=True)
-            return
         channel = interaction.channel
         conversation = await bot.conversation_of(channel) if isinstance(channel, discord.Thread) else None
         if not isinstance(channel, discord.TextChannel) and conversation is None:
@@ -66,14 +67,11 @@ class SlashCommands(commands.Cog):
             return
         await interaction.response.defer(thinking=True)
         echo = await interaction.followup.send(_echo(interaction.user, prompt), wait=True)
-        if isinstance(channel, discord.Thread) and conversation is not None:
-            thread, conversation_id = channel, conversation.id
-        else:
-            assert isinstance(channel, discord.TextChannel)
-            opened = await bot.open_thread(channel, echo, prompt, interaction.user.id)
-            if opened is None:
-                return
-            thread, conversation_id = opened
+        assert isinstance(channel, discord.Thread | discord.TextChannel)
+        target = await bot.start_or_continue(channel, echo, prompt, interaction.user.id, conversation)
+        if target is None:
+            return
+        thread, conversation_id = target
         files = [IncomingFile(attachment.filename, attachment.url, attachment.size)] if attachment else []
         await bot.serve(thread, conversation_id, prompt, files, author_id=interaction.user.id, message_id=None)
 
@@ -81,9 +79,6 @@ class SlashCommands(commands.Cog):
     @app_commands.describe(task="A task type, e.g. image-classification")
     @app_commands.guild_only()
     async def models(self, interaction: discord.Interaction, task: str) -> None:
-        if not self._allowed(interaction):
-            await interaction.response.send_message(NOT_HERE, ephemeral=True)
-            return
         spec = TASKS.get(task)
         if spec is None:
             await interaction.response.send_message(
@@ -111,9 +106,6 @@ class SlashCommands(commands.Cog):
     @app_commands.command(name="status", description="Whether the LLM, the model endpoints and the database are reachable.")
     @app_commands.guild_only()
     async def status(self, interaction: discord.Interaction) -> None:
-        if not self._allowed(interaction):
-            await interaction.response.send_message(NOT_HERE, ephemeral=True)
-            return
         await interaction.response.defer(ephemeral=True, thinking=True)
         statuses = await self.bot.runtime.status()
         lines = dict.fromkeys(f"{'✅' if s.live else '❌'} **{s.name}**: {s.detail}" for s in statuses)
@@ -124,9 +116,6 @@ class SlashCommands(commands.Cog):
     async def reset(self, interaction: discord.Interaction) -> None:
         bot = self.bot
         channel = interaction.channel
-        if not self._allowed(interaction):
-            await interaction.response.send_message(NOT_HERE, ephemeral=True)
-            return
         conversation = await bot.conversation_of(channel) if isinstance(channel, discord.Thread) else None
         if channel is None or conversation is None:
             await interaction.response.send_message("Use /reset in one of my conversation threads.", ephemeral=True)
@@ -143,7 +132,7 @@ class SlashCommands(commands.Cog):
                 "A request is still running here; reset once it has finished.", ephemeral=True
             )
             return
-        await bot.forget(conversation)
+        await bot.conversations.reset(conversation)
         await interaction.response.send_message("🧹 I forgot this conversation; from here on we start afresh.")
 
     @app_commands.command(name="help", description="How to use HuggingGPT.")
@@ -152,8 +141,7 @@ class SlashCommands(commands.Cog):
 
 
 def _echo(user: discord.abc.User, prompt: str) -> str:
-    shown = prompt if len(prompt) <= _ECHO_LIMIT else prompt[: _ECHO_LIMIT - 1] + "…"
-    return f"**{user.display_name}** asked: {shown}"
+    return f"**{user.display_name}** asked: {clip(prompt, _ECHO_LIMIT)}"
 
 
 def _count(n: int) -> str:

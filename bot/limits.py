@@ -9,8 +9,6 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from agent.settings import Settings
-
 __all__ = ["AccessPolicy", "RateLimiter", "ThreadQueue"]
 
 
@@ -21,10 +19,6 @@ class AccessPolicy:
     guilds: frozenset[int] = frozenset()
     channels: frozenset[int] = frozenset()
     roles: frozenset[int] = frozenset()
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> AccessPolicy:
-        return cls(settings.discord_allowed_guilds, settings.discord_allowed_channels, settings.discord_allowed_roles)
 
     def allows(self, guild_id: int | None, channel_ids: Iterable[int], role_ids: Iterable[int]) -> bool:
         """True if a member with ``role_ids`` may use the bot in a channel known by ``channel_ids``.

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import discord
 
 from agent.progress import RunProgress
+from agent.text import clip
 
 from .text import MESSAGE_LIMIT
 
@@ -30,15 +31,14 @@ _LINE_LIMIT = 300
 
 
 def render_progress(progress: RunProgress, *, seconds: float | None = None) -> str:
-    """The status text: the stage, then one line per task (state, task, model, seconds, note)."""
-    head = f"**HuggingGPT** · {progress.stage}"
+    """The status text: the stage (and what the LLM is busy with, if that keeps the run waiting), then one
+    line per task (state, task, model, seconds, note)."""
+    head = f"**HuggingGPT** · {progress.headline}"
     if seconds is not None:
         head += f" · {seconds:.1f}s"
     lines = [head]
-    for line in progress.lines():
-        lines.append(line if len(line) <= _LINE_LIMIT else line[: _LINE_LIMIT - 1] + "…")
-    text = "\n".join(lines)
-    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 1] + "…"
+    lines += [clip(line, _LINE_LIMIT) for line in progress.lines()]
+    return clip("\n".join(lines), MESSAGE_LIMIT)
 
 
 class StatusMessage:
@@ -80,10 +80,6 @@ class StatusMessage:
         """Wait until the first state was sent (or refused), so later messages come below the status."""
         await self._first_written.wait()
 
-    def cancel(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-
     async def _flush(self) -> None:
         while self._content is not None:
             wait = self._last + self.interval - self.clock()
@@ -100,7 +96,7 @@ class StatusMessage:
         files = [discord.File(io.BytesIO(file[1]), filename=file[0])] if file else []
         try:
             if self.message is None:
-                self.message = await self.channel.send(content, files=files)
+                self.message = await self.channel.send(content, files=files, suppress_embeds=True)
             elif files:
                 self.message = await self.message.edit(content=content, attachments=files)
             else:

@@ -1,4 +1,5 @@
-"""Text for Discord: answers split into 2,000-character messages, thread names, request text from a message.
+"""Text for Discord: answers split into 2,000-character messages, links shown for what they are, thread
+names, request text from a message.
 
 Pure functions, so the rules are tested directly (``tests/test_bot_text.py`` uses hypothesis).
 """
@@ -7,7 +8,15 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["MESSAGE_LIMIT", "THREAD_NAME_LIMIT", "human_size", "request_text", "split_message", "thread_name"]
+__all__ = [
+    "MESSAGE_LIMIT",
+    "THREAD_NAME_LIMIT",
+    "human_size",
+    "request_text",
+    "split_message",
+    "thread_name",
+    "unmask_links",
+]
 
 MESSAGE_LIMIT = 2000
 THREAD_NAME_LIMIT = 100
@@ -79,6 +88,19 @@ def _cut(line: str, width: int) -> list[str]:
         line = line[end:]
     pieces.append(line)
     return pieces
+
+
+# A masked link as Discord renders it: [label](target), the target optionally in <> and with a "title".
+_MASKED_LINK = re.compile(r"\[([^\[\]\n]{1,256})\]\(\s*<?([a-zA-Z][a-zA-Z0-9+.-]{1,20}:[^\s()<>]{1,2000})>?(?:\s+\"[^\"\n]{0,256}\")?\s*\)")
+
+
+def unmask_links(text: str) -> str:
+    """Every masked link ``[label](target)`` shown as ``label (<target>)``: the reader sees where it goes.
+
+    Model output is untrusted: "[discord.com/gifts/free-nitro](https://evil.example)" would otherwise read as a
+    Discord link. The angle brackets also keep Discord from previewing the target.
+    """
+    return _MASKED_LINK.sub(lambda m: f"{m.group(1)} (<{m.group(2)}>)", text)
 
 
 def thread_name(text: str) -> str:

@@ -3,7 +3,9 @@
 Flow: the status message and "typing…" start → ``Conversations.ask`` yields events → each event updates the
 status (and the plan picture when the plan has several tasks) → the answer, split into messages, with the
 generated files attached (fitted to the guild's upload limit, ten per message), while the final status is
-written as soon as Discord's edit rate allows.
+written as soon as Discord's edit rate allows. A long answer is posted as a few messages and the whole text
+as a file, not as a wall of messages. Masked links in model text are shown with their real target, and no
+message of the bot gets link previews.
 """
 
 from __future__ import annotations
@@ -18,20 +20,24 @@ from dataclasses import dataclass
 import discord
 
 from agent.events import Done, Event, PlanReady, RunResult
-from agent.progress import RunProgress
-from agent.runtime import Runtime
+from agent.progress import LLM_STAGES, RunProgress
 from agent.uploads import Upload
+from app.conversations import Conversations
 
 from .graph import draw_plan
 from .media import OutgoingFile, batches, fit_for_upload
 from .status import StatusMessage, keep_typing, render_progress
-from .text import split_message
+from .text import split_message, unmask_links
 
-__all__ = ["ThreadRequest", "post_message", "run_in_thread"]
+__all__ = ["ANSWER_MESSAGES", "ThreadRequest", "post_message", "run_in_thread"]
 
 log = logging.getLogger(__name__)
 
+ANSWER_MESSAGES = 3
+"""The most messages one answer takes; beyond that, the first ones and the whole answer as a text file."""
 _STOP_NOTICE_SECONDS = 3.0
+_ACTIVITY_SECONDS = 1.0
+_ANSWER_FILE = "answer.txt"
 
 
 @dataclass(frozen=True)
@@ -46,16 +52,20 @@ class ThreadRequest:
 
 
 async def run_in_thread(
-    runtime: Runtime, thread: discord.Thread, request: ThreadRequest, *, edit_interval: float = 1.0
+    conversations: Conversations, thread: discord.Thread, request: ThreadRequest, *, edit_interval: float = 1.0
 ) -> RunResult | None:
-    """Run ``request`` with live progress in ``thread``, then post the answer. None if no result came."""
+    """Run ``request`` with live progress in ``thread``, then post the answer. None if no result came.
+
+    Whatever ends the run early (a failure, a shutdown), the status message is left saying so: it never
+    stays at "planning"."""
     progress = RunProgress()
     status = StatusMessage(thread, interval=edit_interval)
     status.show(render_progress(progress))
     typing = asyncio.create_task(keep_typing(thread))
+    watching = asyncio.create_task(_show_llm_activity(conversations, progress, status))
     result: RunResult | None = None
     try:
-        events = runtime.conversations.ask(
+        events = conversations.ask(
             request.conversation_id,
             request.text,
             uploads=request.uploads,
@@ -70,22 +80,36 @@ async def run_in_thread(
                     render_progress(progress, seconds=result.seconds if result else None),
                     file=await _plan_picture(event),
                 )
-    except asyncio.CancelledError:
-        progress.stage = "stopped: the bot is shutting down"
+    except BaseException as err:
+        progress.stage = (
+            "stopped: the bot is shutting down" if isinstance(err, asyncio.CancelledError) else "failed"
+        )
         with contextlib.suppress(Exception):
             await asyncio.wait_for(status.finish(render_progress(progress)), _STOP_NOTICE_SECONDS)
         raise
     finally:
         typing.cancel()
+        watching.cancel()
     # The answer goes out at once; the final status edit follows when the edit interval allows.
     final = asyncio.create_task(status.finish(render_progress(progress, seconds=result.seconds if result else None)))
     try:
         if result is not None:
             await status.posted()
-            await _post_answer(runtime, thread, result)
+            await _post_answer(conversations, thread, result)
     finally:
         await final
     return result
+
+
+async def _show_llm_activity(conversations: Conversations, progress: RunProgress, status: StatusMessage) -> None:
+    """While the run waits on the LLM, say what keeps it (loading the model, queued behind other requests);
+    checked every second, written only when it changes (the status message throttles its own edits)."""
+    while True:
+        await asyncio.sleep(_ACTIVITY_SECONDS)
+        busy = conversations.activity() if progress.stage in LLM_STAGES else None
+        if busy != progress.busy:
+            progress.busy = busy
+            status.show(render_progress(progress))
 
 
 async def _plan_picture(event: Event) -> tuple[str, bytes] | None:
@@ -98,13 +122,13 @@ async def _plan_picture(event: Event) -> tuple[str, bytes] | None:
         return None
 
 
-async def _post_answer(runtime: Runtime, thread: discord.Thread, result: RunResult) -> None:
+async def _post_answer(conversations: Conversations, thread: discord.Thread, result: RunResult) -> None:
     limit = thread.guild.filesize_limit
     files: list[OutgoingFile] = []
     problems: list[str] = []
     for resource in result.files:
         try:
-            fitted = await fit_for_upload(resource, await runtime.storage.read_resource(resource), limit)
+            fitted = await fit_for_upload(resource, await conversations.read_file(resource), limit)
         except Exception:
             log.exception("could not prepare %s for upload", resource.name)
             fitted = f"{resource.name}: could not be read"
@@ -112,10 +136,15 @@ async def _post_answer(runtime: Runtime, thread: discord.Thread, result: RunResu
             problems.append(fitted)
         else:
             files.append(fitted)
-    text = result.answer or result.error or "I have no answer to give."
+    text = unmask_links(result.answer or result.error or "I have no answer to give.")
     if problems:
         text += "\n\n⚠️ Not uploaded:\n" + "\n".join(f"- {p}" for p in problems)
     chunks = split_message(text)
+    if len(chunks) > ANSWER_MESSAGES:
+        whole = OutgoingFile(_ANSWER_FILE, text.encode("utf-8"))
+        note = f"(The answer is long: the rest is in {_ANSWER_FILE}, with the whole text.)"
+        chunks = [*chunks[: ANSWER_MESSAGES - 1], note]
+        files.insert(0, whole)
     groups = batches(files, limit)
     for n, chunk in enumerate(chunks):
         last = n == len(chunks) - 1
@@ -125,10 +154,14 @@ async def _post_answer(runtime: Runtime, thread: discord.Thread, result: RunResu
 
 
 async def post_message(channel: discord.abc.Messageable, content: str, files: Sequence[OutgoingFile] = ()) -> None:
-    """Send a message; if Discord refuses it, log why and try to say so with a short notice."""
+    """Send a message without link previews; if Discord refuses it, log why and try to say so."""
     try:
-        await channel.send(content, files=[discord.File(io.BytesIO(f.data), filename=f.filename) for f in files])
+        await channel.send(
+            content,
+            files=[discord.File(io.BytesIO(f.data), filename=f.filename) for f in files],
+            suppress_embeds=True,
+        )
     except discord.HTTPException as err:
         log.warning("Discord refused a message (HTTP %s): %s", err.status, err.text)
         with contextlib.suppress(discord.HTTPException):
-            await channel.send(f"⚠️ Discord refused part of my reply (HTTP {err.status}).")
+            await channel.send(f"⚠️ Discord refused part of my reply (HTTP {err.status}).", suppress_embeds=True)

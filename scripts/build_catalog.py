@@ -25,11 +25,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout, installed or not
 
-from agent.catalog import (  # noqa: E402
-    BUNDLED_CATALOG,
+from agent.catalog import BUNDLED_CATALOG, Catalog, ModelInfo  # noqa: E402
+from agent.catalog_refresh import (  # noqa: E402
     DESCRIPTION_CHARS,
-    Catalog,
-    ModelInfo,
     catalog_tags,
     clip_description,
     metadata_description,

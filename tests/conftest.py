@@ -14,9 +14,15 @@ from typing import Any
 
 import httpx2
 import pytest
-from fakes.postgres import PostgresCluster, postgres_bin
+from hypothesis import settings
 
 from storage import StorageConfig
+from tests.fakes.postgres import PostgresCluster, postgres_bin
+
+# Tests never fail on a wall-clock threshold: Hypothesis's per-example deadline (200 ms) would make property
+# tests fail on a busy 2-core machine for no fault of the code.
+settings.register_profile("no-deadline", deadline=None)
+settings.load_profile("no-deadline")
 
 ENGINES = ["sqlite", "postgresql"]
 

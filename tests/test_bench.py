@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from agent.demos import load_demonstrations
 from agent.plan import Plan, PlannedTask
-from agent.planner import load_demonstrations, validate_plan
 from bench import economy, overhead, planning, scheduling
 from bench.common import REPO_ROOT, Result, Target, markdown_table, percentile
 from bench.report import render
@@ -147,7 +147,7 @@ def test_oracle_round_trip_scores_perfectly() -> None:
         {"id": 0, "task": "image-classification", "dep": [], "args": {"image": "example.jpg"}},
         {"id": 1, "task": "text-to-speech", "dep": [0], "args": {"text": "<GENERATED>-0"}},
     ]
-    plan = validate_plan({"tasks": raw}, request_resources(gold.request), 12)
+    plan = Plan.from_raw({"tasks": raw}, request_resources(gold.request), 12)
     s = score([(gold.nodes, to_taskbench(plan, tb.to_taskbench))], tb.output_types)
     assert (s.node.f1, s.edge.f1, s.argname.f1, s.value.f1) == (1.0, 1.0, 1.0, 1.0)
 
@@ -303,9 +303,8 @@ def test_overhead_smoke(tmp_path: Path) -> None:
 
 
 def test_storage_scale_smoke(tmp_path: Path) -> None:
-    from fakes.postgres import postgres_bin
-
     from bench import storage_scale
+    from tests.fakes.postgres import postgres_bin
 
     if postgres_bin() is None:
         pytest.skip("PostgreSQL is not installed: run scripts/system-deps.sh (Debian's postgresql)")

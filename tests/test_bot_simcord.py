@@ -20,15 +20,17 @@ from typing import Any
 import discord
 import simcord
 from aiohttp import web
-from fakes.agent_fakes import agent_settings, hf_tasks, plan, planning_script
-from fakes.hf_server import FakeHF, png_bytes
-from fakes.llm_server import FakeLLMServer
 from PIL import Image
 
 from agent.settings import Settings
+from app.runtime import Runtime
 from bot.app import INTERRUPTED_NOTICE, PLATFORM, HuggingGPTBot
 from bot.attachments import Downloader
+from bot.config import DiscordConfig
 from bot.limits import AccessPolicy
+from tests.fakes.agent_fakes import agent_settings, hf_tasks, plan, planning_script
+from tests.fakes.hf_server import FakeHF, png_bytes
+from tests.fakes.llm_server import FakeLLMServer
 
 CDN = "https://cdn.simcord.invalid/"
 SECRETS = ("test-key", "hf_test")
@@ -87,8 +89,10 @@ class World:
     channel: simcord.ChannelHandle
     alice: simcord.MemberActor
 
-    def new_bot(self) -> HuggingGPTBot:
-        return HuggingGPTBot(self.settings, sync_commands=True, downloader=CDNDownloader(self.cdn), edit_interval=0.05)
+    async def stop(self) -> None:
+        """Stop the bot process: the bot first, then the runtime its entry point built."""
+        await self.bot.close()
+        await self.bot.runtime.close()
 
     async def mention(self, text: str, *, member: simcord.MemberActor | None = None,
                       attachments: Sequence[tuple[str, bytes]] = ()) -> None:
@@ -108,11 +112,20 @@ class World:
     def requests(self, method: str, suffix: str) -> list[simcord.HttpLogEntry]:
         return [r for r in self.env.http_requests if r.method == method and r.path.endswith(suffix)]
 
-    async def restart(self) -> None:
-        """A new bot process on the same data directory: the old one closes its runtime first."""
-        old, self.bot = self.bot, self.new_bot()
-        await old.close()
+    async def restart(self, *, sync_commands: bool = True) -> None:
+        """A new bot process on the same data directory: the old one stops first."""
+        await self.stop()
+        self.bot = await start_bot(self.settings, self.cdn, sync_commands=sync_commands)
         await self.env.restart_bot(self.bot)
+
+
+async def start_bot(settings: Settings, cdn: SimcordCDN, *, sync_commands: bool = True) -> HuggingGPTBot:
+    """The bot as its entry point builds it: the runtime first, handed to the bot."""
+    runtime = await Runtime.start(settings)
+    config = DiscordConfig.from_settings(settings)
+    return HuggingGPTBot(
+        runtime, config, sync_commands=sync_commands, downloader=CDNDownloader(cdn), edit_interval=0.05
+    )
 
 
 @asynccontextmanager
@@ -126,7 +139,7 @@ async def world(
         SimcordCDN() as cdn,
     ):
         config = Settings.from_mapping(agent_settings(llm.base_url, hf.base_url, tmp_path / "data", **settings))
-        bot = HuggingGPTBot(config, sync_commands=True, downloader=CDNDownloader(cdn), edit_interval=0.05)
+        bot = await start_bot(config, cdn)
         async with simcord.run(bot) as env:
             cdn.env = env
             guild = env.create_guild()
@@ -137,7 +150,7 @@ async def world(
                 yield w
                 assert_clean(w)
             finally:
-                await w.bot.close()
+                await w.stop()
 
 
 def assert_clean(w: World) -> None:
@@ -278,6 +291,31 @@ async def test_a_long_answer_is_split_into_messages_with_code_blocks_kept_whole(
         assert all(p.startswith("```python") for p in parts[1:])
 
 
+async def test_a_huge_answer_is_a_few_messages_and_the_whole_text_as_a_file(tmp_path: Path) -> None:
+    """A 1 MB answer once became 1,000 Discord messages."""
+    answer = "\n".join(f"Paragraph {n}: " + "words " * 60 for n in range(40))  # 8 messages' worth
+    async with world(tmp_path, plans=[NO_TASKS], answers=[answer]) as w:
+        await w.mention("tell me everything")
+        _status, *parts = w.bot_messages(w.thread())
+        assert len(parts) == 3
+        assert parts[0].content.startswith("Paragraph 0:")
+        assert "answer.txt" in parts[-1].content
+        [attached] = parts[-1].attachments
+        assert attached.filename == "answer.txt"
+        assert (await attached.read()).decode() == answer.strip()
+
+
+async def test_masked_links_show_their_target_and_nothing_is_previewed(tmp_path: Path) -> None:
+    bait = "Claim it here: [discord.com/gifts/free-nitro](https://evil.example/claim) now!"
+    async with world(tmp_path, plans=[NO_TASKS], answers=[bait]) as w:
+        await w.mention("any gifts?")
+        thread = w.thread()
+        answer = w.bot_messages(thread)[-1].content
+        assert answer == "Claim it here: discord.com/gifts/free-nitro (<https://evil.example/claim>) now!"
+        sends = w.requests("POST", f"/channels/{thread.id}/messages")
+        assert sends and all(r.json and r.json.get("flags", 0) & 4 for r in sends), "SUPPRESS_EMBEDS on every message"
+
+
 # --------------------------------------------------------------------------- who may use the bot
 
 
@@ -408,9 +446,7 @@ async def test_slash_reset_is_for_the_owner_or_an_admin(tmp_path: Path) -> None:
 async def test_commands_are_synced_only_when_asked(tmp_path: Path) -> None:
     async with world(tmp_path) as w:
         assert len(w.requests("PUT", "/commands")) == 1
-        old, w.bot = w.bot, HuggingGPTBot(w.settings, sync_commands=False, downloader=CDNDownloader(w.cdn))
-        await old.close()
-        await w.env.restart_bot(w.bot)
+        await w.restart(sync_commands=False)
         assert len(w.requests("PUT", "/commands")) == 1
 
 

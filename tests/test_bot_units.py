@@ -19,22 +19,24 @@ import discord
 import pytest
 import yarl
 from aiohttp import web
-from fakes.hf_server import png_bytes, wav_bytes
 from PIL import Image
 
 from agent.errors import ResourceError
-from agent.events import Done, LLMUsage, RunResult
+from agent.events import Done, LLMUsage, PlanReady, RunResult
 from agent.plan import Plan, PlannedTask
 from agent.progress import RunProgress
 from agent.resources import Resource
 from agent.settings import Settings
 from bot.app import use_discord_endpoints
 from bot.attachments import Downloader, IncomingFile, read_attachments
+from bot.config import DiscordConfig
 from bot.graph import draw_plan
 from bot.limits import AccessPolicy, RateLimiter, ThreadQueue
 from bot.media import FILES_PER_MESSAGE, OutgoingFile, batches, fit_for_upload
 from bot.status import StatusMessage, render_progress
 from bot.turn import ThreadRequest, run_in_thread
+from storage import StorageError
+from tests.fakes.hf_server import png_bytes, wav_bytes
 
 # --------------------------------------------------------------------------- access and load
 
@@ -43,7 +45,8 @@ def test_access_policy_from_settings_and_rules() -> None:
     settings = Settings.from_mapping(
         {"DISCORD_ALLOWED_GUILDS": "1", "DISCORD_ALLOWED_CHANNELS": "10, 11", "DISCORD_ALLOWED_ROLES": "100"}
     )
-    policy = AccessPolicy.from_settings(settings)
+    config = DiscordConfig.from_settings(settings)
+    policy = AccessPolicy(config.allowed_guilds, config.allowed_channels, config.allowed_roles)
     assert policy.allows(1, [10], [100])
     assert policy.allows(1, [99, 11], [5, 100])  # a thread of an allowed channel
     assert not policy.allows(2, [10], [100])
@@ -102,7 +105,9 @@ class FakeChannel:
     log: list[tuple[float, str, list[str]]] = field(default_factory=list)
     fail: bool = False
 
-    async def send(self, content: str = "", *, files: list[discord.File] = ()) -> FakeMessage:  # type: ignore[assignment]
+    async def send(  # type: ignore[assignment]
+        self, content: str = "", *, files: list[discord.File] = (), suppress_embeds: bool = False
+    ) -> FakeMessage:
         if self.fail:
             raise discord.HTTPException(_Response(503), "unavailable")
         self.log.append((time.monotonic(), content, [f.filename for f in files]))
@@ -145,13 +150,31 @@ async def test_the_answer_is_posted_without_waiting_for_the_final_status_edit() 
         yield Done(result)
 
     thread = FakeThread()
-    runtime = SimpleNamespace(conversations=SimpleNamespace(ask=ask))
+    conversations = SimpleNamespace(ask=ask, activity=lambda: None)
     request = ThreadRequest("c1", "hi", (), "alice", None)
-    assert await run_in_thread(runtime, thread, request, edit_interval=0.5) is result  # type: ignore[arg-type]
+    assert await run_in_thread(conversations, thread, request, edit_interval=0.5) is result  # type: ignore[arg-type]
     contents = [content for _, content, _ in thread.log]
     assert contents[0].startswith("**HuggingGPT**")  # the status message, first
     assert contents[1] == "Hello!"  # then the answer, at once
     assert contents[-1].startswith("**HuggingGPT** · done")  # the final status still comes, afterwards
+
+
+async def test_a_run_that_fails_midway_leaves_the_status_saying_so() -> None:
+    """A conversation deleted under a run (or a database failure) left the status at "planning" forever."""
+
+    @dataclass
+    class FakeThread(FakeChannel):
+        guild: Any = field(default_factory=lambda: SimpleNamespace(filesize_limit=25 * 1024 * 1024))
+
+    async def ask(*args: Any, **kwargs: Any) -> AsyncIterator[PlanReady]:
+        yield PlanReady(Plan((PlannedTask(0, "text-to-image", (), {"text": "a cat"}),)))
+        raise StorageError("conversation c1 does not exist (it may have been reset)")
+
+    thread = FakeThread()
+    request = ThreadRequest("c1", "hi", (), "alice", None)
+    with pytest.raises(StorageError):
+        await run_in_thread(SimpleNamespace(ask=ask, activity=lambda: None), thread, request, edit_interval=0.0)  # type: ignore[arg-type]
+    assert thread.log[-1][1].startswith("**HuggingGPT** · failed")
 
 
 async def test_a_failing_status_message_does_not_raise() -> None:
@@ -164,8 +187,6 @@ async def test_a_failing_status_message_does_not_raise() -> None:
 def test_progress_text_has_the_stage_and_one_line_per_task() -> None:
     progress = RunProgress()
     assert render_progress(progress) == "**HuggingGPT** · planning"
-    from agent.events import PlanReady
-
     progress.apply(PlanReady(Plan((PlannedTask(0, "text-to-image", (), {"text": "x" * 5000}),))))
     text = render_progress(progress, seconds=1.25)
     assert text.splitlines()[0] == "**HuggingGPT** · choosing models · 1.2s"

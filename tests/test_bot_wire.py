@@ -16,13 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fakes import discord_server, hf_server, llm_server
-from fakes.agent_fakes import agent_settings, hf_tasks, plan, planning_script
-from fakes.discord_server import BOT_ID
-from fakes.hf_server import png_bytes
-from fakes.llm_server import Reply
-
 from storage import Storage
+from tests.fakes import discord_server, hf_server, llm_server
+from tests.fakes.agent_fakes import agent_settings, hf_tasks, plan, planning_script
+from tests.fakes.discord_server import BOT_ID
+from tests.fakes.hf_server import png_bytes
+from tests.fakes.llm_server import Reply
 
 HUGGINGGPT = Path(sys.executable).with_name("hugginggpt")
 

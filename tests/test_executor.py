@@ -11,33 +11,34 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
-from fakes.hf_server import FakeHF, Fault, png_bytes
 
-from agent.backends import Backends, BackendStatus, TaskInput, TaskIO
+from agent.backends import Backend, Backends, BackendStatus, TaskInput, TaskIO
 from agent.backends.hf import HFBackend
 from agent.catalog import Catalog, ModelInfo
-from agent.errors import ModelError, RetryableModelError
-from agent.events import Event, LLMUsage, TaskFailed, TaskFinished, TaskSkipped, TaskStarted
-from agent.executor import MAX_RETRY_AFTER, Executor
-from agent.plan import ModelChoice, Plan, PlannedTask, TaskOutput
+from agent.config import ExecutionConfig
+from agent.errors import ModelError, PlanValidationError, RetryableModelError
+from agent.events import Event, LLMUsage, TaskEnded, TaskStarted
+from agent.executor import MAX_RETRY_AFTER, MAX_TASK_TEXT_CHARS, Executor
+from agent.plan import ModelChoice, Plan, PlannedTask, TaskOutput, TaskResult
 from agent.request import Request
 from agent.resources import MemoryResourceStore, Origin, Resource
 from agent.settings import Settings
+from tests.fakes.hf_server import FakeHF, Fault, png_bytes
 
 Model = Callable[[TaskInput, TaskIO], Awaitable[TaskOutput]]
 
 
 @dataclass
-class ScriptedBackend:
+class ScriptedBackend(Backend):
     """Runs ``fake/...`` models, each an async function; records every call."""
 
     models: dict[str, Model]
     unavailable: set[str] = field(default_factory=set)
     calls: list[tuple[str, int]] = field(default_factory=list)
     name: str = "scripted"
-
-    def handles(self, model: ModelInfo) -> bool:
-        return model.id.startswith("fake/")
+    retry_timeouts: bool = True
+    prefix: str | None = "fake/"
+    enable_hint: str = "a scripted model"
 
     def available(self, model: ModelInfo) -> bool:
         return model.id in self.models and model.id not in self.unavailable
@@ -88,29 +89,29 @@ class Run:
     events: list[Event]
     store: MemoryResourceStore
 
-    def terminal(self) -> dict[int, Event]:
-        """Each task's single terminal event (asserts there is exactly one)."""
-        out: dict[int, Event] = {}
+    def terminal(self) -> dict[int, TaskResult]:
+        """Each task's result, from its single ``TaskEnded`` (asserts there is exactly one)."""
+        out: dict[int, TaskResult] = {}
         for e in self.events:
-            if isinstance(e, TaskFinished | TaskFailed | TaskSkipped):
-                assert e.task_id not in out, f"two terminal events for task {e.task_id}"
-                out[e.task_id] = e
+            if isinstance(e, TaskEnded):
+                assert e.result.id not in out, f"two terminal events for task {e.result.id}"
+                out[e.result.id] = e.result
         return out
 
-    def finished(self, task_id: int) -> TaskFinished:
-        event = self.terminal()[task_id]
-        assert isinstance(event, TaskFinished), event
-        return event
+    def finished(self, task_id: int) -> TaskResult:
+        result = self.terminal()[task_id]
+        assert result.status == "ok" and result.output is not None, result
+        return result
 
-    def failed(self, task_id: int) -> TaskFailed:
-        event = self.terminal()[task_id]
-        assert isinstance(event, TaskFailed), event
-        return event
+    def failed(self, task_id: int) -> TaskResult:
+        result = self.terminal()[task_id]
+        assert result.status == "failed" and result.error, result
+        return result
 
-    def skipped(self, task_id: int) -> TaskSkipped:
-        event = self.terminal()[task_id]
-        assert isinstance(event, TaskSkipped), event
-        return event
+    def skipped(self, task_id: int) -> TaskResult:
+        result = self.terminal()[task_id]
+        assert result.status == "skipped", result
+        return result
 
 
 def executor(
@@ -120,7 +121,7 @@ def executor(
         if sleeps is not None:
             sleeps.append(seconds)
 
-    return Executor(Backends([backend]), Catalog([]), Settings(**settings), sleep=sleep)  # type: ignore[arg-type]
+    return Executor(Backends([backend]), Catalog([]), ExecutionConfig(**settings), sleep=sleep)  # type: ignore[arg-type]
 
 
 async def execute(
@@ -197,7 +198,7 @@ async def test_a_task_starts_when_its_last_dependency_finishes() -> None:
     run = await execute(executor(backend), plan, choices)
     assert log.index("start join") > log.index("end slow") > log.index("end fast")
     started_3 = next(i for i, e in enumerate(run.events) if isinstance(e, TaskStarted) and e.task_id == 3)
-    finished_2 = next(i for i, e in enumerate(run.events) if isinstance(e, TaskFinished) and e.task_id == 2)
+    finished_2 = next(i for i, e in enumerate(run.events) if isinstance(e, TaskEnded) and e.result.id == 2)
     assert started_3 > finished_2
 
 
@@ -231,12 +232,36 @@ async def test_generated_outputs_flow_into_dependent_tasks() -> None:
     assert run.finished(3).output.text == "It shows a red square, look!"
 
 
-async def test_generated_reference_without_dep_still_waits() -> None:
-    backend = ScriptedBackend({"fake/slow": text("late"), "fake/echo": echo})
-    plan = Plan((task(1, "text-classification", text="x"), task(2, "text-to-speech", text="<GENERATED>-1")))
-    choices = {1: ModelChoice(1, "fake/slow", ""), 2: ModelChoice(2, "fake/echo", "")}
-    run = await execute(executor(backend), plan, choices)
-    assert run.finished(2).output.text == "late"
+def test_a_plan_that_uses_an_output_it_does_not_wait_for_cannot_be_made() -> None:
+    """The executor waits for ``dep`` only: a ``Plan`` guarantees it holds every ``<GENERATED>-N`` named."""
+    with pytest.raises(PlanValidationError, match="does not depend on"):
+        Plan((task(1, "text-classification", text="x"), task(2, "text-to-speech", text="<GENERATED>-1")))
+
+
+async def test_a_long_output_is_cut_before_it_becomes_another_tasks_input() -> None:
+    """A model's huge answer must not become a huge prompt for the next task (a 70 KB plan once made a
+    100 MB prompt)."""
+    seen: list[str] = []
+
+    async def huge(inp: TaskInput, io: TaskIO) -> TaskOutput:
+        return TaskOutput(text="word " * 100_000)
+
+    async def record(inp: TaskInput, io: TaskIO) -> TaskOutput:
+        seen.append(inp.text["text"])
+        return TaskOutput(text="ok")
+
+    backend = ScriptedBackend({"fake/huge": huge, "fake/record": record})
+    plan = Plan(
+        (
+            task(1, "text-generation", text="write a lot"),
+            task(2, "summarization", (1,), text="Summarize: <GENERATED>-1"),
+        )
+    )
+    choices = {1: ModelChoice(1, "fake/huge", ""), 2: ModelChoice(2, "fake/record", "")}
+    await execute(executor(backend), plan, choices)
+    [text_in] = seen
+    assert len(text_in) < MAX_TASK_TEXT_CHARS + 100
+    assert text_in.startswith("Summarize: word word") and "more characters were cut" in text_in
 
 
 async def test_second_output_file_gets_a_suffix() -> None:
@@ -268,34 +293,16 @@ async def test_resource_names_resolve_to_the_conversation_files() -> None:
     assert got == {"image": image, "question": "some notes"}
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        ({"image": "nope.png"}, "no file named 'nope.png'"),
-        ({"image": "aud-1.wav"}, "needs an image"),
-        ({}, "missing its image argument"),
-    ],
-)
-async def test_bad_arguments_fail_the_task_before_any_model(args: dict[str, str], message: str) -> None:
-    audio = Resource("aud-1.wav", "audio", "audio/wav", "0", 1)
-    backend = ScriptedBackend({"fake/m": text("never")})
-    plan = Plan((PlannedTask(1, "image-to-text", (), args),))
-    run = await execute(executor(backend), plan, choose(plan, "fake/m"), Request("x", resources=(audio,)))
-    assert message in run.failed(1).error
-    assert backend.calls == []
-
-
-async def test_a_dependency_cycle_fails_instead_of_hanging() -> None:
-    plan = Plan(
-        (
-            task(1, "text-to-speech", text="<GENERATED>-2"),
-            task(2, "text-to-speech", text="<GENERATED>-1"),
-            task(3, "text-to-speech", text="fine"),
+def test_a_cyclic_plan_cannot_be_made() -> None:
+    """Cycles are refused once, where a Plan is made, so the executor never waits forever."""
+    with pytest.raises(PlanValidationError, match="form a cycle"):
+        Plan(
+            (
+                task(1, "text-to-speech", (2,), text="<GENERATED>-2"),
+                task(2, "text-to-speech", (1,), text="<GENERATED>-1"),
+                task(3, "text-to-speech", text="fine"),
+            )
         )
-    )
-    run = await execute(executor(ScriptedBackend({"fake/echo": echo})), plan, choose(plan, "fake/echo"))
-    assert "cycle" in run.failed(1).error and "cycle" in run.failed(2).error
-    assert run.finished(3).output.text == "fine"
 
 
 # Failures.
@@ -315,8 +322,8 @@ async def test_a_failure_skips_its_dependents_transitively_and_the_rest_runs() -
     choices = {**choose(plan, "fake/echo"), 1: ModelChoice(1, "fake/bad", "")}
     run = await execute(executor(backend, task_retries=0), plan, choices, Request("x", resources=(img,)))
     assert "model fake/bad broke" in run.failed(1).error
-    assert run.skipped(2).reason == "task 1 (image-to-text) failed"
-    assert run.skipped(3).reason == "task 1 (image-to-text) failed"
+    assert run.skipped(2).error == "task 1 (image-to-text) failed"
+    assert run.skipped(3).error == "task 1 (image-to-text) failed"
     assert run.finished(4).output.text == "independent"
     assert ("fake/echo", 2) not in backend.calls
 
@@ -340,6 +347,26 @@ async def test_a_model_over_the_task_timeout_fails_with_a_timeout() -> None:
     run = await execute(ex, plan, choose(plan, "fake/hang"))
     assert "did not answer within 0.05 s" in run.failed(1).error
     assert sleeps == [1.0]  # timeouts are retried, with backoff
+
+
+async def test_a_model_on_this_machine_that_times_out_is_not_asked_again() -> None:
+    """Retrying a local model that ran out of time would burn the same CPU again (issue: a 1 h recording
+    was transcribed three times at once)."""
+    calls = 0
+
+    async def hang(inp: TaskInput, io: TaskIO) -> TaskOutput:
+        nonlocal calls
+        calls += 1
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    plan = Plan((task(1, "text-to-speech", text="x"),))
+    sleeps: list[float] = []
+    local = ScriptedBackend({"fake/hang": hang}, retry_timeouts=False)
+    run = await execute(executor(local, sleeps, task_timeout=0.05, task_retries=2), plan, choose(plan, "fake/hang"))
+    assert "did not answer within 0.05 s" in run.failed(1).error
+    assert calls == 1
+    assert sleeps == []
 
 
 async def test_retries_honour_retry_after() -> None:
@@ -479,7 +506,7 @@ async def test_leaving_the_iteration_early_cancels_the_rest() -> None:
     ex = executor(ScriptedBackend({"fake/quick": text("q"), "fake/block": block}))
     events = ex.execute(plan, choices, Request("x"), MemoryResourceStore(), LLMUsage())
     async for event in events:
-        if isinstance(event, TaskFinished):
+        if isinstance(event, TaskEnded) and event.result.status == "ok":
             break
     await events.aclose()  # type: ignore[attr-defined]
     assert cancelled.is_set()

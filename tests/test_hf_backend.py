@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -11,10 +12,9 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
-from fakes.hf_server import FakeHF, Fault, png_bytes, start_in_thread, wav_bytes
 from PIL import Image
 
-from agent.backends import TaskInput, TaskIO
+from agent.backends import Backend, Backends, BackendStatus, TaskInput, TaskIO
 from agent.backends.hf import HFBackend, load_endpoints
 from agent.catalog import ModelInfo
 from agent.errors import (
@@ -29,6 +29,7 @@ from agent.plan import PlannedTask, TaskOutput
 from agent.resources import MemoryResourceStore, Origin, Resource
 from agent.settings import Settings
 from agent.tasks import TASKS
+from tests.fakes.hf_server import FakeHF, Fault, png_bytes, start_in_thread, wav_bytes
 
 TOKEN = "hf_test_secret_token"
 HF_TASKS = [name for name, t in TASKS.items() if not t.llm_handled]
@@ -357,11 +358,33 @@ def test_bad_endpoints_files_are_configuration_errors(
         load_endpoints(str(path))
 
 
-def test_handles_hub_ids_only() -> None:
-    backend = HFBackend(Settings())
-    assert backend.handles(ModelInfo("Salesforce/blip-image-captioning-large", "image-to-text"))
-    assert not backend.handles(ModelInfo("local/whisper-tiny", "automatic-speech-recognition"))
-    assert not backend.handles(ModelInfo("llm/gpt", "summarization"))
+class _Claims(Backend):
+    """A backend that claims the ids with ``prefix`` and runs nothing."""
+
+    def __init__(self, prefix: str) -> None:
+        self.name = self.prefix = prefix
+        self.enable_hint = f"the {prefix} models"
+
+    def available(self, model: ModelInfo) -> bool:
+        return True
+
+    async def status(self) -> BackendStatus:
+        return BackendStatus(self.name, True, "")
+
+    async def run(self, model: ModelInfo, inp: TaskInput, io: TaskIO) -> TaskOutput:
+        raise AssertionError("not run here")
+
+
+def test_hub_ids_are_whatever_no_other_backend_claims() -> None:
+    hf = HFBackend(Settings())
+    backends = Backends([_Claims("local/"), hf, _Claims("llm/")])
+    assert backends.for_model(ModelInfo("Salesforce/blip-image-captioning-large", "image-to-text")) is hf
+    assert backends.for_model(ModelInfo("local/whisper-tiny", "automatic-speech-recognition")) is not hf
+    assert backends.for_model(ModelInfo("llm/gpt", "summarization")) is not hf
+    assert backends.explain("Salesforce/blip") == (
+        "needs a Hugging Face endpoint: set HF_TOKEN or HUGGINGGPT_ENDPOINTS"
+    )
+    assert backends.explain("local/whisper-tiny") == "needs the local/ models"
 
 
 def test_available_with_a_token_or_another_base_url() -> None:
@@ -435,3 +458,147 @@ def test_fake_server_runs_in_a_thread_for_subprocesses() -> None:
         assert threading.current_thread() is threading.main_thread()
     finally:
         running.stop()
+
+
+# Bounds: answer size, redirects, the provider lookup, and what a status or an error may show.
+
+CAP_MB = 4
+# What a client may be sent beyond what it reads: the socket buffers of both ends (a few MiB on loopback).
+BUFFERS = 24 << 20
+
+
+@pytest.fixture
+async def capped(hf: FakeHF) -> AsyncIterator[HFBackend]:
+    b = HFBackend(
+        Settings(hf_token=TOKEN, hf_inference_base_url=hf.base_url, task_timeout=30, max_output_mb=CAP_MB)
+    )
+    yield b
+    await b.aclose()
+
+
+@pytest.mark.parametrize(
+    "task",
+    ["image-to-text", "text-to-image", "depth-estimation"],
+    ids=["client JSON answer", "client image answer", "raw POST"],
+)
+@pytest.mark.parametrize(
+    "fault",
+    [Fault.huge_body(600 << 20), Fault.huge_body(None), Fault.huge_body(600 << 20, declare_length=True)],
+    ids=["600 MiB streamed", "endless", "600 MiB declared"],
+)
+async def test_an_answer_over_the_cap_is_refused_after_reading_about_the_cap(
+    hf: FakeHF, capped: HFBackend, files: Files, task: str, fault: Fault
+) -> None:
+    hf.script(model_for(task), fault)
+    with pytest.raises(
+        ModelError, match=rf"sent more than {CAP_MB} MiB for {task}.*HUGGINGGPT_MAX_OUTPUT_MB"
+    ):
+        await run(capped, files, task)
+    assert hf.bytes_sent <= (CAP_MB << 20) + BUFFERS  # not the 600 MiB on offer
+    if fault.declare_length:
+        assert hf.bytes_sent <= BUFFERS  # refused on its Content-Length, before reading the body
+    # The connection is usable again and a normal answer goes through.
+    out = await run(capped, files, task)
+    assert out.text or out.resources
+
+
+async def test_an_answer_just_under_the_cap_is_read(hf: FakeHF, files: Files) -> None:
+    backend = HFBackend(Settings(hf_token=TOKEN, hf_inference_base_url=hf.base_url, max_output_mb=1))
+    body = json.dumps([{"generated_text": "x" * ((1 << 20) - 100)}]).encode()
+    hf.script(model_for("image-to-text"), Fault(body=body))
+    out = await run(backend, files, "image-to-text")
+    await backend.aclose()
+    assert out.text == "x" * ((1 << 20) - 100)
+
+
+async def test_a_redirect_to_another_server_is_refused_and_that_server_gets_nothing(
+    hf: FakeHF, backend: HFBackend, files: Files
+) -> None:
+    async with FakeHF(dict(MODELS)) as other:
+        hf.script(
+            model_for("image-to-text"),
+            Fault.redirect(f"{other.base_url}/models/{model_for('image-to-text')}"),
+        )
+        with pytest.raises(ModelError) as caught:
+            await run(backend, files, "image-to-text")
+    assert "redirected the request to another server, which is never followed" in str(caught.value)
+    assert other.base_url.rsplit(":", 1)[1] not in str(caught.value)
+    assert other.requests == []  # neither the image nor the token went there
+
+
+async def test_a_redirect_within_the_server_is_followed_up_to_three_times(
+    hf: FakeHF, backend: HFBackend, files: Files
+) -> None:
+    model = model_for("image-to-text")
+    here = Fault.redirect(f"{hf.base_url}/models/{model}", status=307)
+    hf.script(model, here)
+    assert (await run(backend, files, "image-to-text")).text == "a red square on a grey background"
+    hf.script(model, *[here] * 5)
+    with pytest.raises(ModelError, match="redirected the request more than 3 times"):
+        await run(backend, files, "image-to-text")
+
+
+async def test_the_provider_lookup_is_bounded_like_every_call(
+    hf: FakeHF, files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hf.base_url)
+    settings = Settings(
+        hf_token=TOKEN, hf_inference_base_url=hf.base_url, hf_inference_provider="auto", max_output_mb=CAP_MB
+    )
+    backend = HFBackend(settings)
+    async with FakeHF({}) as other:
+        hf.script_info(model_for("image-to-text"), Fault.huge_body(None, content_type="application/json"))
+        hf.script_info(model_for("object-detection"), Fault.redirect(f"{other.base_url}/api/models/x"))
+        with pytest.raises(ModelError, match=f"sent more than {CAP_MB} MiB"):
+            await run(backend, files, "image-to-text")
+        with pytest.raises(ModelError, match="redirected the request to another server"):
+            await run(backend, files, "object-detection")
+    await backend.aclose()
+    assert hf.bytes_sent <= (CAP_MB << 20) + BUFFERS
+    assert other.requests == []
+
+
+async def test_credentials_in_the_base_url_are_not_shown(hf: FakeHF) -> None:
+    url = hf.base_url.replace("http://", "http://proxyuser:proxy-pass-77@")
+    status = await HFBackend(Settings(hf_inference_base_url=url)).status()
+    assert status.live and hf.base_url in status.detail
+    assert "proxy-pass-77" not in status.detail and "proxyuser" not in status.detail
+
+
+async def test_a_piece_of_the_token_echoed_by_the_server_is_redacted(
+    hf: FakeHF, backend: HFBackend, files: Files
+) -> None:
+    hf.script(model_for("image-to-text"), Fault.error(403, f"token {TOKEN[:12]}… lacks access"))
+    with pytest.raises(ModelError) as caught:
+        await run(backend, files, "image-to-text")
+    assert str(caught.value) == (
+        f"model {model_for('image-to-text')} refused the request (HTTP 403: token ***… lacks access): check HF_TOKEN"
+    )
+
+
+async def test_a_third_party_provider_is_called_without_a_blocking_lookup(
+    hf: FakeHF, files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """huggingface_hub would fetch the provider mapping itself, with a blocking client on the event loop (which
+    deadlocks against this same-loop server); the backend fetches it once, bounded, and hands it over."""
+    model = "org/together-drawer"
+    hf.tasks[model] = "text-to-image"
+    hf.provider_mappings[model] = {
+        "together": {"status": "live", "providerId": "tg/drawer", "task": "text-to-image"}
+    }
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hf.base_url)
+    monkeypatch.setattr(
+        huggingface_hub.constants, "INFERENCE_PROXY_TEMPLATE", f"{hf.base_url}/providers/{{provider}}"
+    )
+    backend = HFBackend(Settings(hf_token=TOKEN, hf_inference_provider="auto", task_timeout=10))
+    async with asyncio.timeout(20):
+        out = await run(backend, files, "text-to-image", model=model)
+        again = await run(backend, files, "text-to-image", model=model)
+    await backend.aclose()
+    assert out.resources and again.resources
+    assert [r.path for r in hf.requests] == [
+        f"/api/models/{model}",
+        "/providers/together/v1/images/generations",
+        "/providers/together/v1/images/generations",
+    ]
+    assert hf.requests[1].json()["model"] == "tg/drawer"

@@ -12,11 +12,10 @@ import asyncio
 import gc
 from typing import Any
 
-from fakes.llm_server import ThreadedServer, start_in_thread
-
 from agent.events import LLMUsage
 from agent.llm import OpenAILLM
 from agent.settings import Settings
+from tests.fakes.llm_server import ThreadedServer, start_in_thread
 
 _left: dict[str, Any] = {}
 

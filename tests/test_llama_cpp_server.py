@@ -17,13 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakes.net import unused_port
 
 from agent.events import LLMUsage
 from agent.llm import OpenAILLM
 from agent.local_llm import SMOLLM2
-from agent.planner import exact_plan_schema, plan_schema
+from agent.plan_schema import exact_plan_schema, plan_schema
 from agent.settings import Settings
+from tests.fakes.net import unused_port
 
 pytestmark = pytest.mark.local
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import json
+from typing import Any
 
 import openai
 import pytest
-from fakes.llm_server import FakeLLMServer, Reply, completion_tokens, prompt_tokens, start_in_thread
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -15,11 +17,12 @@ from agent.backends.llm_tasks import LLMTaskBackend, llm_models, task_instructio
 from agent.catalog import ModelInfo
 from agent.errors import LLMError, LLMTimeoutError, ModelError, ModelTimeoutError
 from agent.events import LLMUsage
-from agent.llm import OpenAILLM, estimate_message_tokens, estimate_tokens, parse_json_reply
+from agent.llm import MAX_RETRY_WAIT, OpenAILLM, estimate_message_tokens, estimate_tokens
 from agent.plan import PlannedTask
 from agent.resources import Resource
 from agent.settings import Settings
 from agent.tasks import LLM_TASKS, TASKS
+from tests.fakes.llm_server import FakeLLMServer, Reply, completion_tokens, prompt_tokens, start_in_thread
 
 KEY = "sk-test-very-secret-key"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
@@ -265,16 +268,6 @@ async def test_status_reports_reachability_without_raising() -> None:
     assert not down.live and "cannot reach" in down.detail
 
 
-async def test_injected_client_is_used_and_left_open() -> None:
-    async with FakeLLMServer(["hi"]) as server:
-        client = openai.AsyncOpenAI(base_url=server.base_url, api_key="other", max_retries=0)
-        llm = OpenAILLM(Settings(llm_model="m"), client)
-        assert await llm.complete(MESSAGES, usage=LLMUsage()) == "hi"
-        await llm.aclose()
-        assert not client.is_closed()
-        await client.close()
-
-
 def test_threaded_server_serves_a_blocking_caller() -> None:
     server = start_in_thread(["from a thread"])
     try:
@@ -284,27 +277,6 @@ def test_threaded_server_serves_a_blocking_caller() -> None:
         server.stop()
     assert reply.choices[0].message.content == "from a thread"
     assert server.requests[0]["messages"][0]["content"] == "hi"
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ('{"tasks": []}', {"tasks": []}),
-        ('Sure! Here is the plan:\n```json\n[{"id": 0}]\n```\nHope it helps.', [{"id": 0}]),
-        ('<think>maybe [1] or {2}</think>\n{"a": 1}', {"a": 1}),
-        ('{"tasks": [{"id": 0, "task": "x",}', {"tasks": [{"id": 0, "task": "x"}]}),
-        ('{"tasks": []} and then {"other": 1}', {"tasks": []}),
-        ("no json at all", None),
-    ],
-)
-def test_parse_json_reply(text: str, expected: object) -> None:
-    assert parse_json_reply(text) == expected
-
-
-@given(st.text())
-def test_parse_json_reply_never_raises(text: str) -> None:
-    value = parse_json_reply(text)
-    assert value is None or isinstance(value, dict | list | str | int | float | bool)
 
 
 @given(st.text(max_size=500))
@@ -373,3 +345,164 @@ async def test_llm_backend_status_is_the_llms() -> None:
     async with FakeLLMServer([]) as server:
         status = await LLMTaskBackend(make_llm(server.base_url)).status()
     assert status.name == "llm" and status.live
+
+
+# --- bounds: time per attempt, retries, answer size, body size, redirects ---------------------------------------
+# Each test has a harness limit (asyncio.timeout) so that a missing bound fails the test instead of hanging it.
+
+HARNESS = 20.0
+
+
+def bounded_llm(base_url: str, *, chars: int = 16_000, timeout: float = 10.0, **kw: Any) -> OpenAILLM:
+    settings = Settings(
+        openai_base_url=base_url,
+        openai_api_key=KEY,
+        llm_model="test-model",
+        llm_timeout=timeout,
+        llm_max_answer_chars=chars,
+    )
+    return OpenAILLM(settings, **kw)
+
+
+async def _drain(llm: OpenAILLM, usage: LLMUsage | None = None) -> str:
+    return "".join([c async for c in llm.stream(MESSAGES, usage=usage or LLMUsage())])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+async def test_a_trickled_answer_is_cut_at_llm_timeout(stream: bool) -> None:
+    """16 bytes every 50 ms: each read is quick, so only a deadline on the whole attempt stops it."""
+    async with FakeLLMServer([Reply(text="word " * 200, trickle=0.05)]) as server:
+        llm = bounded_llm(server.base_url, timeout=0.5, max_retries=0)
+        async with asyncio.timeout(HARNESS):
+            with pytest.raises(LLMTimeoutError, match=r"timed out after 0\.5s"):
+                await (_drain(llm) if stream else llm.complete(MESSAGES, usage=LLMUsage()))
+        await llm.aclose()
+
+
+async def test_sse_keepalives_hold_a_stream_no_longer_than_llm_timeout() -> None:
+    async with FakeLLMServer([Reply(keepalive=0.05)]) as server:
+        llm = bounded_llm(server.base_url, timeout=0.5, max_retries=0)
+        usage = LLMUsage()
+        async with asyncio.timeout(HARNESS):
+            with pytest.raises(LLMTimeoutError, match=r"timed out after 0\.5s"):
+                await _drain(llm, usage)
+        await llm.aclose()
+    assert len(server.requests) == 1  # a stream that has begun is not asked for again
+    assert usage.calls == 1
+
+
+async def test_each_attempt_has_its_own_deadline_and_the_attempts_are_counted() -> None:
+    waits: list[float] = []
+
+    async def record(seconds: float) -> None:
+        waits.append(seconds)
+
+    async with FakeLLMServer(lambda body: Reply(text="late", trickle=0.05)) as server:
+        llm = bounded_llm(server.base_url, timeout=0.3, max_retries=2, sleep=record)
+        async with asyncio.timeout(HARNESS):
+            with pytest.raises(LLMTimeoutError):
+                await llm.complete(MESSAGES, usage=LLMUsage())
+        await llm.aclose()
+    assert len(server.requests) == 3 and waits == [0.5, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("header", "waits"),
+    [({"Retry-After": "3600"}, [30.0, 30.0]), ({"Retry-After": "2"}, [2.0, 2.0]), ({}, [0.5, 1.0])],
+    ids=["huge Retry-After is capped", "Retry-After honoured", "back-off without one"],
+)
+async def test_retries_honour_retry_after_up_to_the_cap(header: dict[str, str], waits: list[float]) -> None:
+    recorded: list[float] = []
+
+    async def record(seconds: float) -> None:
+        recorded.append(seconds)
+
+    async with FakeLLMServer(lambda body: Reply.error(503, "busy", headers=header)) as server:
+        llm = bounded_llm(server.base_url, max_retries=2, sleep=record)
+        with pytest.raises(LLMError, match="HTTP 503"):
+            await llm.complete(MESSAGES, usage=LLMUsage())
+        await llm.aclose()
+    assert len(server.requests) == 3
+    assert [round(w) for w in recorded] == [round(w) for w in waits]
+    assert max(recorded) <= MAX_RETRY_WAIT
+
+
+async def test_an_endless_stream_is_cut_at_the_answer_cap_with_a_note(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with FakeLLMServer([Reply(endless=True)]) as server:
+        llm = bounded_llm(server.base_url, chars=2000)
+        usage = LLMUsage()
+        async with asyncio.timeout(HARNESS):
+            answer = await _drain(llm, usage)
+        await llm.aclose()
+    body, _, note = answer.rpartition("\n\n")
+    assert len(body) == 2000 and body.startswith("endless endless")
+    assert note == "[answer cut here: it reached the limit of 2,000 characters]"
+    assert "reached LLM_MAX_ANSWER_CHARS (2000)" in caplog.text
+    assert usage.calls == 1 and usage.completion_tokens == 500  # estimated: the stream never reported any
+    # The client stopped reading: the server got to write what the socket buffers hold, not more.
+    assert server.bytes_sent < 16 << 20
+
+
+async def test_a_long_plain_answer_is_cut_with_a_note() -> None:
+    async with FakeLLMServer(["x" * 5000]) as server:
+        llm = bounded_llm(server.base_url, chars=1000)
+        answer = await llm.complete(MESSAGES, usage=LLMUsage())
+        await llm.aclose()
+    assert answer == "x" * 1000 + "\n\n[answer cut here: it reached the limit of 1,000 characters]"
+
+
+async def test_an_endless_plain_body_is_refused_at_the_byte_cap() -> None:
+    async with FakeLLMServer([Reply(endless=True)]) as server:
+        llm = bounded_llm(server.base_url, chars=1000, max_retries=2)
+        assert llm.max_body_bytes == 1 << 20  # the 1 MiB floor (256 bytes a character would be 250 KiB)
+        async with asyncio.timeout(HARNESS):
+            with pytest.raises(LLMError, match=r"sent a reply over the 1,048,576-byte limit; it was refused"):
+                await llm.complete_json(MESSAGES, schema=SCHEMA, usage=LLMUsage())
+        await llm.aclose()
+    assert len(server.requests) == 1  # a refusal is not retried
+    assert server.bytes_sent < 16 << 20
+
+
+async def test_a_compressed_body_is_refused_unread() -> None:
+    """5 MB of answer in 5 KB of gzip: counting the bytes on the wire would let it through, so it is refused."""
+    completion = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * 5_000_000}}]}
+    bomb = gzip.compress(json.dumps(completion).encode())
+    assert len(bomb) < 10_000
+    async with FakeLLMServer([Reply(body=bomb, headers={"Content-Encoding": "gzip"})]) as server:
+        llm = bounded_llm(server.base_url, chars=1000, max_retries=2)
+        with pytest.raises(LLMError, match="could not be read"):
+            await llm.complete(MESSAGES, usage=LLMUsage())
+        await llm.aclose()
+    assert len(server.requests) == 1
+    assert server.headers[0]["Accept-Encoding"] == "identity"
+
+
+async def test_a_redirect_to_another_server_is_refused_and_that_server_gets_nothing() -> None:
+    async with FakeLLMServer(["from the other host"]) as other:
+        target = f"{other.base_url.replace('127.0.0.1', 'admin:pw-in-target@127.0.0.1')}/chat/completions"
+        async with FakeLLMServer([Reply.redirect(target)]) as server:
+            llm = bounded_llm(server.base_url, max_retries=2)
+            with pytest.raises(LLMError) as caught:
+                await llm.complete(MESSAGES, usage=LLMUsage())
+            await llm.aclose()
+    message = str(caught.value)
+    assert "redirected the request to another server, which is never followed" in message
+    other_port = other.base_url.rsplit(":", 1)[1].split("/")[0]
+    assert other_port not in message and "pw-in-target" not in message
+    assert other.requests == [] and len(server.requests) == 1
+
+
+async def test_a_redirect_within_the_server_is_followed_a_bounded_number_of_times() -> None:
+    replies: list[str | Reply] = []
+    async with FakeLLMServer(lambda body: replies.pop(0)) as server:
+        here = f"{server.base_url}/chat/completions"
+        replies += [Reply.redirect(here), "followed"]
+        llm = bounded_llm(server.base_url)
+        assert await llm.complete(MESSAGES, usage=LLMUsage()) == "followed"
+        replies += [Reply.redirect(here)] * 10
+        with pytest.raises(LLMError, match="redirected the request more than 3 times"):
+            await llm.complete(MESSAGES, usage=LLMUsage())
+        await llm.aclose()
+    assert len(server.requests) == 2 + 4  # followed once; then the first request and 3 redirects

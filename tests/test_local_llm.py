@@ -23,7 +23,8 @@ from agent.errors import ConfigurationError, LLMError, LLMTimeoutError, PlanVali
 from agent.events import LLMUsage
 from agent.grammar import GRAMMAR_MAX_REPEAT, grammar_safe
 from agent.local_llm import SMOLLM2, EmbeddedLLM, LoopDetector, PackagedGGUF, assemble_parts, resolve_gguf
-from agent.planner import Planner, exact_plan_schema, parse_plan_text
+from agent.plan_schema import exact_plan_schema
+from agent.planner import Planner, parse_plan_text
 from agent.request import ChatTurn, Request
 from agent.resources import Origin, Resource
 from agent.settings import Settings
@@ -338,6 +339,32 @@ async def test_timeout_stops_generation(smol: EmbeddedLLM) -> None:
     await hasty.aclose()
 
 
+async def test_activity_says_what_keeps_a_caller_waiting(tmp_path: Path) -> None:
+    """Progress displays ask the LLM what a run waits for: the model loading, or other calls ahead."""
+    fresh = EmbeddedLLM(Settings(llm_context_tokens=1024, local_llm_threads=1), gguf=_smollm2())
+    assert fresh.activity() is None
+    seen: set[str] = set()
+
+    async def watch() -> None:
+        while True:
+            seen.add(fresh.activity() or "")
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        calls = [
+            fresh.complete([{"role": "user", "content": f"Say {n}"}], usage=LLMUsage(), max_tokens=8)
+            for n in range(3)
+        ]
+        await asyncio.gather(*calls)
+    finally:
+        watcher.cancel()
+        await fresh.aclose()
+    assert any(s.startswith("loading the model") for s in seen)
+    assert "queued behind 2 other requests" in seen and "queued behind 1 other request" in seen
+    assert fresh.activity() is None
+
+
 UPLOAD = Origin("upload")
 MADE_BY_A_TASK = Origin("task", "r1", 0)
 
@@ -396,7 +423,7 @@ async def test_constrained_plans_always_parse_and_validate(smol: EmbeddedLLM, mo
         return replies[-1]
 
     monkeypatch.setattr(smol, "complete_json", recorded)
-    planner = Planner(smol, settings)
+    planner = Planner(smol, max_tasks=settings.max_tasks)
     rejected = []
     for request in PLAN_REQUESTS:
         try:
@@ -404,5 +431,5 @@ async def test_constrained_plans_always_parse_and_validate(smol: EmbeddedLLM, mo
         except PlanValidationError as err:
             rejected.append(f"{request.text!r}: {err}")
     for reply in replies:
-        assert parse_plan_text(reply) == json.loads(reply)
+        assert await parse_plan_text(reply) == json.loads(reply)
     assert not rejected, f"{len(rejected)}/{len(PLAN_REQUESTS)} plans were rejected:\n" + "\n".join(rejected)

@@ -7,30 +7,22 @@ import re
 from typing import Any
 
 import pytest
-from fakes.llm_server import FakeLLMServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.demos import Demonstration, FixedDemos, load_demonstrations
 from agent.errors import PlanningError, PlanParseError, PlanValidationError
 from agent.events import LLMUsage
 from agent.grammar import GRAMMAR_MAX_REPEAT, grammar_safe
 from agent.llm import OpenAILLM, estimate_message_tokens
 from agent.plan import GENERATED_RE, Plan
-from agent.planner import (
-    DEMO_COUNT,
-    Demonstration,
-    Planner,
-    exact_plan_schema,
-    load_demonstrations,
-    parse_plan_text,
-    plan_messages,
-    plan_schema,
-    validate_plan,
-)
+from agent.plan_schema import exact_plan_schema, plan_schema
+from agent.planner import DEMO_COUNT, Planner, parse_plan_text, plan_messages
 from agent.request import ChatTurn, Request
 from agent.resources import Origin, Resource
 from agent.settings import Settings
 from agent.tasks import MEDIA_KINDS, TASKS, Modality
+from tests.fakes.llm_server import FakeLLMServer
 
 FILES = (
     Resource("img-1.png", "image", "image/png", "a" * 64, 10),
@@ -51,7 +43,7 @@ CHAIN = [
 
 def make_planner(base_url: str, **settings_kw: Any) -> Planner:
     settings = Settings(openai_base_url=base_url, llm_model="planner-model", **settings_kw)
-    return Planner(OpenAILLM(settings, max_retries=0), settings)
+    return Planner(OpenAILLM(settings, max_retries=0), max_tasks=settings.max_tasks)
 
 
 def check_invariants(plan: Plan, resources: tuple[Resource, ...], max_tasks: int) -> None:
@@ -85,7 +77,7 @@ def test_every_demonstration_is_a_valid_plan_unchanged_by_validation() -> None:
     demos = load_demonstrations()
     assert 20 <= len(demos) <= 30
     for demo in demos:
-        plan = validate_plan(list(demo.plan), demo.request.resources, 12)
+        plan = Plan.from_raw(list(demo.plan), demo.request.resources, 12)
         assert plan.to_json() == list(demo.plan), demo.request.text
 
 
@@ -123,26 +115,26 @@ def test_default_demonstrations_are_a_diverse_head_of_the_bank() -> None:
         json.dumps(CHAIN).replace('"', "'"),  # single quotes: repaired
     ],
 )
-def test_plans_are_read_from_lenient_json(text: str) -> None:
-    plan = validate_plan(parse_plan_text(text), FILES, 12)
+async def test_plans_are_read_from_lenient_json(text: str) -> None:
+    plan = Plan.from_raw(await parse_plan_text(text), FILES, 12)
     assert plan.to_json() == CHAIN
 
 
-def test_single_task_object_is_a_one_task_plan() -> None:
-    plan = validate_plan(parse_plan_text(json.dumps(CHAIN[0])), FILES, 12)
+async def test_single_task_object_is_a_one_task_plan() -> None:
+    plan = Plan.from_raw(await parse_plan_text(json.dumps(CHAIN[0])), FILES, 12)
     assert plan.to_json() == CHAIN[:1]
 
 
 @pytest.mark.parametrize("text", ["", "   ", "I cannot help with that.", '"just a string"', "42"])
-def test_unreadable_replies_are_parse_errors(text: str) -> None:
+async def test_unreadable_replies_are_parse_errors(text: str) -> None:
     with pytest.raises(PlanParseError):
-        parse_plan_text(text)
+        await parse_plan_text(text)
 
 
 @given(st.text(max_size=300))
-def test_parse_plan_text_only_raises_plan_parse_error(text: str) -> None:
+async def test_parse_plan_text_only_raises_plan_parse_error(text: str) -> None:
     try:
-        value = parse_plan_text(text)
+        value = await parse_plan_text(text)
     except PlanParseError:
         return
     assert isinstance(value, list | dict)
@@ -156,12 +148,12 @@ def t(task_id: Any, task: str, dep: Any, **args: Any) -> dict[str, Any]:
 
 
 def test_empty_plan_means_just_chat() -> None:
-    assert not validate_plan([], FILES, 12)
-    assert not validate_plan({"tasks": []}, FILES, 12)
+    assert not Plan.from_raw([], FILES, 12)
+    assert not Plan.from_raw({"tasks": []}, FILES, 12)
 
 
 def test_normalisations_that_are_allowed() -> None:
-    plan = validate_plan(
+    plan = Plan.from_raw(
         [
             t("0", " Image-To-Text ", [-1], image=" img-1.png "),
             t(1, "translation", "-1", text="Translate into French: <GENERATED>-0"),
@@ -183,7 +175,7 @@ def test_normalisations_that_are_allowed() -> None:
 
 
 def test_placeholders_become_dependencies_and_declared_ones_are_kept() -> None:
-    plan = validate_plan(
+    plan = Plan.from_raw(
         [
             t(0, "image-to-text", [], image="img-1.png"),
             t(1, "image-to-text", [], image="out-1-0.png"),
@@ -197,7 +189,7 @@ def test_placeholders_become_dependencies_and_declared_ones_are_kept() -> None:
 
 
 def test_ids_are_not_renumbered() -> None:
-    plan = validate_plan(
+    plan = Plan.from_raw(
         [t(7, "text-to-image", [], text="a cat"), t(3, "image-to-text", [7], image="<GENERATED>-7")],
         FILES,
         12,
@@ -270,12 +262,20 @@ def test_ids_are_not_renumbered() -> None:
 )
 def test_broken_plans_are_rejected_with_a_reason(raw: Any, message: str) -> None:
     with pytest.raises(PlanValidationError, match=re.escape(message)):
-        validate_plan(raw, FILES, 3)
+        Plan.from_raw(raw, FILES, 3)
+
+
+def test_a_text_argument_longer_than_the_bound_is_sent_back_with_the_reason() -> None:
+    """A 70 KB plan once became a 100 MB prompt: text arguments have a bound the LLM is told about."""
+    huge = "word " * 2_000
+    with pytest.raises(PlanValidationError, match="10,000 characters long; at most 4,000"):
+        Plan.from_raw([t(0, "summarization", [], text=huge)], FILES, 12)
+    assert Plan.from_raw([t(0, "summarization", [], text=huge[:4000])], FILES, 12)
 
 
 def test_rejection_messages_do_not_echo_huge_values() -> None:
     with pytest.raises(PlanValidationError) as caught:
-        validate_plan([t(0, "x" * 10_000, [], text="a")], FILES, 12)
+        Plan.from_raw([t(0, "x" * 10_000, [], text="a")], FILES, 12)
     assert len(str(caught.value)) < 200
 
 
@@ -348,9 +348,9 @@ def mutated_plans(draw: st.DrawFn) -> Any:
 
 @settings(max_examples=400)
 @given(JSON | mutated_plans() | st.text(max_size=200))
-def test_validation_returns_a_sound_plan_or_a_planning_error(raw: Any) -> None:
+async def test_validation_returns_a_sound_plan_or_a_planning_error(raw: Any) -> None:
     try:
-        plan = validate_plan(parse_plan_text(raw) if isinstance(raw, str) else raw, FILES, 5)
+        plan = Plan.from_raw(await parse_plan_text(raw) if isinstance(raw, str) else raw, FILES, 5)
     except PlanningError as err:
         assert str(err) and len(str(err)) < 400
         return
@@ -358,12 +358,12 @@ def test_validation_returns_a_sound_plan_or_a_planning_error(raw: Any) -> None:
 
 
 @given(valid_plans())
-def test_valid_plans_pass_unchanged(raw: list[dict[str, Any]]) -> None:
-    plan = validate_plan(raw, FILES, 12)
+async def test_valid_plans_pass_unchanged(raw: list[dict[str, Any]]) -> None:
+    plan = Plan.from_raw(raw, FILES, 12)
     assert plan.to_json() == raw
     check_invariants(plan, FILES, 12)
     # And through text, as the LLM would send it.
-    assert validate_plan(parse_plan_text(json.dumps({"tasks": raw})), FILES, 12).to_json() == raw
+    assert Plan.from_raw(await parse_plan_text(json.dumps({"tasks": raw})), FILES, 12).to_json() == raw
 
 
 # --- the constraint schema ---------------------------------------------------------------------------------
@@ -447,7 +447,7 @@ def test_every_plan_the_schema_allows_follows_the_rules_it_can_express(
                 earlier = {f"<GENERATED>-{n}" for n in range(position)}
                 assert value in earlier | {r.name for r in files if r.kind == modality}
     try:
-        plan = validate_plan(raw, files, max_tasks)
+        plan = Plan.from_raw(raw, files, max_tasks)
     except PlanValidationError as err:
         assert KIND_MISMATCH.search(str(err)), err
         return
@@ -539,7 +539,7 @@ async def test_a_grammar_server_gets_the_requests_exact_schema_with_text_bounded
     async with FakeLLMServer([json.dumps({"tasks": CHAIN})]) as server:
         config = Settings(openai_base_url=server.base_url, llm_model="planner-model")
         llm = OpenAILLM(config, max_retries=0, json_mode="json_object_schema")
-        await Planner(llm, config).plan(request, LLMUsage())
+        await Planner(llm).plan(request, LLMUsage())
     sent = server.requests[0]["response_format"]["schema"]
     # Room to quote the request whole, up to what llama.cpp's grammar parser takes (beyond it
     # llama-cpp-python's server crashed).
@@ -599,13 +599,16 @@ async def test_a_custom_demo_selector_chooses_the_demonstrations() -> None:
     asked: list[tuple[str, int]] = []
 
     class OneDemo:
+        def fixed_count(self, k: int) -> int:
+            return 0
+
         async def select(self, text: str, k: int) -> list[Demonstration]:
             asked.append((text, k))
             return [special]
 
     async with FakeLLMServer(['{"tasks": []}']) as server:
         settings = Settings(openai_base_url=server.base_url)
-        await Planner(OpenAILLM(settings, max_retries=0), settings, OneDemo()).plan(REQUEST, LLMUsage())
+        await Planner(OpenAILLM(settings, max_retries=0), OneDemo()).plan(REQUEST, LLMUsage())
     assert asked == [(REQUEST.text, DEMO_COUNT)]
     messages = server.requests[0]["messages"]
     assert len(messages) == 4 and "Request: draw a unicorn" in messages[1]["content"]
@@ -621,7 +624,7 @@ def test_oldest_turns_are_dropped_first_to_fit_the_context() -> None:
     request = Request("and now?", history=history)
     demos = load_demonstrations()[:DEMO_COUNT]
     budget = 4000
-    messages = plan_messages(request, demos, Settings(), budget)
+    messages = plan_messages(request, demos, budget, max_tasks=12)
     last = messages[-1]["content"]
     assert estimate_message_tokens(messages) <= budget
     assert "turn 39 " in last and "turn 0 " not in last
@@ -632,16 +635,16 @@ def test_oldest_turns_are_dropped_first_to_fit_the_context() -> None:
 
 def test_demonstrations_go_when_even_an_empty_history_does_not_fit() -> None:
     demos = load_demonstrations()[:DEMO_COUNT]
-    full = plan_messages(Request("hi"), demos, Settings(), 100_000)
+    full = plan_messages(Request("hi"), demos, 100_000, max_tasks=12)
     budget = estimate_message_tokens(full) - 50
-    messages = plan_messages(Request("hi"), demos, Settings(), budget)
+    messages = plan_messages(Request("hi"), demos, budget, max_tasks=12)
     assert estimate_message_tokens(messages) <= budget
     assert 2 <= len(messages) < len(full)
 
 
 def test_a_request_too_long_for_any_prompt_is_a_planning_error() -> None:
     with pytest.raises(PlanningError, match="too long for the LLM's context window"):
-        plan_messages(Request("x" * 40_000), load_demonstrations(), Settings(llm_context_tokens=4096), 3000)
+        plan_messages(Request("x" * 40_000), load_demonstrations(), 3000, max_tasks=12)
 
 
 async def test_planner_fits_its_prompt_to_the_llms_context() -> None:
@@ -653,3 +656,32 @@ async def test_planner_fits_its_prompt_to_the_llms_context() -> None:
     assert estimate_message_tokens(messages) + planner.reply_tokens <= 4096
     assert server.requests[0]["max_tokens"] == planner.reply_tokens
     assert "turn 29 " in messages[-1]["content"]
+
+
+async def test_the_fixed_demonstrations_are_offered_to_the_llm_as_a_cacheable_prefix() -> None:
+    """The planner tells the LLM how many leading messages every plan shares (the embedded LLM saves its state
+    after them): the system message and the demonstrations that do not depend on the request."""
+    offered: list[int] = []
+
+    class Recording(OpenAILLM):
+        async def complete_json(self, messages, **kwargs):  # type: ignore[no-untyped-def]
+            offered.append(kwargs["cacheable_prefix"])
+            return await super().complete_json(messages, **kwargs)
+
+    bank = list(load_demonstrations())
+
+    class Head:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def fixed_count(self, k: int) -> int:
+            return min(self.n, k)
+
+        async def select(self, text: str, k: int) -> list[Demonstration]:
+            return bank[:k]
+
+    async with FakeLLMServer(['{"tasks": []}'] * 3) as server:
+        llm = Recording(Settings(openai_base_url=server.base_url), max_retries=0)
+        for selector in (Head(0), Head(3), FixedDemos(bank)):
+            await Planner(llm, selector).plan(REQUEST, LLMUsage())
+    assert offered == [1, 1 + 2 * 3, 1 + 2 * DEMO_COUNT]

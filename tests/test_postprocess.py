@@ -6,11 +6,11 @@ import base64
 import io
 
 import pytest
-from fakes.hf_server import png_bytes
 from PIL import Image
 
 from agent.errors import ResourceError
 from agent.postprocess import draw_boxes, open_image, overlay_masks, to_png
+from tests.fakes.hf_server import png_bytes
 
 GREY = (128, 128, 128)
 

@@ -1,17 +1,7 @@
 from __future__ import annotations
 
-from agent.events import (
-    Done,
-    LLMUsage,
-    ModelsSelected,
-    PlanReady,
-    RunResult,
-    TaskFailed,
-    TaskFinished,
-    TaskSkipped,
-    TaskStarted,
-)
-from agent.plan import ModelChoice, Plan, PlannedTask, TaskOutput
+from agent.events import Done, LLMUsage, ModelsSelected, PlanReady, RunResult, TaskEnded, TaskStarted
+from agent.plan import ModelChoice, Plan, PlannedTask, TaskOutput, TaskResult
 from agent.progress import RunProgress
 
 PLAN = Plan(
@@ -30,11 +20,11 @@ def test_states_follow_events_and_final_lines_show_outcomes() -> None:
     p.apply(ModelsSelected({0: ModelChoice(0, "blip", "best"), 1: ModelChoice(1, "tts", ""), 2: ModelChoice(2, "", "")}))
     p.apply(TaskStarted(0, "image-to-text", "blip"))
     assert p.tasks[0].state == "running"
-    p.apply(TaskFinished(0, "image-to-text", "blip", 1.25, TaskOutput(text="a cat")))
-    p.apply(TaskFailed(2, "object-detection", None, 0.5, "no model available"))
-    p.apply(TaskSkipped(1, "text-to-speech", "task 0 failed"))
+    p.apply(TaskEnded(TaskResult(0, "image-to-text", "blip", "ok", 1.25, TaskOutput(text="a cat"))))
+    p.apply(TaskEnded(TaskResult(2, "object-detection", None, "failed", 0.5, error="no model available")))
+    p.apply(TaskEnded(TaskResult(1, "text-to-speech", None, "skipped", error="task 0 failed")))
     lines = p.lines(icons=False)
-    assert lines[0] == "[done] 0 image-to-text · blip · 1.2s"
+    assert lines[0] == "[ok] 0 image-to-text · blip · 1.2s"
     assert lines[1].startswith("[skipped] 1 text-to-speech ← 0") and lines[1].endswith("— task 0 failed")
     assert "no model available" in lines[2]
     assert p.stage == "answering"

@@ -18,11 +18,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from fakes.agent_fakes import hf_tasks
-from fakes.hf_server import png_bytes
-from fakes.reliability import Watch, agent_on, db_rows, image_upload, plan_json, stage, stage_script
 
 from agent.uploads import check_upload
+from tests.fakes.agent_fakes import hf_tasks
+from tests.fakes.hf_server import png_bytes
+from tests.fakes.reliability import Watch, agent_on, db_rows, image_upload, plan_json, stage, stage_script
 
 MODELS = hf_tasks("image-to-text")
 METADATA = "169.254.169.254"
@@ -131,7 +131,7 @@ async def test_another_conversations_files_cannot_be_named(tmp_path: Path) -> No
         # Conversation A holds img-1.png; B has no file at all, then a different img-1.png of its own.
         first = await agent.turn("describe this", [await check_upload("a.png", theirs, max_bytes=1 << 20)])
         assert first.result.status == "ok"
-        other = (await agent.rt.storage.create_conversation("cli")).id
+        other = (await agent.rt.conversations.open("cli")).id
         agent.conversation = other
         refused = await agent.turn("describe img-1.png")
         assert refused.result.status == "failed"

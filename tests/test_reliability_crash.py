@@ -18,14 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fakes.agent_fakes import hf_tasks
-from fakes.hf_server import Fault, png_bytes
-from fakes.hf_server import start_in_thread as start_hf
-from fakes.llm_server import start_in_thread as start_llm
-from fakes.reliability import database_is_sound, db_rows, plan_json, stage
-
 from agent.catalog import Catalog
 from storage import Storage, StorageConfig
+from tests.fakes.agent_fakes import hf_tasks
+from tests.fakes.hf_server import Fault, png_bytes
+from tests.fakes.hf_server import start_in_thread as start_hf
+from tests.fakes.llm_server import start_in_thread as start_llm
+from tests.fakes.reliability import database_is_sound, db_rows, plan_json, stage
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = ROOT / "tests" / "fakes" / "crash_driver.py"
@@ -73,7 +72,7 @@ def test_a_killed_command_loses_nothing_committed_and_the_restart_reports_it(
 
     def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "agent.cli", *args],
+            [sys.executable, "-m", "app.cli", *args],
             env=env,
             cwd=tmp_path,
             input=stdin,
@@ -94,7 +93,7 @@ def test_a_killed_command_loses_nothing_committed_and_the_restart_reports_it(
             [
                 sys.executable,
                 "-m",
-                "agent.cli",
+                "app.cli",
                 "ask",
                 "draw a dog and describe my photo",
                 "--conversation",

@@ -24,15 +24,17 @@ import discord
 import discord.gateway
 import discord.http
 import pytest
-from fakes.agent_fakes import hf_tasks
-from fakes.discord_server import BOT_ID, CHANNEL_ID, FakeDiscord, RecordedRequest
-from fakes.hf_server import FakeHF, png_bytes
-from fakes.llm_server import FakeLLMServer, Reply
-from fakes.reliability import db_rows, plan_json, stage, stage_script
 
 from agent.logs import configure_logging
 from agent.settings import Settings
-from bot.app import HuggingGPTBot
+from app.runtime import Runtime
+from bot.app import HuggingGPTBot, use_discord_endpoints
+from bot.config import DiscordConfig
+from tests.fakes.agent_fakes import hf_tasks
+from tests.fakes.discord_server import BOT_ID, CHANNEL_ID, FakeDiscord, RecordedRequest
+from tests.fakes.hf_server import FakeHF, png_bytes
+from tests.fakes.llm_server import FakeLLMServer, Reply
+from tests.fakes.reliability import db_rows, plan_json, stage, stage_script
 
 TOKEN = "test-token"  # the one the fake Discord accepts
 OPENAI_KEY = "sk-FAKE-discord-key-123"
@@ -113,7 +115,9 @@ async def world(
         configure_logging("DEBUG", settings.secrets)
         log_stream = io.StringIO()
         cast("logging.StreamHandler[Any]", root.handlers[0]).setStream(log_stream)
-        bot = HuggingGPTBot(settings, edit_interval=0.05)
+        use_discord_endpoints(fake.api_base, fake.gateway_url)
+        runtime = await Runtime.start(settings)
+        bot = HuggingGPTBot(runtime, DiscordConfig.from_settings(settings), edit_interval=0.05)
         running = asyncio.create_task(bot.start(TOKEN))
         try:
             async with asyncio.timeout(30):
@@ -124,6 +128,7 @@ async def world(
         finally:
             await bot.close()
             await running
+            await runtime.close()
             root.handlers[:] = handlers
             root.setLevel(level)
 
@@ -231,3 +236,34 @@ async def test_pings_in_prompts_and_answers_never_ping_and_secrets_stay_hidden(
         await w.fake.user_message("again", channel_id=int(thread))  # the LLM fails, quoting secrets
         await w.answered(thread, "Bearer ***")
         assert_no_pings_and_no_secrets(w)
+
+
+async def test_a_request_holds_its_thread_from_arrival_and_fetches_its_files_only_on_its_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two defects: /reset could delete a conversation while its request was still downloading (the turn
+    began after the downloads), and queued requests downloaded their files at once (three queued messages held
+    30 files in memory)."""
+    answers = [Reply("First answer.", delay=0.5), "Second answer.", "Third answer."]
+    async with world(tmp_path, stage_script([CHAT], answers), monkeypatch) as w:
+        gate = asyncio.Event()
+        w.fake.attachment_gate = gate
+        thread = await w.mention("first", attachments=[("a.png", png_bytes(), "image/png")])
+        # The request owns its thread while its file is still downloading: /reset (which checks this) refuses.
+        await w.until(lambda: w.bot.queue.busy(int(thread)), seconds=10)
+        assert not w.fake.requests_to("GET", r"/attachments/")
+        queued = "⏳ I'm still working on the previous request here; this one is queued."
+        await w.fake.user_message("second", channel_id=int(thread), attachments=[("b.png", png_bytes(), "image/png")])
+        await w.fake.user_message("third", channel_id=int(thread), attachments=[("c.png", png_bytes(), "image/png")])
+        await w.until(lambda: w.texts(thread).count(queued) == 2, seconds=10)
+        gate.set()
+        await w.answered(thread, "Third answer.")
+
+        def position(method: str, pattern: str) -> int:
+            return next(i for i, r in enumerate(w.fake.requests) if r.method == method and re.search(pattern, r.path)
+                        and (method != "POST" or "First answer." in json.dumps(r.json)))
+
+        first_answer = position("POST", rf"/channels/{thread}/messages$")
+        assert position("GET", r"/b\.png$") > first_answer
+        assert position("GET", r"/c\.png$") > first_answer
+

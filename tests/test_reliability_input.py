@@ -1,4 +1,4 @@
-"""Bad input from users, through the real command (``agent.cli.main``) and ``Conversations.ask``: files that
+"""Bad input from users, through the real command (``app.cli.main``) and ``Conversations.ask``: files that
 are too large, endless, corrupt, bombs, of types the bot does not handle, empty, too many; a 50,000-character
 prompt; text that is not UTF-8. Each is refused with a message naming the file and the reason, or handled;
 nothing half-stored remains. Per-file checks are unit-tested in test_uploads.py.
@@ -19,16 +19,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakes.agent_fakes import hf_tasks
-from fakes.hf_server import Fault, png_bytes
-from fakes.hf_server import start_in_thread as start_hf
-from fakes.llm_server import start_in_thread as start_llm
-from fakes.reliability import agent_on, db_rows, image_upload, plan_json, stage, stage_script
 
 from agent.catalog import Catalog
-from agent.cli import main
 from agent.errors import ResourceError
 from agent.uploads import MAX_ATTACHMENTS, MAX_IMAGE_PIXELS
+from app.cli import main
+from tests.fakes.agent_fakes import hf_tasks
+from tests.fakes.hf_server import Fault, png_bytes
+from tests.fakes.hf_server import start_in_thread as start_hf
+from tests.fakes.llm_server import start_in_thread as start_llm
+from tests.fakes.reliability import agent_on, db_rows, image_upload, plan_json, stage, stage_script
 
 pytestmark = pytest.mark.skipif(shutil.which("ffprobe") is None, reason="ffmpeg not installed")
 
@@ -138,7 +138,7 @@ def test_an_endless_file_is_refused_after_the_size_limit(tmp_path: Path) -> None
     env = {**os.environ, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "HUGGINGGPT_MAX_ATTACHMENT_MB": "1",
            "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "ask", "what is this", "--attach", "/dev/zero"],
+        [sys.executable, "-m", "app.cli", "ask", "what is this", "--attach", "/dev/zero"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, preexec_fn=_limit_memory,
     )
     assert proc.returncode == 1

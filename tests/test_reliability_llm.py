@@ -9,12 +9,23 @@ Unit-level cases (parsing, validation rules, JSON modes) are in test_llm.py and 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
-from fakes.agent_fakes import hf_tasks
-from fakes.llm_server import Reply
-from fakes.reliability import Agent, Turn, agent_on, db_rows, image_upload, plan_json, stage, stage_script
+
+from tests.fakes.agent_fakes import hf_tasks
+from tests.fakes.llm_server import FakeLLMServer, Reply
+from tests.fakes.reliability import (
+    Agent,
+    Turn,
+    agent_on,
+    db_rows,
+    image_upload,
+    plan_json,
+    stage,
+    stage_script,
+)
 
 CAPTION = "a red square on a grey background"
 MODELS = hf_tasks("image-to-text", "visual-question-answering")
@@ -114,6 +125,8 @@ HTTP_FAULTS = {
     "timeout": (Reply("{}", delay=10), "timed out after 0.5s", 3),
     "unreadable body": (Reply.invalid_json(), "could not be read", 1),
     "connection dropped": (Reply(cut_after=0), "cannot reach", 3),
+    # 16 bytes every 50 ms: no read ever waits long, so only a deadline on the whole attempt ends it.
+    "trickled reply": (Reply("{" + " " * 400 + "}", trickle=0.05), "timed out after 0.5s", 3),
 }
 
 
@@ -122,7 +135,9 @@ async def test_llm_http_faults_are_retried_within_bounds_then_fail_the_run(
     fault: Reply, message: str, requests: int, tmp_path: Path
 ) -> None:
     async with agent_on(lambda body: fault, MODELS, tmp_path / "data", LLM_TIMEOUT="0.5") as agent:
+        started = time.monotonic()
         turn = await agent.turn("describe this picture", [await image_upload()], limit=30)
+        print(f"\n{len(agent.llm.requests)} requests, {time.monotonic() - started:.2f} s to the message")
     result = turn.result
     assert result.status == "failed"
     assert message in result.answer, result.answer
@@ -176,4 +191,52 @@ async def test_invented_model_ids_never_reach_the_wire(tmp_path: Path) -> None:
     assert called <= set(MODELS)  # only catalog models were called, each at its catalog URL
     by_id = {t.id: t for t in turn.result.tasks}
     assert "not a candidate" in turn.result.choices[0].reason and by_id[0].model in MODELS
+    assert_recorded(agent, turn)
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [(Reply(keepalive=0.05), "failed"), (Reply(endless=True), "ok")],
+    ids=["SSE keep-alives for ever", "endless answer"],
+)
+async def test_a_stream_that_never_ends_is_bounded_in_time_and_size(
+    answer: Reply, status: str, tmp_path: Path
+) -> None:
+    """Keep-alives hold a run for LLM_TIMEOUT at most; an endless answer is cut at LLM_MAX_ANSWER_CHARS, with
+    a note, and stored as cut (fixed: both held the run as long as the server liked; an endless answer
+    printed 5.8 MB and stored 11.8 MB)."""
+    env = {"LLM_TIMEOUT": "0.5", "LLM_MAX_ANSWER_CHARS": "3000"}
+    async with agent_on(stage_script(['{"tasks": []}'], [answer]), MODELS, tmp_path / "data", **env) as agent:
+        started = time.monotonic()
+        turn = await agent.turn("hi there", limit=30)
+        seconds = time.monotonic() - started
+    result = turn.result
+    assert result.status == status, result.error
+    if status == "failed":
+        assert result.answer.endswith("timed out after 0.5s")
+        assert_clear(result.answer)
+    else:
+        assert result.answer.endswith("\n\n[answer cut here: it reached the limit of 3,000 characters]")
+        assert len(result.answer) <= 3000 + 100
+    assert _stages(agent) == ["plan", "respond"]
+    assert_recorded(agent, turn)
+    print(
+        f"\n{status}: {len(result.answer):,} characters shown and stored, {agent.llm.bytes_sent:,} bytes sent "
+        f"by the server, {seconds:.2f} s to the message"
+    )
+
+
+async def test_a_redirect_to_another_host_is_refused_and_that_host_gets_nothing(tmp_path: Path) -> None:
+    """Fixed: the client followed it, sending the whole prompt there and using its answer."""
+    async with FakeLLMServer([GOOD_PLAN] * 3) as other:
+        elsewhere = Reply.redirect(f"{other.base_url}/chat/completions")
+        async with agent_on(lambda body: elsewhere, MODELS, tmp_path / "data") as agent:
+            turn = await agent.turn("describe this picture", [await image_upload()], limit=30)
+    result = turn.result
+    assert result.status == "failed"
+    assert "redirected the request to another server, which is never followed" in result.answer
+    assert other.base_url.split("//")[1].split("/")[0] not in result.answer
+    assert_clear(result.answer)
+    assert other.requests == [] and len(agent.llm.requests) == 1  # refused, not retried
+    assert agent.hf.requests == []
     assert_recorded(agent, turn)

@@ -21,13 +21,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fakes.agent_fakes import hf_tasks
-from fakes.hf_server import Fault
-from fakes.llm_server import Reply
-from fakes.reliability import Agent, agent_on, db_rows, image_upload, run_turn, stage
-
 from agent.executor import _Run
 from agent.request import Request
+from tests.fakes.agent_fakes import hf_tasks
+from tests.fakes.hf_server import Fault
+from tests.fakes.llm_server import Reply
+from tests.fakes.reliability import Agent, agent_on, db_rows, image_upload, run_turn, stage
 
 CONVERSATIONS = 200
 TURNS = 2
@@ -179,7 +178,7 @@ async def _load(tmp_path: Path, logs: _Tally) -> None:
 
         rt.agent.executor.sleep = sleep
         upload = await image_upload()
-        conversations = [(await rt.storage.create_conversation("load")).id for _ in range(CONVERSATIONS)]
+        conversations = [(await rt.conversations.open("load")).id for _ in range(CONVERSATIONS)]
         baseline_tasks = _our_tasks()
         rss_before = _rss_mb()
         rss: list[float] = []

@@ -9,17 +9,19 @@ rules in test_executor.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
-from fakes.agent_fakes import hf_tasks
-from fakes.hf_server import Fault
-from fakes.net import unused_port
-from fakes.reliability import Agent, agent_on, db_rows, image_upload, plan_json, stage, stage_script
 
 from agent.catalog import Catalog
 from agent.executor import MAX_RETRY_AFTER
+from tests.fakes.agent_fakes import hf_tasks
+from tests.fakes.hf_server import FakeHF, Fault
+from tests.fakes.net import unused_port
+from tests.fakes.reliability import Agent, agent_on, db_rows, image_upload, plan_json, stage, stage_script
 
 CAPTIONERS = [m.id for m in Catalog.bundled().by_task("image-to-text")]
 MODELS = hf_tasks("image-to-text", "visual-question-answering")
@@ -124,3 +126,64 @@ async def test_when_every_model_fails_the_task_is_reported_and_the_plan_goes_on(
     assert rows[0][2] == failed.error
     ((status,),) = db_rows(agent.data_dir, "SELECT status FROM runs WHERE id = ?", (result.run_id,))
     assert status == "partial"
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [Fault.huge_body(600 << 20, content_type="application/json"), Fault.huge_body(None)],
+    ids=["600 MiB answer", "endless answer"],
+)
+async def test_an_answer_over_the_output_cap_is_refused_after_reading_about_the_cap(
+    fault: Fault, tmp_path: Path
+) -> None:
+    """Fixed: a 512 MB body added 1.67 GB of memory and the run succeeded; an endless one was read for ever.
+
+    Measured by what the server managed to send, not by time: the cap plus what the sockets buffer.
+    """
+    cap_mb = 8
+    script = stage_script([PLAN], ["It is a red square."])
+    async with agent_on(script, MODELS, tmp_path / "data", HUGGINGGPT_MAX_OUTPUT_MB=str(cap_mb)) as agent:
+        agent.hf.script(CAPTIONERS[0], fault)
+        peak, baseline = 0, _rss_bytes()
+
+        async def sample() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, _rss_bytes())
+                await asyncio.sleep(0.005)
+
+        sampler = asyncio.create_task(sample())
+        turn = await agent.turn("describe it, its colour, and sum it up", [await image_upload()], limit=30)
+        sampler.cancel()
+    result = turn.result
+    assert result.status == "ok", result.error
+    by_id = {t.id: t for t in result.tasks}
+    assert calls(agent, CAPTIONERS[0]) == 1  # refused, not asked again ...
+    assert by_id[0].model == CAPTIONERS[1]  # ... and the next candidate answered
+    assert agent.hf.bytes_sent <= (cap_mb + 24) << 20
+    print(
+        f"\n{agent.hf.bytes_sent / 2**20:.0f} MiB sent by the server (cap {cap_mb} MiB); "
+        f"peak RSS +{max(0, peak - baseline) / 2**20:.0f} MiB during the run"
+    )
+
+
+async def test_a_redirect_of_a_model_to_another_host_is_refused_and_the_next_model_used(
+    tmp_path: Path,
+) -> None:
+    """Fixed: the client followed it, sending the user's image and the token there and using its answer."""
+    script = stage_script([PLAN], ["It is a red square."])
+    async with FakeHF(dict(MODELS)) as other:
+        async with agent_on(script, MODELS, tmp_path / "data") as agent:
+            agent.hf.script(CAPTIONERS[0], Fault.redirect(f"{other.base_url}/models/{CAPTIONERS[0]}"))
+            turn = await agent.turn(
+                "describe it, its colour, and sum it up", [await image_upload()], limit=30
+            )
+    result = turn.result
+    assert result.status == "ok", result.error
+    assert {t.id: t.model for t in result.tasks}[0] == CAPTIONERS[1]
+    assert other.requests == []

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes.agent_fakes import hf_tasks
-from fakes.hf_server import Fault, RunningHF, png_bytes
-from fakes.hf_server import start_in_thread as start_hf
-from fakes.llm_server import Reply, ThreadedServer
-from fakes.llm_server import start_in_thread as start_llm
-from fakes.reliability import plan_json, stage
 
 from agent.catalog import Catalog
+from tests.fakes.agent_fakes import hf_tasks
+from tests.fakes.hf_server import Fault, RunningHF, png_bytes
+from tests.fakes.hf_server import start_in_thread as start_hf
+from tests.fakes.llm_server import Reply, ThreadedServer
+from tests.fakes.llm_server import start_in_thread as start_llm
+from tests.fakes.reliability import plan_json, stage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,7 +68,7 @@ def servers() -> Iterator[tuple[ThreadedServer, RunningHF]]:
 
 def run_cli(args: list[str], env: dict[str, str], cwd: Path, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli", "-v", *args], env=env, cwd=cwd, input=stdin, capture_output=True,
+        [sys.executable, "-m", "app.cli", "-v", *args], env=env, cwd=cwd, input=stdin, capture_output=True,
         text=True, timeout=120,
     )
 
@@ -119,3 +119,53 @@ def test_a_whole_session_never_shows_a_secret(servers: tuple[ThreadedServer, Run
         assert leaks(path.read_bytes()) == [], f"{path} leaks"
     # The LLM never received another service's token (its own key goes in its Authorization header).
     assert leaks(json.dumps(llm.requests)) == []
+
+
+PROXY_PASSWORD = "proxy-Pa55-word-XYZ"
+ENDPOINT_PASSWORD = "endpoint-Pa55-QRS"
+
+
+def test_credentials_in_urls_and_pieces_of_tokens_are_never_shown(tmp_path: Path) -> None:
+    """``user:password@`` in ``HF_INFERENCE_BASE_URL`` and in ``HUGGINGGPT_ENDPOINTS``, and a model server
+    quoting the first 12 characters of the token: ``status``, ``ask --json`` (its ``backends``) and the log at
+    DEBUG show none of them (fixed: the base URL was shown whole in ``/status``, ``hugginggpt status`` and
+    every trace, and only whole secrets were redacted)."""
+    llm = start_llm(lambda body: AGAIN if stage(body) == "plan" else "Here you go.")
+    hf = start_hf(hf_tasks("image-to-text"))
+    try:
+        for model in CAPTIONERS:
+            hf.server.script(model, Fault.error(403, f"token {HF_TOKEN[:12]} lacks access"))
+        base = hf.base_url.replace("http://", f"http://proxyuser:{PROXY_PASSWORD}@")
+        endpoints = tmp_path / "endpoints.json"
+        endpoints.write_text(
+            json.dumps({"acme/x": base.replace(PROXY_PASSWORD, ENDPOINT_PASSWORD) + "/endpoints/x"})
+        )
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "OPENAI_BASE_URL": llm.base_url,
+            "OPENAI_API_KEY": OPENAI_KEY,
+            "LLM_MODEL": "fake-model",
+            "HF_TOKEN": HF_TOKEN,
+            "HF_INFERENCE_BASE_URL": base,
+            "HUGGINGGPT_ENDPOINTS": str(endpoints),
+            "HUGGINGGPT_DATA_DIR": str(tmp_path / "data"),
+            "HUGGINGGPT_MODEL_SELECTION": "downloads",
+            "HUGGINGGPT_DEMOS": "fixed",
+        }
+        photo = tmp_path / "photo.png"
+        photo.write_bytes(png_bytes())
+        status = run_cli(["status"], env, tmp_path)
+        ask = run_cli(["ask", "describe it", "--attach", str(photo), "--json"], env, tmp_path)
+    finally:
+        llm.stop()
+        hf.stop()
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert f"Hugging Face inference at {hf.base_url} (token set)" in status.stdout
+    trace = json.loads(ask.stdout)
+    assert trace["backends"]["hf"]["detail"].startswith(f"Hugging Face inference at {hf.base_url} ")
+    [task] = trace["tasks"]
+    assert task["status"] == "failed" and "HTTP 403: token *** lacks access" in task["error"]
+    needles = (PROXY_PASSWORD, ENDPOINT_PASSWORD, HF_TOKEN[:10], HF_TOKEN[2:12])
+    for name, text in [("status", status.stdout + status.stderr), ("ask", ask.stdout + ask.stderr)]:
+        assert [n for n in needles if n in text] == [], name

@@ -18,8 +18,13 @@ from typing import Any
 
 import psycopg
 import pytest
-from fakes.agent_fakes import hf_tasks
-from fakes.reliability import (
+from sqlalchemy import event
+
+import storage.database
+from app.conversations import Conversations
+from storage import Storage, StorageConfig
+from tests.fakes.agent_fakes import hf_tasks
+from tests.fakes.reliability import (
     Agent,
     agent_on,
     database_is_sound,
@@ -30,11 +35,6 @@ from fakes.reliability import (
     stage,
     stage_script,
 )
-from sqlalchemy import event
-
-import storage.database
-from agent.session import Conversations
-from storage import Storage, StorageConfig
 
 MODELS = hf_tasks("text-to-image", "image-to-text")
 DRAW = plan_json({"id": 0, "task": "text-to-image", "dep": [], "args": {"text": "a red cat"}})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from fakes.llm_server import FakeLLMServer, Reply
 
 from agent.errors import GenerationError
 from agent.events import LLMUsage
@@ -16,6 +15,7 @@ from agent.request import ChatTurn, Request
 from agent.resources import Origin, Resource
 from agent.responder import Responder
 from agent.settings import Settings
+from tests.fakes.llm_server import FakeLLMServer, Reply
 
 IMAGE = Resource("out-2-1.png", "image", "image/png", "d" * 64, 5, origin=Origin("task", "r", 1))
 PLAN = Plan(
@@ -45,7 +45,7 @@ REQUEST = Request(
 
 def make_responder(base_url: str, context_tokens: int = 8192) -> Responder:
     settings = Settings(openai_base_url=base_url, llm_context_tokens=context_tokens)
-    return Responder(OpenAILLM(settings, max_retries=0), settings)
+    return Responder(OpenAILLM(settings, max_retries=0))
 
 
 async def collect(responder: Responder, request: Request, plan: Plan, usage: LLMUsage) -> list[str]:

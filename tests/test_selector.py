@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fakes.llm_server import FakeLLMServer, Reply
-
-from agent.backends import Backends, BackendStatus, TaskInput, TaskIO
+from agent.backends import Backend, Backends, BackendStatus, TaskInput, TaskIO
 from agent.catalog import Catalog, ModelInfo
 from agent.events import LLMUsage
 from agent.llm import OpenAILLM
@@ -15,6 +13,7 @@ from agent.plan import Plan, PlannedTask, TaskOutput
 from agent.request import Request
 from agent.selector import Selector
 from agent.settings import Settings
+from tests.fakes.llm_server import FakeLLMServer, Reply
 
 RUNNABLE = {"cap/a", "cap/b", "det/d", "det/e", "det/f", "tts/f", "sum/s"}
 MODELS = [
@@ -34,13 +33,10 @@ MODELS = [
 ]
 
 
-class RunnableSet:
-    """A backend for every model, runnable only for the ids in ``RUNNABLE``."""
+class RunnableSet(Backend):
+    """A backend for every model (the catch-all), runnable only for the ids in ``RUNNABLE``."""
 
     name = "fake"
-
-    def handles(self, model: ModelInfo) -> bool:
-        return True
 
     def available(self, model: ModelInfo) -> bool:
         return model.id in RUNNABLE
@@ -58,7 +54,13 @@ def task(task_id: int, name: str, **args: str) -> PlannedTask:
 
 def make_selector(base_url: str, **settings_kw: Any) -> Selector:
     settings = Settings(openai_base_url=base_url, llm_model="ctrl", **settings_kw)
-    return Selector(OpenAILLM(settings, max_retries=0), Catalog(MODELS), Backends([RunnableSet()]), settings)
+    return Selector(
+        OpenAILLM(settings, max_retries=0),
+        Catalog(MODELS),
+        Backends([RunnableSet()]),
+        top_k=settings.top_k,
+        mode=settings.model_selection,
+    )
 
 
 def reply(*choices: tuple[Any, str, str]) -> str:

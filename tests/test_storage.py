@@ -16,8 +16,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from fakes.legacy_schema import make_legacy_database
-from fakes.reliability import database_is_sound, db_rows
 
 import storage.database
 import storage.storage
@@ -36,6 +34,8 @@ from storage import (
     schema,
 )
 from storage.files import FileStore
+from tests.fakes.legacy_schema import make_legacy_database
+from tests.fakes.reliability import database_is_sound, db_rows
 
 
 class Clock:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.runtime import storage_config
 from agent.settings import Settings
+from app.runtime import storage_config
 from storage import Storage, StorageConfig, StorageError, shown_url
 
 URL = "postgresql://bot:s3cret-pw@db.internal:5432/hgpt?sslmode=require"

@@ -12,10 +12,9 @@ import signal
 import sys
 from pathlib import Path
 
-from fakes.reliability import database_is_sound
-from fakes.storage_writer import payload
-
 from storage import Storage, StorageConfig
+from tests.fakes.reliability import database_is_sound
+from tests.fakes.storage_writer import payload
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITER = ROOT / "tests" / "fakes" / "storage_writer.py"

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes.legacy_schema import make_legacy_database
-from fakes.reliability import db_rows
 
-from agent.cli import main
+from app.cli import main
 from storage import Storage, StorageConfig, StorageError, migrate_storage
 from storage.files import FileStore
+from tests.fakes.legacy_schema import make_legacy_database
+from tests.fakes.reliability import db_rows
 
 PICTURES = [b"a cat", b"a dog", b"the cat again, drawn"]
 

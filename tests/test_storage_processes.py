@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes.agent_fakes import hf_tasks
-from fakes.hf_server import Fault, png_bytes
-from fakes.hf_server import start_in_thread as start_hf
-from fakes.llm_server import start_in_thread as start_llm
-from fakes.reliability import database_is_sound, db_rows, plan_json, stage
 
 import storage.database
 from storage import RunEnd, Storage, StorageConfig, StorageError, TurnBusyError
+from tests.fakes.agent_fakes import hf_tasks
+from tests.fakes.hf_server import Fault, png_bytes
+from tests.fakes.hf_server import start_in_thread as start_hf
+from tests.fakes.llm_server import start_in_thread as start_llm
+from tests.fakes.reliability import database_is_sound, db_rows, plan_json, stage
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITER = ROOT / "tests" / "fakes" / "storage_writer.py"
@@ -125,7 +125,7 @@ def test_two_asks_on_the_same_conversation_at_once_both_succeed_in_order(
                 [
                     sys.executable,
                     "-m",
-                    "agent.cli",
+                    "app.cli",
                     "ask",
                     f"draw cat {n}",
                     "--attach",

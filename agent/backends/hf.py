@@ -1,11 +1,15 @@
 """Hugging Face models: HF Inference, Inference Providers and self-hosted endpoints, through one client.
 
-Every Hub model id (anything not ``local/...`` or ``llm/...``) runs here. A model is called at
+Every Hub model id (any id no other backend claims) runs here. A model is called at
 ``{HF_INFERENCE_BASE_URL}/models/{id}``, or at its own URL when ``HUGGINGGPT_ENDPOINTS`` names one; passing a
 URL (never a bare id) keeps ``AsyncInferenceClient`` from making blocking Hub lookups. With
-``HF_INFERENCE_PROVIDER=auto`` the provider of each model is looked up once, in a thread, and cached.
+``HF_INFERENCE_PROVIDER=auto`` the provider of each model is looked up once, by us, and cached.
 Input media go as bytes with their MIME type: the client would download URLs with a blocking client and
 re-encodes Pillow images.
+
+Every call goes through one httpx2 client made bounded by ``agent.http``: an answer over
+``HUGGINGGPT_MAX_OUTPUT_MB`` is refused as it streams in (the model is not asked again: the next candidate
+is), and a redirect to another server is refused. The executor bounds each attempt's time.
 
 ControlNet tasks go through ``image_to_image``: ``{c}-control`` sends the photo alone (the endpoint returns
 the control map), ``{c}-text-to-image`` sends the control image with the prompt, which is what a diffusers
@@ -18,10 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,13 +33,15 @@ from typing import Any
 import httpx2
 from huggingface_hub import AsyncInferenceClient
 from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError, OfflineModeIsEnabled
+from huggingface_hub.hf_api import ModelInfo as HubModelInfo
 from huggingface_hub.inference._common import MimeBytes
-from huggingface_hub.inference._providers import get_provider_helper
+from huggingface_hub.inference._providers._common import HARDCODED_MODEL_INFERENCE_MAPPING
 from huggingface_hub.utils import build_hf_headers, get_async_session, hf_raise_for_status
 from PIL import Image
 
 from .. import postprocess
 from ..catalog import ModelInfo
+from ..catalog_refresh import hub_endpoint
 from ..errors import (
     AgentError,
     BackendUnavailableError,
@@ -48,11 +52,20 @@ from ..errors import (
     ResourceError,
     RetryableModelError,
 )
+from ..http import (
+    MAX_REDIRECTS,
+    RedirectRefusedError,
+    ResponseTooLargeError,
+    bound_client,
+    public_url,
+    retry_after_seconds,
+)
+from ..logs import redact
 from ..plan import TaskOutput
-from ..request import valid_text
 from ..settings import Settings
 from ..tasks import LLM_TASKS, TASKS
-from . import BackendStatus, TaskInput, TaskIO
+from ..text import valid_text
+from . import Backend, BackendStatus, TaskInput, TaskIO
 
 __all__ = ["HFBackend", "load_endpoints"]
 
@@ -88,12 +101,15 @@ def load_endpoints(path: str) -> dict[str, str]:
 
 @dataclass
 class _Call:
-    """One task for one model: its text arguments and its media as bytes tagged with their MIME type."""
+    """One task for one model: its text arguments, its media as bytes tagged with their MIME type, and where
+    it goes: the client of the provider that serves it, and the ``model`` to pass that client."""
 
     model: str
     task: str
     text: dict[str, str]
     media: dict[str, MimeBytes]
+    client: AsyncInferenceClient
+    target: str
 
 
 @dataclass
@@ -103,10 +119,12 @@ class _Result:
     files: list[tuple[bytes, str]] = field(default_factory=list)  # (content, mime)
 
 
-class HFBackend:
-    """Runs Hub models over HTTP. Create one per process and ``aclose()`` it at shutdown."""
+class HFBackend(Backend):
+    """Runs Hub models over HTTP: every id no other backend claims. Create one per process and ``aclose()``
+    it at shutdown."""
 
     name = "hf"
+    enable_hint = "a Hugging Face endpoint: set HF_TOKEN or HUGGINGGPT_ENDPOINTS"
 
     def __init__(self, settings: Settings) -> None:
         if settings.hf_inference_provider not in _PROVIDER_MODES:
@@ -116,12 +134,11 @@ class HFBackend:
         self._base = settings.hf_inference_base_url.rstrip("/")
         self._auto = settings.hf_inference_provider == "auto"
         self._token = settings.hf_token or None
-        self._client = AsyncInferenceClient(
-            provider=settings.hf_inference_provider,  # type: ignore[arg-type]
-            token=self._token,
-            timeout=settings.task_timeout,
-        )
-        self._http: httpx2.AsyncClient | None = None
+        self._secrets = settings.secrets
+        # One HTTP client for every call, the inference client's and our own: bodies capped, redirects kept
+        # within the server (agent.http). huggingface_hub's factory adds its offline check and error reading.
+        self._http = bound_client(get_async_session(), max_body_bytes=settings.max_output_bytes)
+        self._clients: dict[str, AsyncInferenceClient] = {}
         self._providers: dict[str, str] = {}
         self._handlers: dict[str, Callable[[_Call], Awaitable[_Result]]] = {
             "text-classification": self._text_classification,
@@ -153,9 +170,6 @@ class HFBackend:
         """Hugging Face inference is usable: a token, or a base URL pointing somewhere else (a proxy, a TGI)."""
         return bool(self._token) or self._base != _DEFAULT_BASE_URL
 
-    def handles(self, model: ModelInfo) -> bool:
-        return not model.id.startswith(("local/", "llm/"))
-
     def available(self, model: ModelInfo) -> bool:
         """Configured for it, and its task is one this backend runs (LLM-handled tasks are not)."""
         return model.task in self._handlers and (model.id in self.endpoints or self.hf_configured)
@@ -165,7 +179,7 @@ class HFBackend:
         if self.hf_configured:
             token = "token set" if self._token else "no token"
             routing = ", Inference Providers routing" if self._auto else ""
-            parts.append(f"Hugging Face inference at {self._base} ({token}{routing})")
+            parts.append(f"Hugging Face inference at {public_url(self._base)} ({token}{routing})")
         if self.endpoints:
             parts.append(f"{len(self.endpoints)} self-hosted endpoint(s)")
         live = bool(parts)
@@ -173,10 +187,9 @@ class HFBackend:
         return BackendStatus(self.name, live, detail)
 
     async def aclose(self) -> None:
-        await self._client.close()
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
+        for client in self._clients.values():
+            await client.close()
+        await self._http.aclose()
 
     async def run(self, model: ModelInfo, inp: TaskInput, io: TaskIO) -> TaskOutput:
         task = inp.task.name
@@ -185,8 +198,10 @@ class HFBackend:
             reason = "it is done by the controller LLM" if task in LLM_TASKS else "it is not supported"
             raise ModelError(f"task {task} does not run on Hugging Face models here: {reason}")
         media = {key: MimeBytes(await io.read(res), res.mime) for key, res in inp.files.items()}
-        call = _Call(model.id, task, dict(inp.text), media)
         with self._mapped_errors(model.id, task):
+            provider = await self._provider(model.id, task)
+            target = self._url(model.id) if provider == "hf-inference" else model.id
+            call = _Call(model.id, task, dict(inp.text), media, self._client(provider), target)
             result = await handler(call)
         output = TaskOutput(text=result.text, data=result.data)
         for content, mime in result.files:
@@ -198,28 +213,53 @@ class HFBackend:
     def _url(self, model: str) -> str:
         return self.endpoints.get(model) or f"{self._base}/models/{model}"
 
-    async def _target(self, call: _Call) -> str:
-        """What to pass the client as ``model``: a URL, or (auto routing, another provider) the bare id."""
-        if call.model in self.endpoints or not self._auto:
-            return self._url(call.model)
-        provider = self._providers.get(call.model)
-        if provider is None:
-            provider = await asyncio.to_thread(self._route, call.model, call.task)
-            self._providers[call.model] = provider
-        return self._url(call.model) if provider == "hf-inference" else call.model
+    def _client(self, provider: str) -> AsyncInferenceClient:
+        """The inference client of ``provider``, made on first use; all of them share our HTTP client."""
+        client = self._clients.get(provider)
+        if client is None:
+            client = AsyncInferenceClient(
+                provider=provider,  # type: ignore[arg-type]
+                token=self._token,
+                timeout=self.settings.task_timeout,
+            )
+            # The client makes its own httpx2 client on first use unless one is there: ours is (huggingface_hub
+            # 2.x reads this attribute in _get_async_client; tests/test_hf_backend.py checks the cap holds).
+            client._async_client = self._http
+            self._clients[provider] = client
+        return client
 
-    @staticmethod
-    def _route(model: str, task: str) -> str:
-        """Blocking Hub lookup of the provider serving ``model``; the client caches the mapping it fetches."""
-        try:
-            return get_provider_helper("auto", task=task, model=model).provider
-        except (ValueError, HfHubHTTPError) as err:
-            raise ModelError(f"no Inference Provider serves model {model} for {task}") from err
+    async def _provider(self, model: str, task: str) -> str:
+        """Who serves ``model``: ``hf-inference`` unless ``HF_INFERENCE_PROVIDER=auto`` routes it elsewhere.
+
+        With auto routing, the Hub's provider mapping is fetched once per model through our bounded client
+        (huggingface_hub would fetch it with a blocking, unbounded one) and handed to huggingface_hub's own
+        mapping table, so that the provider's client never fetches it itself.
+        """
+        if model in self.endpoints or not self._auto:
+            return "hf-inference"
+        provider = self._providers.get(model)
+        if provider is not None:
+            return provider
+        response = await self._http.get(
+            f"{hub_endpoint()}/api/models/{model}",
+            params={"expand": "inferenceProviderMapping"},
+            headers=build_hf_headers(token=self._token),
+            timeout=self.settings.task_timeout,
+        )
+        if response.status_code == 404:
+            raise ModelError(f"no Inference Provider serves model {model} for {task}")
+        hf_raise_for_status(response)
+        mappings = HubModelInfo(**response.json()).inference_provider_mapping or []
+        if not mappings:
+            raise ModelError(f"no Inference Provider serves model {model} for {task}")
+        first = mappings[0]
+        if first.provider != "hf-inference":
+            HARDCODED_MODEL_INFERENCE_MAPPING.setdefault(first.provider, {})[model] = first
+        self._providers[model] = first.provider
+        return first.provider
 
     async def _post(self, call: _Call, body: bytes, content_type: str) -> tuple[bytes, str]:
         """A raw POST (tasks without a client method), with the client's headers and error types."""
-        if self._http is None:
-            self._http = get_async_session()
         headers = build_hf_headers(token=self._token, headers={"Content-Type": content_type})
         response = await self._http.post(
             self._url(call.model), content=body, headers=headers, timeout=self.settings.task_timeout
@@ -230,11 +270,11 @@ class HFBackend:
     # Task handlers: call the model, convert its answer.
 
     async def _text_classification(self, call: _Call) -> _Result:
-        items = await self._client.text_classification(call.text["text"], model=await self._target(call))
+        items = await call.client.text_classification(call.text["text"], model=call.target)
         return _labels(items)
 
     async def _token_classification(self, call: _Call) -> _Result:
-        items = await self._client.token_classification(call.text["text"], model=await self._target(call))
+        items = await call.client.token_classification(call.text["text"], model=call.target)
         entities = [
             {
                 "entity": _str(item.get("entity_group") or item.get("entity")),
@@ -252,14 +292,14 @@ class HFBackend:
         context = call.text.get("context")
         if not context:
             raise ExecutionError("question-answering needs a context text to find the answer in")
-        answer = await self._client.question_answering(
-            question=call.text["text"], context=context, model=await self._target(call)
+        answer = await call.client.question_answering(
+            question=call.text["text"], context=context, model=call.target
         )
         return _best_answer(answer if isinstance(answer, list) else [answer])
 
     async def _sentence_similarity(self, call: _Call) -> _Result:
-        scores = await self._client.sentence_similarity(
-            call.text["text"], [call.text["text2"]], model=await self._target(call)
+        scores = await call.client.sentence_similarity(
+            call.text["text"], [call.text["text2"]], model=call.target
         )
         score = _score(scores[0])
         return _Result(text=f"{score:.3f}", data=score)
@@ -273,7 +313,7 @@ class HFBackend:
         return _Result(text=", ".join(f"row {i}: {r}" for i, r in enumerate(rows, 1)), data=rows)
 
     async def _object_detection(self, call: _Call) -> _Result:
-        items = await self._client.object_detection(call.media["image"], model=await self._target(call))
+        items = await call.client.object_detection(call.media["image"], model=call.target)
         boxes = [
             {
                 "label": _str(item["label"]),
@@ -286,31 +326,27 @@ class HFBackend:
         return _Result(text=_summary(boxes) or "no objects found", data=boxes, files=[(drawn, "image/png")])
 
     async def _image_classification(self, call: _Call) -> _Result:
-        return _labels(
-            await self._client.image_classification(call.media["image"], model=await self._target(call))
-        )
+        return _labels(await call.client.image_classification(call.media["image"], model=call.target))
 
     async def _audio_classification(self, call: _Call) -> _Result:
-        return _labels(
-            await self._client.audio_classification(call.media["audio"], model=await self._target(call))
-        )
+        return _labels(await call.client.audio_classification(call.media["audio"], model=call.target))
 
     async def _image_to_text(self, call: _Call) -> _Result:
-        out = await self._client.image_to_text(call.media["image"], model=await self._target(call))
+        out = await call.client.image_to_text(call.media["image"], model=call.target)
         return _Result(text=_str(out["generated_text"]))
 
     async def _text_to_image(self, call: _Call) -> _Result:
-        image = await self._client.text_to_image(call.text["text"], model=await self._target(call))
+        image = await call.client.text_to_image(call.text["text"], model=call.target)
         return await self._image(call, image)
 
     async def _image_to_image(self, call: _Call) -> _Result:
-        image = await self._client.image_to_image(
-            call.media["image"], prompt=call.text.get("text") or None, model=await self._target(call)
+        image = await call.client.image_to_image(
+            call.media["image"], prompt=call.text.get("text") or None, model=call.target
         )
         return await self._image(call, image)
 
     async def _image_segmentation(self, call: _Call) -> _Result:
-        items = await self._client.image_segmentation(call.media["image"], model=await self._target(call))
+        items = await call.client.image_segmentation(call.media["image"], model=call.target)
         segments = [
             {"label": _str(item["label"]), "score": item.get("score"), "mask": item["mask"]} for item in items
         ]
@@ -328,44 +364,41 @@ class HFBackend:
         return await self._image(call, base64.b64decode(_str(depth), validate=True))
 
     async def _visual_question_answering(self, call: _Call) -> _Result:
-        answers = await self._client.visual_question_answering(
-            call.media["image"], question=call.text["text"], model=await self._target(call)
+        answers = await call.client.visual_question_answering(
+            call.media["image"], question=call.text["text"], model=call.target
         )
         return _best_answer(answers)
 
     async def _document_question_answering(self, call: _Call) -> _Result:
-        answers = await self._client.document_question_answering(
-            call.media["image"], question=call.text["text"], model=await self._target(call)
+        answers = await call.client.document_question_answering(
+            call.media["image"], question=call.text["text"], model=call.target
         )
         return _best_answer(answers)
 
     async def _text_to_video(self, call: _Call) -> _Result:
-        target = await self._target(call)
-        if target.startswith(("http://", "https://")):
+        if call.target.startswith(("http://", "https://")):
             body = json.dumps({"inputs": call.text["text"]}).encode()
             content, _ = await self._post(call, body, "application/json")
         else:
-            content = await self._client.text_to_video(call.text["text"], model=target)
+            content = await call.client.text_to_video(call.text["text"], model=call.target)
         mime = _sniff_video(content)
         if mime is None:
             raise ValueError("not a video")
         return _Result(files=[(content, mime)])
 
     async def _text_to_speech(self, call: _Call) -> _Result:
-        content = await self._client.text_to_speech(call.text["text"], model=await self._target(call))
+        content = await call.client.text_to_speech(call.text["text"], model=call.target)
         mime = _sniff_audio(content)
         if mime is None:
             raise ValueError("not audio")
         return _Result(files=[(content, mime)])
 
     async def _speech_recognition(self, call: _Call) -> _Result:
-        out = await self._client.automatic_speech_recognition(
-            call.media["audio"], model=await self._target(call)
-        )
+        out = await call.client.automatic_speech_recognition(call.media["audio"], model=call.target)
         return _Result(text=_str(out["text"]))
 
     async def _audio_to_audio(self, call: _Call) -> _Result:
-        items = await self._client.audio_to_audio(call.media["audio"], model=await self._target(call))
+        items = await call.client.audio_to_audio(call.media["audio"], model=call.target)
         files: list[tuple[bytes, str]] = []
         labels: list[str] = []
         for item in items:
@@ -404,6 +437,19 @@ class HFBackend:
             raise BackendUnavailableError(
                 f"model {model} cannot be reached: HF_HUB_OFFLINE is set (unset it to call models)"
             ) from err
+        except ResponseTooLargeError as err:
+            raise ModelError(
+                f"model {model} sent more than {self.settings.max_output_mb:g} MiB for {task}; the answer was "
+                "refused (HUGGINGGPT_MAX_OUTPUT_MB)"
+            ) from err
+        except RedirectRefusedError as err:
+            raise ModelError(
+                f"model {model} redirected the request to another server, which is never followed"
+            ) from err
+        except httpx2.TooManyRedirects as err:
+            raise ModelError(f"model {model} redirected the request more than {MAX_REDIRECTS} times") from err
+        except httpx2.DecodingError as err:
+            raise ModelError(f"model {model} returned an unreadable response for task {task}") from err
         except httpx2.TimeoutException as err:
             raise ModelTimeoutError(f"model {model} did not answer in time for {task}") from err
         except httpx2.ConnectError as err:
@@ -445,23 +491,14 @@ class HFBackend:
             text = "; ".join(map(str, error)) if isinstance(error, list) else str(error or "")
         except ValueError:
             pass
-        text = " ".join(text.split())[:200]
-        for secret in self.settings.secrets:
-            text = text.replace(secret, "***")
-        return text
+        return redact(" ".join(text.split()), self._secrets)[:200]
 
 
 def _retry_after(response: httpx2.Response) -> float | None:
     """Seconds to wait: the ``Retry-After`` header (seconds or HTTP date), else HF's ``estimated_time``."""
-    header = response.headers.get("Retry-After")
-    if header:
-        try:
-            return max(0.0, float(header))
-        except ValueError:
-            try:
-                return max(0.0, email.utils.parsedate_to_datetime(header).timestamp() - time.time())
-            except (TypeError, ValueError):
-                return None
+    header = retry_after_seconds(response.headers)
+    if header is not None:
+        return header
     try:
         estimated = json.loads(response.text).get("estimated_time")
         return float(estimated) if estimated is not None else None

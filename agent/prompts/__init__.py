@@ -6,6 +6,8 @@ from functools import cache
 from importlib import resources
 from string import Template
 
+from ..text import clip
+
 __all__ = ["clip", "load_prompt", "prompt_template"]
 
 
@@ -18,8 +20,3 @@ def load_prompt(name: str) -> str:
 def prompt_template(name: str) -> Template:
     """A prompt with ``$placeholders`` (``string.Template``, so JSON braces in prompts need no escaping)."""
     return Template(load_prompt(name))
-
-
-def clip(text: str, limit: int) -> str:
-    """``text`` cut to at most ``limit`` characters, marked with an ellipsis when cut."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.events import Done
-from fakes.agent_fakes import hf_tasks
-from fakes.hf_server import FakeHF, Fault
-from fakes.llm_server import FakeLLMServer, Reply
-from fakes.reliability import image_upload, stage, start_runtime
+from tests.fakes.agent_fakes import hf_tasks
+from tests.fakes.hf_server import FakeHF, Fault
+from tests.fakes.llm_server import FakeLLMServer, Reply
+from tests.fakes.reliability import image_upload, stage, start_runtime
 
 CONVERSATIONS = 30
 MODELS = hf_tasks("image-to-text", "text-to-image")
@@ -63,7 +63,7 @@ async def main(data_dir: Path, database_url: str | None) -> None:
         upload = await image_upload()
 
         async def converse(n: int) -> None:
-            conversation = (await rt.storage.create_conversation("crash", external_id=str(n))).id
+            conversation = (await rt.conversations.open("crash", external_id=str(n))).id
             turn = 0
             while True:
                 turn += 1

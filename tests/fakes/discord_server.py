@@ -73,6 +73,7 @@ class FakeDiscord:
     heartbeats: int = 0
     identified: bool = False
     faults: list[_Fault] = field(default_factory=list)
+    attachment_gate: asyncio.Event | None = None  # while set and not yet fired, downloads wait for it
     _cdn: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     _sockets: list[web.WebSocketResponse] = field(default_factory=list)
     _sequence: int = 0
@@ -304,6 +305,8 @@ class FakeDiscord:
         return _json(commands)
 
     async def _attachment(self, request: web.Request) -> web.Response:
+        if self.attachment_gate is not None:
+            await self.attachment_gate.wait()
         stored = self._cdn.get(request.match_info["key"])
         if stored is None:
             return web.Response(status=404)

@@ -11,9 +11,14 @@ Usage::
 Routes: ``POST /models/{model_id}`` (the HF Inference layout) and ``POST /endpoints/{model_id}`` (stands
 for a self-hosted endpoint URL of that model); both answer as the task the constructor maps the model to.
 ``GET /api/models/{model_id}`` answers the Hub's model-info call with ``provider_mappings`` (for
-``HF_INFERENCE_PROVIDER=auto``). Unknown models get 404 like the real API.
+``HF_INFERENCE_PROVIDER=auto``). Unknown models get 404 like the real API. ``POST /providers/together/...``
+stands for a third-party provider behind the router (point ``constants.INFERENCE_PROXY_TEMPLATE`` at
+``{base_url}/providers/{provider}``); it answers Together's image generation.
 
-Faults (``script``) are used up one per request, in order; then the model answers normally again.
+Faults (``script``) are used up one per request, in order; then the model answers normally again;
+``script_info`` does the same for the model-info call. Beyond HTTP faults: ``Fault.huge(n)`` streams an
+``n``-byte body (``None``: endless) 1 MiB at a time, ``Fault.redirect(url)`` sends the client elsewhere;
+``bytes_sent`` counts the body bytes ``huge`` wrote, to see how much a client read before it stopped.
 For a CLI subprocess, ``start_in_thread(...)`` runs the same server on its own loop in a daemon thread
 (faults with a ``barrier`` need the caller's loop, so they only work with ``async with``).
 """
@@ -159,6 +164,9 @@ class Fault:
     delay: float = 0.0  # seconds before answering
     drop: bool = False  # close the connection without answering
     barrier: asyncio.Barrier | None = None  # wait until this many requests are held together
+    huge: bool = False  # stream ``size`` zero bytes (None: for ever) instead of ``body``
+    size: int | None = None
+    declare_length: bool = False  # with ``huge``: announce the size in Content-Length
 
     @classmethod
     def loading(cls, retry_after: float | None = 1.0, estimated_time: float = 20.0) -> Fault:
@@ -193,6 +201,17 @@ class Fault:
     @classmethod
     def malformed(cls) -> Fault:
         return cls(body=b'[{"generated_text": "trunc', content_type="application/json")
+
+    @classmethod
+    def huge_body(
+        cls, size: int | None, *, declare_length: bool = False, content_type: str = "image/png"
+    ) -> Fault:
+        """A body of ``size`` bytes (None: endless), streamed 1 MiB at a time."""
+        return cls(huge=True, size=size, declare_length=declare_length, content_type=content_type)
+
+    @classmethod
+    def redirect(cls, location: str, status: int = 307) -> Fault:
+        return cls(status=status, body=b"", headers=(("Location", location),))
 
     @classmethod
     def wrong_type(cls) -> Fault:
@@ -230,18 +249,25 @@ class FakeHF:
     provider_mappings: dict[str, dict[str, Any]] = field(default_factory=dict)
     requests: list[Recorded] = field(default_factory=list)
     base_url: str = ""
+    bytes_sent: int = 0
     _faults: dict[str, deque[Fault]] = field(default_factory=dict)
+    _info_faults: dict[str, deque[Fault]] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
 
     def script(self, model: str, *faults: Fault) -> None:
         """Queue answers for the next requests to ``model``."""
         self._faults.setdefault(model, deque()).extend(faults)
 
+    def script_info(self, model: str, *faults: Fault) -> None:
+        """Queue answers for the next model-info requests about ``model``."""
+        self._info_faults.setdefault(model, deque()).extend(faults)
+
     async def start(self) -> str:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/models/{model:.*}", self._infer)
         app.router.add_post("/endpoints/{model:.*}", self._infer)
         app.router.add_get("/api/models/{model:.*}", self._model_info)
+        app.router.add_post("/providers/{provider}/{path:.*}", self._provider_call)
         # Short shutdown: a test ending mid-request (a timeout) must not wait for the slow answer.
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
         await self._runner.setup()
@@ -275,28 +301,75 @@ class FakeHF:
                 return web.json_response({"error": f"Model {model} does not exist"}, status=404)
             queued = self._faults.get(model)
             fault = queued.popleft() if queued else Fault()
-            if fault.barrier is not None:
-                await fault.barrier.wait()
-            if fault.delay:
-                await asyncio.sleep(fault.delay)
-            if fault.drop:
-                assert request.transport is not None
-                request.transport.close()
-                return web.Response()
-            body, content_type = (
-                (fault.body, fault.content_type) if fault.body is not None else _answer_for(task)
-            )
-            data = body if isinstance(body, bytes) else json.dumps(body).encode()
-            return web.Response(
-                status=fault.status, body=data, content_type=content_type, headers=dict(fault.headers)
-            )
+            return await self._answer(request, fault, *_answer_for(task))
         finally:
             record.end = time.monotonic()
 
-    async def _model_info(self, request: web.Request) -> web.Response:
+    async def _answer(
+        self, request: web.Request, fault: Fault, normal: Any, normal_type: str
+    ) -> web.StreamResponse:
+        """``fault``'s answer, or the normal one (``normal``: bytes, or JSON to dump)."""
+        if fault.barrier is not None:
+            await fault.barrier.wait()
+        if fault.delay:
+            await asyncio.sleep(fault.delay)
+        if fault.drop:
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()
+        if fault.huge:
+            return await self._huge(request, fault)
+        body, content_type = (
+            (fault.body, fault.content_type) if fault.body is not None else (normal, normal_type)
+        )
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return web.Response(
+            status=fault.status, body=data, content_type=content_type, headers=dict(fault.headers)
+        )
+
+    async def _huge(self, request: web.Request, fault: Fault) -> web.StreamResponse:
+        headers = {"Content-Type": fault.content_type}
+        if fault.declare_length and fault.size is not None:
+            headers["Content-Length"] = str(fault.size)
+        response = web.StreamResponse(status=fault.status, headers=headers)
+        await response.prepare(request)
+        piece = bytes(1 << 20)
+        left = fault.size
+        try:
+            while left is None or left > 0:
+                chunk = piece if left is None or left >= len(piece) else piece[:left]
+                await response.write(chunk)
+                self.bytes_sent += len(chunk)
+                if left is not None:
+                    left -= len(chunk)
+            await response.write_eof()
+        except ConnectionError:  # the client stopped reading and hung up, as it should
+            pass
+        return response
+
+    async def _provider_call(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        now = time.monotonic()
+        self.requests.append(
+            Recorded(
+                json.loads(body).get("model", ""), request.path, CIMultiDict(request.headers), body, now, now
+            )
+        )
+        if (
+            request.match_info["provider"] == "together"
+            and request.match_info["path"] == "v1/images/generations"
+        ):
+            image = base64.b64encode(_answer_for("text-to-image")[0]).decode()
+            return web.json_response({"data": [{"b64_json": image}]})
+        return web.json_response({"error": "not served"}, status=404)
+
+    async def _model_info(self, request: web.Request) -> web.StreamResponse:
         model = request.match_info["model"]
         now = time.monotonic()
         self.requests.append(Recorded(model, request.path, CIMultiDict(request.headers), b"", now, now))
+        queued = self._info_faults.get(model)
+        if queued:
+            return await self._answer(request, queued.popleft(), None, "application/json")
         if model not in self.tasks:
             return web.json_response({"error": "Repository not found"}, status=404)
         info = {"id": model, "pipeline_tag": self.tasks[model]}

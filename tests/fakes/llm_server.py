@@ -17,15 +17,22 @@ Replies come from a *script*: a list consumed one reply per chat request, or a c
 Endpoints: ``POST /v1/chat/completions`` (also ``/chat/completions``) with and without ``stream``,
 ``GET /v1/models``. Streams are SSE ``data: {...}`` chunks, then a usage chunk when
 ``stream_options.include_usage`` is set, then ``data: [DONE]``. Every chat request body is appended to
-``requests`` (also the rejected ones). Usage is ``prompt_tokens(messages)`` and ``completion_tokens(text)``.
+``requests`` (also the rejected ones), its headers to ``headers``. Usage is ``prompt_tokens(messages)`` and ``completion_tokens(text)``.
 ``reject_formats`` lists ``response_format`` types refused without consuming the script: with HTTP
 ``reject_status`` (400 by default, as vLLM and OpenAI do; llama-cpp-python's server answers 500 with a
 pydantic validation error, reproduced word for word). An exhausted script answers HTTP 500 ``fake LLM server: script exhausted``.
+
+Misbehaviours a hostile or broken server shows: ``Reply(trickle=s)`` sends the answer in small pieces ``s``
+seconds apart (a streamed chunk, or 16 bytes of a plain body, at a time); ``Reply(endless=True)`` never stops
+sending (words, or body bytes); ``Reply(keepalive=s)`` streams nothing but SSE comments, every ``s`` seconds,
+for ever; ``Reply.redirect(url)`` points the client elsewhere. ``bytes_sent`` counts the body bytes written by
+these, so a test can see how much a client read before it stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import threading
@@ -57,12 +64,15 @@ class Reply:
 
     text: str = ""
     status: int = 200
-    body: str | None = None
+    body: str | bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     cut_after: int | None = None
     send_usage: bool = True
     finish_reason: str | None = "stop"
+    trickle: float = 0.0
+    endless: bool = False
+    keepalive: float = 0.0
 
     @classmethod
     def error(
@@ -74,6 +84,10 @@ class Reply:
     @classmethod
     def invalid_json(cls) -> Reply:
         return cls(body='{"id": "chatcmpl-x", "choices": [')
+
+    @classmethod
+    def redirect(cls, location: str, status: int = 307) -> Reply:
+        return cls(status=status, body="", headers={"Location": location})
 
 
 Script = Sequence[str | Reply] | Callable[[dict[str, Any]], str | Reply]
@@ -105,6 +119,8 @@ class FakeLLMServer:
         self.reject_status = reject_status
         self.model = model
         self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.bytes_sent = 0
         self.base_url = ""
         self._runner: web.AppRunner | None = None
 
@@ -150,6 +166,7 @@ class FakeLLMServer:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
+        self.headers.append(dict(request.headers))
         fmt = (body.get("response_format") or {}).get("type")
         if fmt in self.reject_formats:
             if self.reject_status == 500:  # llama-cpp-python 0.3's server
@@ -159,14 +176,18 @@ class FakeLLMServer:
                 )
                 body = json.dumps({"error": {"message": message, "type": "internal_server_error"}})
             else:
-                body = Reply.error(self.reject_status, f"response_format type {fmt!r} is not supported").body or ""
+                body = (
+                    Reply.error(self.reject_status, f"response_format type {fmt!r} is not supported").body
+                    or ""
+                )
             return web.Response(status=self.reject_status, text=body, content_type="application/json")
         reply = self._reply_for(body)
         if reply.delay:
             await asyncio.sleep(reply.delay)
         if reply.body is not None:
+            data = reply.body.encode() if isinstance(reply.body, str) else reply.body
             return web.Response(
-                status=reply.status, text=reply.body, headers=reply.headers, content_type="application/json"
+                status=reply.status, body=data, headers=reply.headers, content_type="application/json"
             )
         usage = {
             "prompt_tokens": prompt_tokens(body.get("messages") or []),
@@ -180,6 +201,8 @@ class FakeLLMServer:
             assert request.transport is not None
             request.transport.close()
             return web.Response()
+        if reply.endless:
+            return await self._endless_body(request, reply)
         completion: dict[str, Any] = {
             "id": "chatcmpl-fake",
             "object": "chat.completion",
@@ -195,7 +218,36 @@ class FakeLLMServer:
         }
         if reply.send_usage:
             completion["usage"] = usage
+        if reply.trickle:
+            return await self._trickled_body(request, reply, json.dumps(completion).encode())
         return web.json_response(completion, status=reply.status, headers=reply.headers)
+
+    async def _trickled_body(self, request: web.Request, reply: Reply, data: bytes) -> web.StreamResponse:
+        response = web.StreamResponse(status=reply.status, headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        for at in range(0, len(data), 16):
+            await response.write(data[at : at + 16])
+            self.bytes_sent += len(data[at : at + 16])
+            await asyncio.sleep(reply.trickle)
+        await response.write_eof()
+        return response
+
+    async def _endless_body(self, request: web.Request, reply: Reply) -> web.StreamResponse:
+        """A completion whose content never ends: the client must stop reading on its own."""
+        response = web.StreamResponse(status=reply.status, headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        head = b'{"id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": "m", '
+        head += (
+            b'"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "'
+        )
+        await response.write(head)
+        piece = b"endless " * 8192
+        with contextlib.suppress(ConnectionError):  # until the client hangs up
+            while True:
+                await response.write(piece)
+                self.bytes_sent += len(piece)
+                await asyncio.sleep(reply.trickle)
+        return response
 
     async def _stream(
         self, request: web.Request, reply: Reply, usage: dict[str, int] | None
@@ -215,9 +267,24 @@ class FakeLLMServer:
 
         async def send(data: dict[str, Any] | str) -> None:
             payload = data if isinstance(data, str) else json.dumps(data)
-            await response.write(f"data: {payload}\n\n".encode())
+            encoded = f"data: {payload}\n\n".encode()
+            await response.write(encoded)
+            self.bytes_sent += len(encoded)
 
+        if reply.keepalive:
+            with contextlib.suppress(ConnectionError):  # until the client hangs up
+                while True:
+                    await response.write(b": keep-alive\n\n")
+                    self.bytes_sent += 14
+                    await asyncio.sleep(reply.keepalive)
+            return response
         await send(chunk({"role": "assistant", "content": ""}, None))
+        if reply.endless:
+            with contextlib.suppress(ConnectionError):
+                while True:
+                    await send(chunk({"content": "endless "}, None))
+                    await asyncio.sleep(reply.trickle)
+            return response
         pieces = re.findall(r"\S+\s*|\s+", reply.text)
         for n, piece in enumerate(pieces):
             if reply.cut_after is not None and n >= reply.cut_after:
@@ -225,6 +292,8 @@ class FakeLLMServer:
                 request.transport.close()
                 return response
             await send(chunk({"content": piece}, None))
+            if reply.trickle:
+                await asyncio.sleep(reply.trickle)
         if reply.finish_reason is not None:
             await send(chunk({}, reply.finish_reason))
         if usage is not None:

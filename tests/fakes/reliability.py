@@ -20,9 +20,9 @@ from typing import Any
 import psycopg
 
 from agent.events import Done, Event, RunResult
-from agent.runtime import Runtime
 from agent.settings import Settings
 from agent.uploads import Upload, check_upload
+from app.runtime import Runtime
 from storage import StorageConfig
 
 from .hf_server import FakeHF, png_bytes
@@ -127,7 +127,7 @@ async def agent_on(
     async with FakeHF(hf_models) as hf, FakeLLMServer(script) as llm:
         rt = await start_runtime(llm.base_url, hf.base_url, data_dir, **env)
         try:
-            conversation = await rt.storage.create_conversation("cli")
+            conversation = await rt.conversations.open("cli")
             yield Agent(rt, llm, hf, conversation.id, data_dir)
         finally:
             await rt.close()

@@ -1,28 +1,36 @@
 """The ``hugginggpt`` command: ``ask``, ``chat``, ``bot``, ``run``, ``status``, ``catalog refresh`` and
-``storage migrate``."""
+``storage migrate``.
+
+Every command builds the ``Runtime`` here, in the entry point, and closes it at the end; the bot gets it
+handed over. Everything printed that a model or a user wrote goes through ``terminal_safe``: model output may
+carry escape sequences that would retitle the terminal, clear it or write the clipboard.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
+from agent.errors import AgentError
+from agent.events import Done, Event, ResponseChunk, RunResult
+from agent.logs import configure_logging
+from agent.progress import LLM_STAGES, RunProgress
+from agent.settings import Settings
+from agent.text import terminal_safe
+from agent.uploads import Upload, check_upload, check_upload_count
 from storage import Storage, migrate_storage, shown_url
 
-from .errors import AgentError
-from .events import Done, Event, ResponseChunk, RunResult
-from .logs import configure_logging
-from .progress import RunProgress
 from .runtime import Runtime, storage_config
-from .settings import Settings
-from .uploads import Upload, check_upload, check_upload_count
 
 __all__ = ["main"]
 
@@ -35,37 +43,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.load()
     except AgentError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {terminal_safe(str(err))}", file=sys.stderr)
         return 2
+    verbose = getattr(args, "verbose", False)
     secrets = settings.secrets
     if getattr(args, "to", None):  # the target database's password, given on the command line
         secrets += Settings.from_mapping({"DATABASE_URL": args.to}).secrets
-    configure_logging("DEBUG" if getattr(args, "verbose", False) else settings.log_level, secrets)
     command = args.command
     if command == "run":
         command = "bot" if settings.discord_token else "chat"
         args.conversation, args.sync_commands = None, False
+    # In the terminal chat, library logs would land between the user's lines: they go to a file instead.
+    log_file = settings.data_dir / "logs" / "hugginggpt.log" if command == "chat" and not verbose else None
+    configure_logging("DEBUG" if verbose else settings.log_level, secrets, log_file=log_file)
+    if log_file is not None:
+        print(f"(the log goes to {log_file}; hugginggpt -v chat shows it here)", file=sys.stderr)
+    runner = {
+        "ask": _ask,
+        "chat": _chat,
+        "status": _status,
+        "catalog": _catalog,
+        "bot": _bot,
+        "storage": _storage,
+    }[command]
     try:
-        if command == "bot":
-            from bot.app import run_bot
-
-            return run_bot(settings, sync_commands=args.sync_commands)
-        runner = {"ask": _ask, "chat": _chat, "status": _status, "catalog": _catalog, "storage": _storage}[command]
         return asyncio.run(runner(args, settings))
     except AgentError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {terminal_safe(str(err))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hugginggpt", description="HuggingGPT: an LLM plans over Hugging Face models.")
+    p = argparse.ArgumentParser(
+        prog="hugginggpt", description="HuggingGPT: an LLM plans over Hugging Face models."
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = p.add_subparsers(dest="command", required=True)
     ask = sub.add_parser("ask", help="run one request and print the answer")
     ask.add_argument("text")
-    ask.add_argument("--attach", action="append", default=[], type=Path, metavar="PATH", help="attach a file (repeatable)")
+    ask.add_argument(
+        "--attach", action="append", default=[], type=Path, metavar="PATH", help="attach a file (repeatable)"
+    )
     ask.add_argument("--conversation", metavar="ID", help="continue (or start) this stored conversation")
     ask.add_argument("--json", action="store_true", help="print exactly one JSON object: the run's trace")
     ask.add_argument("--out", type=Path, metavar="DIR", help="copy the files the run made here")
@@ -84,10 +104,6 @@ def _parser() -> argparse.ArgumentParser:
     move.add_argument("--to", required=True, metavar="URL", help="the target: postgresql://user@host:5432/db")
     move.add_argument("--blob-url", metavar="URL", help="also copy the files to this s3://bucket/prefix")
     return p
-
-
-async def _conversation(rt: Runtime, conversation_id: str | None) -> str:
-    return (await rt.storage.open_conversation(PLATFORM, conversation_id=conversation_id)).id
 
 
 def _read_file(path: Path, max_bytes: int) -> bytes:
@@ -110,10 +126,9 @@ async def _read_uploads(paths: Sequence[Path], settings: Settings) -> list[Uploa
 
 async def _ask(args: argparse.Namespace, settings: Settings) -> int:
     uploads = await _read_uploads(args.attach, settings)
-    rt = await Runtime.start(settings)
-    try:
-        conversation = await _conversation(rt, args.conversation)
-        progress = None if args.json else _TerminalProgress(sys.stderr)
+    async with await Runtime.start(settings) as rt:
+        conversation = (await rt.conversations.open(PLATFORM, conversation_id=args.conversation)).id
+        progress = None if args.json else _TerminalProgress(sys.stderr, rt.conversations.activity)
         result = await _run_turn(rt, conversation, args.text, uploads, progress, dry_run=args.dry_run)
         out_dir = args.out or settings.data_dir / "outputs" / conversation
         paths = await _export_files(rt, result, out_dir)
@@ -126,8 +141,6 @@ async def _ask(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"file: {path}")
             print(f"conversation: {conversation}", file=sys.stderr)
         return 1 if result.status == "failed" else 0
-    finally:
-        await rt.close()
 
 
 async def _run_turn(
@@ -140,11 +153,13 @@ async def _run_turn(
     dry_run: bool = False,
 ) -> RunResult:
     result: RunResult | None = None
-    async for event in rt.conversations.ask(conversation, text, uploads=uploads, author="terminal", dry_run=dry_run):
-        if progress is not None:
-            progress.show(event)
-        if isinstance(event, Done):
-            result = event.result
+    events = rt.conversations.ask(conversation, text, uploads=uploads, author="terminal", dry_run=dry_run)
+    async with progress or contextlib.nullcontext():
+        async for event in events:
+            if progress is not None:
+                progress.show(event)
+            if isinstance(event, Done):
+                result = event.result
     assert result is not None, "Conversations.ask always ends with Done"
     return result
 
@@ -160,48 +175,102 @@ async def _export_files(rt: Runtime, result: RunResult, out_dir: Path) -> list[P
         if res.path is not None:
             await asyncio.to_thread(shutil.copyfile, res.path, target)
         else:
-            await asyncio.to_thread(target.write_bytes, await rt.storage.read_resource(res))
+            await asyncio.to_thread(target.write_bytes, await rt.conversations.read_file(res))
         paths.append(target.absolute())
     return paths
 
 
 class _TerminalProgress:
-    """Live progress on a terminal: one line per change, the answer streamed to stdout."""
+    """Live progress on a terminal, from Enter to the answer.
 
-    def __init__(self, err: TextIO, out: TextIO = sys.stdout) -> None:
+    On a terminal, a status line (stage, seconds, and what the LLM is busy with: loading, queued) is redrawn
+    every second, task changes are printed as lines of their own, and the answer streams to stdout. When
+    stderr is not a terminal (a pipe, a log), each new status is printed once as a line instead.
+    """
+
+    def __init__(self, err: TextIO, activity: Callable[[], str | None], out: TextIO = sys.stdout) -> None:
         self.err, self.out = err, out
+        self.activity = activity
         self.state = RunProgress()
+        self.tty = err.isatty()
+        self._started = time.monotonic()
         self._shown: list[str] = []
+        self._status = ""  # the status last drawn (tty) or printed (not a tty)
         self._streaming = False
+        self._ticker: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> _TerminalProgress:
+        self._tick()
+        self._ticker = asyncio.create_task(self._tick_every_second())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        self._clear_status()
 
     def show(self, event: Event) -> None:
         if isinstance(event, ResponseChunk):
-            self.out.write(event.text)
+            if not self._streaming:
+                self._clear_status()
+                self._streaming = True
+            self.out.write(terminal_safe(event.text))
             self.out.flush()
-            self._streaming = True
             return
         if not self.state.apply(event):
             return
         if isinstance(event, Done):
+            self._clear_status()
             if self._streaming:
                 self.out.write("\n")
             elif event.result.answer:
-                print(event.result.answer, file=self.out)
+                print(terminal_safe(event.result.answer), file=self.out)
             if event.result.status != "ok":
-                print(f"[{event.result.status}] {event.result.error or ''}".rstrip(), file=self.err)
+                line = f"[{event.result.status}] {event.result.error or ''}".rstrip()
+                print(terminal_safe(line), file=self.err)
             return
         lines = self.state.lines(icons=False)
-        for line in lines:
-            if line not in self._shown:
-                print(f"  {line}", file=self.err)
+        news = [line for line in lines if line not in self._shown]
+        if news:
+            self._clear_status()
+            for line in news:
+                print(f"  {terminal_safe(line)}", file=self.err)
         self._shown = lines
+        self._tick()
+
+    async def _tick_every_second(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self._tick()
+
+    def _tick(self) -> None:
+        if self._streaming:
+            return
+        self.state.busy = self.activity() if self.state.stage in LLM_STAGES else None
+        status = self.state.headline
+        if self.tty:
+            seconds = time.monotonic() - self._started
+            self.err.write(f"\r\x1b[K… {terminal_safe(status)} · {seconds:.0f}s")
+            self.err.flush()
+            self._status = status
+        elif status != self._status:
+            print(f"… {terminal_safe(status)}", file=self.err)
+            self._status = status
+
+    def _clear_status(self) -> None:
+        if self.tty and self._status:
+            self.err.write("\r\x1b[K")
+            self.err.flush()
+            self._status = ""
 
 
 async def _chat(args: argparse.Namespace, settings: Settings) -> int:
-    rt = await Runtime.start(settings)
-    try:
-        conversation = await _conversation(rt, args.conversation)
-        print(f"HuggingGPT chat (conversation {conversation}). /attach PATH to add a file, /quit to leave.", file=sys.stderr)
+    async with await Runtime.start(settings) as rt:
+        conversation = (await rt.conversations.open(PLATFORM, conversation_id=args.conversation)).id
+        print(
+            f"HuggingGPT chat (conversation {conversation}). /attach PATH to add a file, /quit to leave.",
+            file=sys.stderr,
+        )
         await _report_interrupted(rt, conversation)
         pending: list[Upload] = []
         while True:
@@ -217,32 +286,38 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
             if line.startswith("/attach "):
                 try:
                     pending.extend(await _read_uploads([Path(line[8:].strip())], settings))
-                    print(f"attached {pending[-1].filename} ({pending[-1].kind})", file=sys.stderr)
+                    print(f"attached {terminal_safe(pending[-1].filename)} ({pending[-1].kind})", file=sys.stderr)
                 except AgentError as err:
-                    print(f"error: {err}", file=sys.stderr)
+                    print(f"error: {terminal_safe(str(err))}", file=sys.stderr)
                 continue
-            result = await _run_turn(rt, conversation, line, pending, _TerminalProgress(sys.stderr))
+            progress = _TerminalProgress(sys.stderr, rt.conversations.activity)
+            result = await _run_turn(rt, conversation, line, pending, progress)
             pending = []
             for path in await _export_files(rt, result, settings.data_dir / "outputs" / conversation):
                 print(f"file: {path}")
-    finally:
-        await rt.close()
 
 
 async def _report_interrupted(rt: Runtime, conversation: str) -> None:
-    for run in await rt.storage.unreported_interrupted_runs():
-        if run.conversation_id == conversation:
-            print(f"note: run {run.id} was interrupted before it finished ({run.error or 'restart'}).", file=sys.stderr)
-            await rt.storage.mark_reported(run.id)
+    for interrupted in await rt.conversations.interrupted_to_report(PLATFORM):
+        if interrupted.conversation.id == conversation:
+            why = terminal_safe(interrupted.error or "restart")
+            print(f"note: run {interrupted.run_id} was interrupted before it finished ({why}).", file=sys.stderr)
+            await rt.conversations.mark_reported(interrupted.run_id)
+
+
+async def _bot(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.app import check_config, serve
+    from bot.config import DiscordConfig
+
+    check_config(DiscordConfig.from_settings(settings))
+    async with await Runtime.start(settings) as rt:
+        return await serve(rt, settings, sync_commands=args.sync_commands)
 
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
-    rt = await Runtime.start(settings)
-    try:
+    async with await Runtime.start(settings) as rt:
         for s in await rt.status():
-            print(f"{'live' if s.live else 'down':4}  {s.name}: {s.detail}")
-    finally:
-        await rt.close()
+            print(f"{'live' if s.live else 'down':4}  {s.name}: {terminal_safe(s.detail)}")
     return 0
 
 
@@ -263,12 +338,10 @@ async def _storage(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _catalog(args: argparse.Namespace, settings: Settings) -> int:
-    from .catalog import refresh_catalog
+    from agent.catalog_refresh import refresh_catalog, summarize_refresh
 
-    catalog, path, failed = await refresh_catalog(settings)
-    print(f"catalog: {len(catalog)} models in {len(catalog.tasks())} tasks written to {path}")
-    if failed:
-        print(f"could not list: {', '.join(failed)} (their previous entries are kept)", file=sys.stderr)
+    catalog, path, failed = await refresh_catalog(settings.data_dir, settings.hf_token or None)
+    print(summarize_refresh(catalog, path, failed))
     return 0
 
 

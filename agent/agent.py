@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 
 from .backends import Backends
 from .catalog import Catalog
+from .config import ExecutionConfig
+from .demos import DemoSelector
 from .errors import AgentError, GenerationError
 from .events import (
     Done,
@@ -24,19 +26,17 @@ from .events import (
     ResponseChunk,
     RunResult,
     RunStatus,
-    TaskFailed,
-    TaskFinished,
-    TaskSkipped,
+    TaskEnded,
 )
 from .executor import Executor
 from .llm import LLM
 from .plan import ModelChoice, Plan, TaskResult
-from .planner import DemoSelector, Planner
+from .planner import Planner
 from .request import Request
 from .resources import Resource, ResourceStore
 from .responder import Responder
 from .selector import Selector
-from .settings import Settings
+from .tasks import TASKS
 
 __all__ = ["Agent"]
 
@@ -44,26 +44,33 @@ log = logging.getLogger(__name__)
 
 
 class Agent:
-    """Plans over models with an LLM. Stateless between runs: the conversation comes in the ``Request``."""
+    """Plans over models with an LLM. Stateless between runs: the conversation comes in the ``Request``.
+
+    ``task_types`` are the task types the planner may use: those some backend can run here (the runtime
+    works them out); None allows every registered one.
+    """
 
     def __init__(
         self,
-        settings: Settings,
         llm: LLM,
         catalog: Catalog,
         backends: Backends,
+        config: ExecutionConfig,
         *,
         demos: DemoSelector | None = None,
+        task_types: Collection[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.settings = settings
         self.llm = llm
         self.catalog = catalog
         self.backends = backends
-        self.planner = Planner(llm, settings, demos)
-        self.selector = Selector(llm, catalog, backends, settings)
-        self.executor = Executor(backends, catalog, settings)
-        self.responder = Responder(llm, settings)
+        self.config = config
+        self.task_types = None if task_types is None else frozenset(task_types)
+        unavailable = () if self.task_types is None else tuple(t for t in TASKS if t not in self.task_types)
+        self.planner = Planner(llm, demos, max_tasks=config.max_tasks, task_types=self.task_types)
+        self.selector = Selector(llm, catalog, backends, top_k=config.top_k, mode=config.model_selection)
+        self.executor = Executor(backends, catalog, config)
+        self.responder = Responder(llm, unavailable=unavailable)
         self._clock = clock
 
     async def run(
@@ -80,7 +87,7 @@ class Agent:
         answer_parts: list[str] = []
 
         def finish(status: RunStatus, error: str | None = None) -> Done:
-            ordered = [results.get(t.id) or _skipped(t.id, t.task, "not run") for t in plan.tasks]
+            ordered = [results.get(t.id) or TaskResult(t.id, t.task, None, "skipped", error="not run") for t in plan.tasks]
             answer = "".join(answer_parts).strip()
             if status == "failed" and error:
                 # An answer cut short must say so, not pass for a whole one.
@@ -103,6 +110,12 @@ class Agent:
         try:
             plan = await self.planner.plan(request, usage)
             yield PlanReady(plan)
+            if not plan and plan.missing:
+                # Nothing here can do it: say what is missing and what would enable it, without pretending.
+                answer_parts.append(self.missing_note(plan.missing, alone=True))
+                yield ResponseChunk(answer_parts[-1])
+                yield finish("ok")
+                return
             if plan:
                 choices = await self.selector.select(request, plan, usage)
                 yield ModelsSelected(choices)
@@ -110,28 +123,24 @@ class Agent:
                     for t in plan.tasks:
                         chosen = choices[t.id].model if t.id in choices else None
                         results[t.id] = TaskResult(t.id, t.task, chosen or None, "skipped", error="dry run")
-                        yield TaskSkipped(t.id, t.task, "dry run")
+                        yield TaskEnded(results[t.id])
                     answer_parts.append(_describe_dry_run(plan, choices))
                     yield finish("ok")
                     return
                 async for event in self.executor.execute(plan, choices, request, store, usage):
-                    if isinstance(event, TaskFinished):
-                        results[event.task_id] = TaskResult(
-                            event.task_id, event.task, event.model, "ok", event.seconds, event.output
-                        )
-                        files.extend(event.output.resources)
-                    elif isinstance(event, TaskFailed):
-                        results[event.task_id] = TaskResult(
-                            event.task_id, event.task, event.model, "failed", event.seconds, error=event.error
-                        )
-                    elif isinstance(event, TaskSkipped):
-                        results[event.task_id] = _skipped(event.task_id, event.task, event.reason)
+                    if isinstance(event, TaskEnded):
+                        results[event.result.id] = event.result
+                        if event.result.output is not None:
+                            files.extend(event.result.output.resources)
                     yield event
             ordered = [results[t.id] for t in plan.tasks if t.id in results]
             try:
                 async for chunk in self.responder.respond(request, plan, choices, ordered, usage):
                     answer_parts.append(chunk)
                     yield ResponseChunk(chunk)
+                if plan.missing:
+                    answer_parts.append("\n\n" + self.missing_note(plan.missing, alone=False))
+                    yield ResponseChunk(answer_parts[-1])
             except AgentError as err:
                 if not ordered:
                     raise GenerationError(f"Writing the answer failed: {err}") from err
@@ -147,6 +156,19 @@ class Agent:
             return
         statuses = {r.status for r in results.values()}
         yield finish("ok" if statuses <= {"ok"} else "partial")
+
+
+    def missing_note(self, missing: Sequence[str], *, alone: bool) -> str:
+        """What cannot be done here and the setting that would enable it, e.g. "I can't draw an image from a
+        description here (text-to-image needs a Hugging Face endpoint: set HF_TOKEN or ...)"."""
+        reasons = []
+        for name in missing:
+            task = TASKS[name]
+            ranked = self.catalog.by_task(name)
+            why = self.backends.explain(ranked[0].id) if ranked else "has no model in the catalog"
+            reasons.append(f"{task.description} ({name} {why})")
+        head = "I can't do that here" if alone else "Part of the request could not be done here"
+        return f"{head}: there is no model for it in this setup. Missing: " + "; ".join(reasons) + "."
 
 
 def _describe_dry_run(plan: Plan, choices: dict[int, ModelChoice]) -> str:
@@ -168,7 +190,3 @@ def _describe_results(results: list[TaskResult], err: AgentError) -> str:
         else:
             lines.append(f"- task {r.id} ({r.task}): {r.status}: {r.error}")
     return "\n".join(lines)
-
-
-def _skipped(task_id: int, task: str, reason: str) -> TaskResult:
-    return TaskResult(task_id, task, None, "skipped", error=reason)

@@ -1,0 +1,37 @@
+"""The Discord front end's own configuration: only the bot sees the Discord token and its allow-lists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agent.settings import Settings
+
+__all__ = ["DiscordConfig"]
+
+
+@dataclass(frozen=True)
+class DiscordConfig:
+    """``api_base``/``gateway_url`` point the bot at a Discord-compatible server (empty: Discord itself);
+    empty allow-lists allow everywhere; ``user_runs_per_minute`` of 0 or less means no limit."""
+
+    token: str = field(default="", repr=False)
+    api_base: str = ""
+    gateway_url: str = ""
+    allowed_guilds: frozenset[int] = frozenset()
+    allowed_channels: frozenset[int] = frozenset()
+    allowed_roles: frozenset[int] = frozenset()
+    user_runs_per_minute: int = 4
+    max_attachment_bytes: int = 25 * 1024 * 1024
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DiscordConfig:
+        return cls(
+            token=settings.discord_token,
+            api_base=settings.discord_api_base,
+            gateway_url=settings.discord_gateway_url,
+            allowed_guilds=settings.discord_allowed_guilds,
+            allowed_channels=settings.discord_allowed_channels,
+            allowed_roles=settings.discord_allowed_roles,
+            user_runs_per_minute=settings.discord_user_runs_per_minute,
+            max_attachment_bytes=settings.max_attachment_bytes,
+        )

@@ -1,0 +1,109 @@
+"""The terminal chat shows what it is doing from Enter on, and keeps library logs out of the conversation.
+
+``hugginggpt chat`` runs in a pseudo-terminal, as a user would run it. The scripted LLM holds its plan back
+until the test has seen the chat say it is planning, so the stage must be on screen before any plan exists.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.local_llm import assemble_parts
+from tests.fakes.llm_server import start_in_thread
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class Terminal:
+    """A process on a pseudo-terminal: everything it writes, readable as plain text."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.master, slave = pty.openpty()
+        self.process = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd)
+        os.close(slave)
+        self.raw = b""
+
+    @property
+    def text(self) -> str:
+        return _ANSI.sub("", self.raw.decode("utf-8", "replace")).replace("\r", "\n")
+
+    def read_until(self, pattern: str, seconds: float = 60.0) -> str:
+        deadline = time.monotonic() + seconds
+        while not re.search(pattern, self.text):
+            left = deadline - time.monotonic()
+            assert left > 0, f"{pattern!r} did not appear; the terminal shows:\n{self.text[-2000:]}"
+            ready, _, _ = select.select([self.master], [], [], min(left, 0.2))
+            if ready:
+                try:
+                    self.raw += os.read(self.master, 65536)
+                except OSError:  # the process ended
+                    assert re.search(pattern, self.text), self.text[-2000:]
+        return self.text
+
+    def type(self, line: str) -> None:
+        os.write(self.master, line.encode() + b"\n")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=30)
+        os.close(self.master)
+
+
+def test_the_chat_shows_it_is_planning_before_the_plan_exists_and_keeps_logs_in_a_file(tmp_path: Path) -> None:
+    may_plan = threading.Event()
+
+    def script(body: dict[str, Any]) -> str:
+        if "You are the planner" in str(body["messages"][0]["content"]):
+            assert may_plan.wait(60), "the test never saw the planning stage"
+            return '{"tasks": []}'
+        return "Hello from the model."
+
+    llm = start_in_thread(script)
+    env = dict(os.environ)
+    env.update(
+        OPENAI_BASE_URL=llm.base_url,
+        OPENAI_API_KEY="sk-test-chat",
+        HUGGINGGPT_DATA_DIR=str(tmp_path / "data"),
+        HUGGINGGPT_DEMOS="fixed",
+        LOG_LEVEL="INFO",
+    )
+    terminal = Terminal([sys.executable, "-m", "app.cli", "chat"], env, tmp_path)
+    try:
+        terminal.read_until(r"you> ")
+        assert "the log goes to" in terminal.text
+        terminal.type("hi there")
+        terminal.read_until(r"planning · \d+s")  # drawn while the LLM still holds the plan back
+        may_plan.set()
+        shown = terminal.read_until(r"Hello from the model\.")
+        terminal.type("/quit")
+        terminal.process.wait(timeout=30)
+    finally:
+        may_plan.set()
+        terminal.close()
+        llm.stop()
+    # Library INFO lines went to the log file, not between the user's lines.
+    log = (tmp_path / "data" / "logs" / "hugginggpt.log").read_text()
+    assert " INFO " in log
+    assert " INFO " not in shown
+
+
+def test_assembling_the_packaged_model_reports_its_progress(tmp_path: Path) -> None:
+    parts = []
+    for n in range(3):
+        part = tmp_path / f"part{n}.bin"
+        part.write_bytes(bytes([n]) * 1000)
+        parts.append(part)
+    heard: list[tuple[int, int]] = []
+    assemble_parts(parts, tmp_path / "model.gguf", "", progress=lambda done, total: heard.append((done, total)))
+    assert heard[-1] == (3000, 3000)
+    assert [done for done, _ in heard] == sorted(done for done, _ in heard)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from dotenv import dotenv_values
 
@@ -144,15 +144,15 @@ class Settings:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Values that must never reach a log, a message or the database: the tokens, and the credentials
-        written into the URLs of the LLM, of HF inference and of the endpoints file."""
+        written into the URLs of the LLM, of HF inference, of the endpoints file and of the database."""
         urls = (self.openai_base_url, self.hf_inference_base_url, *_endpoint_urls(self.endpoints_file))
         found = (
             self.openai_api_key,
             self.hf_token,
             self.discord_token,
             self.aws_secret_access_key,
-            *_url_passwords(self.database_url),
-            *(s for u in urls for s in url_secrets(u)),
+            *(s for u in (*urls, self.database_url) for s in url_secrets(u)),
+            *_query_passwords(self.database_url),
         )
         return tuple(dict.fromkeys(s for s in found if s))
 
@@ -215,16 +215,11 @@ class Settings:
         return settings
 
 
-def _url_passwords(url: str) -> tuple[str, ...]:
-    """The passwords a database URL may hold: in its user info, or as libpq's ``password`` parameter."""
-    if not url:
-        return ()
-    parts = urlsplit(url)
-    try:
-        inline = parts.password
-    except ValueError:
-        inline = None
-    return tuple(p for p in (inline and unquote(inline), *parse_qs(parts.query).get("password", [])) if p)
+def _query_passwords(url: str) -> list[str]:
+    """The passwords a database URL may carry as libpq's ``password`` parameter."""
+    return parse_qs(urlsplit(url).query).get("password", []) if url else []
+
+
 def _endpoint_urls(path: str) -> list[str]:
     """The URLs of the ``HUGGINGGPT_ENDPOINTS`` file, for their credentials; none if it cannot be read (the
     HF backend reports a bad file when it loads it)."""

@@ -47,20 +47,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {terminal_safe(str(err))}", file=sys.stderr)
         return 2
     verbose = getattr(args, "verbose", False)
+    secrets = settings.secrets
+    if getattr(args, "to", None):  # the target database's password, given on the command line
+        secrets += Settings.from_mapping({"DATABASE_URL": args.to}).secrets
     command = args.command
     if command == "run":
         command = "bot" if settings.discord_token else "chat"
         args.conversation, args.sync_commands = None, False
     # In the terminal chat, library logs would land between the user's lines: they go to a file instead.
     log_file = settings.data_dir / "logs" / "hugginggpt.log" if command == "chat" and not verbose else None
-    secrets = settings.secrets
-    if getattr(args, "to", None):  # the target database's password, given on the command line
-        secrets += Settings.from_mapping({"DATABASE_URL": args.to}).secrets
     configure_logging("DEBUG" if verbose else settings.log_level, secrets, log_file=log_file)
     if log_file is not None:
         print(f"(the log goes to {log_file}; hugginggpt -v chat shows it here)", file=sys.stderr)
-    runners = {"ask": _ask, "chat": _chat, "status": _status, "catalog": _catalog, "bot": _bot, "storage": _storage}
-    runner = runners[command]
+    runner = {
+        "ask": _ask,
+        "chat": _chat,
+        "status": _status,
+        "catalog": _catalog,
+        "bot": _bot,
+        "storage": _storage,
+    }[command]
     try:
         return asyncio.run(runner(args, settings))
     except AgentError as err:

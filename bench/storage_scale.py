@@ -37,11 +37,8 @@ async def _worker(data_dir: Path, database_url: str | None, conversations: int, 
     """One process's share: set up, say READY, wait for GO, run, print the latencies as one JSON line."""
     with loopback(ScriptedController({TEXT: PLAN}), data_dir, database_url=database_url or "") as world:
         async with runtime_on(world) as runtime:
-            service, storage = runtime.conversations, runtime.storage
-            ids = [
-                (await storage.create_conversation("bench", external_id=f"{tag}-{n}")).id
-                for n in range(conversations)
-            ]
+            service = runtime.conversations
+            ids = [(await service.open("bench", external_id=f"{tag}-{n}")).id for n in range(conversations)]
             print("READY", flush=True)
             await asyncio.to_thread(sys.stdin.readline)
             latencies: list[float] = []

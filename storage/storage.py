@@ -966,7 +966,7 @@ _NEXT_SEQ = {
 }
 _UPDATE_RUN = update(runs).where(runs.c.id == bindparam("run_key"))
 _RUNNING = select(runs.c.id).where(runs.c.conversation_id == bindparam("cid"), runs.c.status == "running")
-_NO_END = 2**62  # "before" no position
+_NO_END = 2**31 - 1  # "before" no position: the largest `seq` (a 32-bit INTEGER on PostgreSQL)
 _IN_CONVERSATION = select(messages).where(
     messages.c.conversation_id == bindparam("cid"), messages.c.seq < bindparam("before")
 )

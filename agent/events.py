@@ -25,7 +25,7 @@ __all__ = [
     "TaskStarted",
 ]
 
-RunStatus = Literal["ok", "partial", "failed"]
+RunStatus = Literal["ok", "partial", "failed", "cancelled"]
 
 
 @dataclass

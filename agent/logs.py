@@ -114,5 +114,9 @@ def configure_logging(
         "discord",
         "aiosqlite",
         "urllib3",
+        "alembic",
+        "botocore",
+        "boto3",
+        "s3transfer",
     ):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -68,7 +68,14 @@ class RunProgress:
             seconds = result.seconds if result.status != "skipped" else None
             self._set(result.id, result.status, model=result.model, seconds=seconds, note=note)
         elif isinstance(event, Done):
-            self.stage = {"ok": "done", "partial": "done, with failures", "failed": "failed"}[event.result.status]
+            status = event.result.status
+            self.stage = {"ok": "done", "partial": "done, with failures", "failed": "failed", "cancelled": "cancelled"}[
+                status
+            ]
+            if status == "cancelled":
+                for t in self.tasks.values():
+                    if t.state in ("waiting", "running"):
+                        t.state, t.note = "skipped", "cancelled"
         else:
             return False
         if self.tasks and all(t.state not in ("waiting", "running") for t in self.tasks.values()):

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qs, urlsplit
 
 from dotenv import dotenv_values
 
@@ -19,7 +20,35 @@ from .config import ExecutionConfig
 from .errors import ConfigurationError
 from .http import url_secrets
 
-__all__ = ["Settings"]
+__all__ = ["RoleLimit", "Settings"]
+
+
+@dataclass(frozen=True)
+class RoleLimit:
+    """``DISCORD_ROLE_LIMITS`` entry: a role's daily runs and LLM tokens (0: unlimited) instead of the
+    per-user defaults."""
+
+    role_id: int
+    runs: int
+    tokens: int
+
+
+def _role_limits(value: str) -> tuple[RoleLimit, ...]:
+    """``ROLE=RUNS/TOKENS`` items, comma separated, e.g. ``1234=100/500000``."""
+    limits = []
+    for item in value.replace(",", " ").split():
+        role, _, counts = item.partition("=")
+        runs, _, tokens = counts.partition("/")
+        try:
+            limit = RoleLimit(int(role), int(runs), int(tokens))
+        except ValueError as err:
+            raise ConfigurationError(
+                f"DISCORD_ROLE_LIMITS: expected ROLE_ID=RUNS/TOKENS items, got {item!r}"
+            ) from err
+        if limit.runs < 0 or limit.tokens < 0:
+            raise ConfigurationError(f"DISCORD_ROLE_LIMITS: limits are 0 (none) or more, got {item!r}")
+        limits.append(limit)
+    return tuple(limits)
 
 
 def _ids(value: str) -> frozenset[int]:
@@ -64,13 +93,20 @@ class Settings:
     max_tasks: int = 12
     # Largest answer read from a model, in MiB: a bigger one is refused (and the next model tried).
     max_output_mb: float = 50.0
-    # Storage.
+    # Storage. Without DATABASE_URL: SQLite in data_dir; without BLOB_URL: files under data_dir.
     data_dir: Path = Path("data")
     max_attachment_mb: float = 25.0
     # Media bounds: the longest audio or video taken from users or decoded by local models (their decoders
     # stop there too), or re-encoded for Discord; and the longest side user images are downscaled to once.
     max_media_seconds: float = 600.0
     image_max_side: int = 2048
+    database_url: str = field(default="", repr=False)
+    blob_url: str = ""
+    # S3 settings for BLOB_URL; empty ones are left to boto3 (its environment variables, config files, roles).
+    aws_endpoint_url_s3: str = ""
+    aws_region: str = ""
+    aws_access_key_id: str = ""
+    aws_secret_access_key: str = field(default="", repr=False)
     # Discord.
     discord_token: str = field(default="", repr=False)
     discord_api_base: str = ""
@@ -79,6 +115,12 @@ class Settings:
     discord_allowed_channels: frozenset[int] = frozenset()
     discord_allowed_roles: frozenset[int] = frozenset()
     discord_user_runs_per_minute: int = 4
+    # Daily limits per user (0: none), counted from the stored runs; roles may override them.
+    discord_user_runs_per_day: int = 0
+    discord_user_tokens_per_day: int = 0
+    discord_role_limits: tuple[RoleLimit, ...] = ()
+    # Controller models an admin may choose per guild or channel with /config (same OpenAI-compatible server).
+    llm_models_allowed: tuple[str, ...] = ()
     log_level: str = "INFO"
 
     @property
@@ -106,13 +148,15 @@ class Settings:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Values that must never reach a log, a message or the database: the tokens, and the credentials
-        written into the URLs of the LLM, of HF inference and of the endpoints file."""
+        written into the URLs of the LLM, of HF inference, of the endpoints file and of the database."""
         urls = (self.openai_base_url, self.hf_inference_base_url, *_endpoint_urls(self.endpoints_file))
         found = (
             self.openai_api_key,
             self.hf_token,
             self.discord_token,
-            *(s for u in urls for s in url_secrets(u)),
+            self.aws_secret_access_key,
+            *(s for u in (*urls, self.database_url) for s in url_secrets(u)),
+            *_query_passwords(self.database_url),
         )
         return tuple(dict.fromkeys(s for s in found if s))
 
@@ -139,6 +183,10 @@ class Settings:
             try:
                 if f.name.startswith("discord_allowed_"):
                     kwargs[f.name] = _ids(raw)
+                elif f.name == "discord_role_limits":
+                    kwargs[f.name] = _role_limits(raw)
+                elif f.name == "llm_models_allowed":
+                    kwargs[f.name] = tuple(dict.fromkeys(raw.replace(",", " ").split()))
                 elif f.name == "data_dir":
                     kwargs[f.name] = Path(raw).expanduser()
                 elif isinstance(f.default, bool):
@@ -162,6 +210,10 @@ class Settings:
             raise ConfigurationError("HUGGINGGPT_MAX_MEDIA_SECONDS must be more than 0")
         if settings.image_max_side < 64:
             raise ConfigurationError("HUGGINGGPT_IMAGE_MAX_SIDE must be at least 64 (pixels)")
+        if settings.discord_user_runs_per_day < 0 or settings.discord_user_tokens_per_day < 0:
+            raise ConfigurationError(
+                "DISCORD_USER_RUNS_PER_DAY and DISCORD_USER_TOKENS_PER_DAY are 0 (none) or more"
+            )
         if settings.local_llm_threads < 0:
             raise ConfigurationError("LOCAL_LLM_THREADS must be 0 (one per core) or more")
         if settings.llm_max_answer_chars < 1:
@@ -169,6 +221,11 @@ class Settings:
         if settings.max_output_mb <= 0:
             raise ConfigurationError("HUGGINGGPT_MAX_OUTPUT_MB must be more than 0")
         return settings
+
+
+def _query_passwords(url: str) -> list[str]:
+    """The passwords a database URL may carry as libpq's ``password`` parameter."""
+    return parse_qs(urlsplit(url).query).get("password", []) if url else []
 
 
 def _endpoint_urls(path: str) -> list[str]:
@@ -210,6 +267,12 @@ _ENV_NAMES: dict[str, str] = {
     "max_attachment_mb": "HUGGINGGPT_MAX_ATTACHMENT_MB",
     "max_media_seconds": "HUGGINGGPT_MAX_MEDIA_SECONDS",
     "image_max_side": "HUGGINGGPT_IMAGE_MAX_SIDE",
+    "database_url": "DATABASE_URL",
+    "blob_url": "BLOB_URL",
+    "aws_endpoint_url_s3": "AWS_ENDPOINT_URL_S3",
+    "aws_region": "AWS_REGION",
+    "aws_access_key_id": "AWS_ACCESS_KEY_ID",
+    "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
     "discord_token": "DISCORD_TOKEN",
     "discord_api_base": "DISCORD_API_BASE",
     "discord_gateway_url": "DISCORD_GATEWAY_URL",
@@ -217,5 +280,9 @@ _ENV_NAMES: dict[str, str] = {
     "discord_allowed_channels": "DISCORD_ALLOWED_CHANNELS",
     "discord_allowed_roles": "DISCORD_ALLOWED_ROLES",
     "discord_user_runs_per_minute": "DISCORD_USER_RUNS_PER_MINUTE",
+    "discord_user_runs_per_day": "DISCORD_USER_RUNS_PER_DAY",
+    "discord_user_tokens_per_day": "DISCORD_USER_TOKENS_PER_DAY",
+    "discord_role_limits": "DISCORD_ROLE_LIMITS",
+    "llm_models_allowed": "LLM_MODELS_ALLOWED",
     "log_level": "LOG_LEVEL",
 }

@@ -1,4 +1,5 @@
-"""The ``hugginggpt`` command: ``ask``, ``chat``, ``bot``, ``run``, ``status`` and ``catalog refresh``.
+"""The ``hugginggpt`` command: ``ask``, ``chat``, ``bot``, ``run``, ``status``, ``catalog refresh`` and
+``storage migrate``.
 
 Every command builds the ``Runtime`` here, in the entry point, and closes it at the end; the bot gets it
 handed over. Everything printed that a model or a user wrote goes through ``terminal_safe``: model output may
@@ -13,9 +14,11 @@ import contextlib
 import json
 import logging
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
@@ -26,8 +29,9 @@ from agent.progress import LLM_STAGES, RunProgress
 from agent.settings import Settings
 from agent.text import terminal_safe
 from agent.uploads import Upload, UploadLimits, check_upload_count, check_uploads
+from storage import Storage, migrate_storage, shown_url
 
-from .runtime import Runtime
+from .runtime import Runtime, storage_config
 
 __all__ = ["main"]
 
@@ -43,16 +47,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {terminal_safe(str(err))}", file=sys.stderr)
         return 2
     verbose = getattr(args, "verbose", False)
+    secrets = settings.secrets
+    if getattr(args, "to", None):  # the target database's password, given on the command line
+        secrets += Settings.from_mapping({"DATABASE_URL": args.to}).secrets
     command = args.command
     if command == "run":
         command = "bot" if settings.discord_token else "chat"
         args.conversation, args.sync_commands = None, False
     # In the terminal chat, library logs would land between the user's lines: they go to a file instead.
     log_file = settings.data_dir / "logs" / "hugginggpt.log" if command == "chat" and not verbose else None
-    configure_logging("DEBUG" if verbose else settings.log_level, settings.secrets, log_file=log_file)
+    configure_logging("DEBUG" if verbose else settings.log_level, secrets, log_file=log_file)
     if log_file is not None:
         print(f"(the log goes to {log_file}; hugginggpt -v chat shows it here)", file=sys.stderr)
-    runner = {"ask": _ask, "chat": _chat, "status": _status, "catalog": _catalog, "bot": _bot}[command]
+    runner = {
+        "ask": _ask,
+        "chat": _chat,
+        "status": _status,
+        "catalog": _catalog,
+        "bot": _bot,
+        "storage": _storage,
+    }[command]
     try:
         return asyncio.run(runner(args, settings))
     except AgentError as err:
@@ -85,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="which LLM, backends and database are reachable")
     catalog = sub.add_parser("catalog", help="the model catalog")
     catalog.add_argument("action", choices=["refresh"])
+    storage = sub.add_parser("storage", help="the database and the stored files")
+    storage_actions = storage.add_subparsers(dest="action", required=True)
+    move = storage_actions.add_parser("migrate", help="copy every conversation and file to a PostgreSQL database")
+    move.add_argument("--to", required=True, metavar="URL", help="the target: postgresql://user@host:5432/db")
+    move.add_argument("--blob-url", metavar="URL", help="also copy the files to this s3://bucket/prefix")
     return p
 
 
@@ -136,15 +155,40 @@ async def _run_turn(
     progress: _TerminalProgress | None,
     *,
     dry_run: bool = False,
+    cancel_on_ctrl_c: bool = False,
 ) -> RunResult:
+    """One turn. With ``cancel_on_ctrl_c`` (the chat), Ctrl-C while it runs cancels the run, not the program."""
     result: RunResult | None = None
-    events = rt.conversations.ask(conversation, text, uploads=uploads, author="terminal", dry_run=dry_run)
-    async with progress or contextlib.nullcontext():
-        async for event in events:
-            if progress is not None:
-                progress.show(event)
-            if isinstance(event, Done):
-                result = event.result
+    runs: list[str] = []
+    interrupted = False
+    loop = asyncio.get_running_loop()
+
+    def cancel() -> None:
+        nonlocal interrupted
+        interrupted = True  # a Ctrl-C before the run is recorded cancels it as soon as it is
+        for run_id in runs:
+            rt.conversations.cancel(run_id, by="you")
+
+    def started(run_id: str) -> None:
+        runs.append(run_id)
+        if interrupted:
+            cancel()
+
+    if cancel_on_ctrl_c:
+        loop.add_signal_handler(signal.SIGINT, cancel)
+    try:
+        events = rt.conversations.ask(
+            conversation, text, uploads=uploads, author="terminal", dry_run=dry_run, on_run=started
+        )
+        async with progress or contextlib.nullcontext():
+            async for event in events:
+                if progress is not None:
+                    progress.show(event)
+                if isinstance(event, Done):
+                    result = event.result
+    finally:
+        if cancel_on_ctrl_c:
+            loop.remove_signal_handler(signal.SIGINT)
     assert result is not None, "Conversations.ask always ends with Done"
     return result
 
@@ -253,7 +297,8 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
     async with await Runtime.start(settings) as rt:
         conversation = (await rt.conversations.open(PLATFORM, conversation_id=args.conversation)).id
         print(
-            f"HuggingGPT chat (conversation {conversation}). /attach PATH to add a file, /quit to leave.",
+            f"HuggingGPT chat (conversation {conversation}). /attach PATH to add a file, Ctrl-C to stop a"
+            " request, /quit to leave.",
             file=sys.stderr,
         )
         await _report_interrupted(rt, conversation)
@@ -276,7 +321,7 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
                     print(f"error: {terminal_safe(str(err))}", file=sys.stderr)
                 continue
             progress = _TerminalProgress(sys.stderr, rt.conversations.activity)
-            result = await _run_turn(rt, conversation, line, pending, progress)
+            result = await _run_turn(rt, conversation, line, pending, progress, cancel_on_ctrl_c=True)
             pending = []
             for path in await _export_files(rt, result, settings.data_dir / "outputs" / conversation):
                 print(f"file: {path}")
@@ -303,6 +348,22 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
     async with await Runtime.start(settings) as rt:
         for s in await rt.status():
             print(f"{'live' if s.live else 'down':4}  {s.name}: {terminal_safe(s.detail)}")
+    return 0
+
+
+async def _storage(args: argparse.Namespace, settings: Settings) -> int:
+    """``storage migrate``: copy everything into the target (run again to resume), then say what to set."""
+    source = storage_config(settings)
+    target = replace(source, database_url=args.to, blob_url=args.blob_url or source.blob_url)
+    if target == source:
+        print("error: the target is the storage already in use", file=sys.stderr)
+        return 1
+    async with await Storage.open(source) as src, await Storage.open(target) as dst:
+        print(f"copying {src.describe()}\n     to {dst.describe()}", file=sys.stderr)
+        report = await migrate_storage(src, dst)
+    print(f"copied: {report.summary()}")
+    blobs = f" and BLOB_URL={args.blob_url}" if args.blob_url else ""
+    print(f"To use it, set DATABASE_URL={shown_url(args.to)} (with its password){blobs}, then restart.")
     return 0
 
 

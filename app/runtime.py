@@ -23,8 +23,9 @@ from agent.demos import DemoSelector
 from agent.errors import ConfigurationError
 from agent.llm import LLM, OpenAILLM
 from agent.settings import Settings
-from storage import Storage
+from storage import S3Options, Storage, StorageConfig
 
+from .channel_agents import ChannelAgents
 from .conversations import Conversations
 
 MIXED_HEAD = 4
@@ -33,7 +34,7 @@ MIXED_HEAD = 4
 if TYPE_CHECKING:
     from agent.encoder import SentenceEncoder
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "storage_config"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class Runtime:
     backends: Backends
     agent: Agent
     conversations: Conversations
+    agents: ChannelAgents
 
     @classmethod
     async def start(
@@ -62,7 +64,7 @@ class Runtime:
     ) -> Runtime:
         """Open storage and build the clients. ``llm``, ``backends`` and ``demos`` replace the configured ones
         (tests and benchmarks wrap or fake them); the LLM-task backend is always added for the LLM."""
-        storage = await Storage.open(settings.data_dir)
+        storage = await Storage.open(storage_config(settings))
         try:
             llm = llm or _make_llm(settings)
             extra: list[ModelInfo] = list(llm_models(llm.model))
@@ -81,19 +83,23 @@ class Runtime:
         except BaseException:
             await storage.close()
             raise
-        return cls(settings, storage, llm, catalog, all_backends, agent, Conversations(agent, storage))
+        agents = ChannelAgents(agent, settings)
+        conversations = Conversations(agent, storage, agent_for=agents)
+        return cls(settings, storage, llm, catalog, all_backends, agent, conversations, agents)
 
     async def status(self) -> list[BackendStatus]:
         """Reachability of the LLM, every backend and the database, for ``/status`` and traces."""
         # The LLM task backend reports the controller LLM itself.
         statuses = await self.backends.status()
         db_ok = await self.storage.ping()
-        statuses.append(BackendStatus("database", db_ok, "ok" if db_ok else "not reachable"))
+        where = self.storage.describe()
+        statuses.append(BackendStatus("database", db_ok, where if db_ok else f"not reachable ({where})"))
         return statuses
 
     async def close(self) -> None:
         try:
             await self.backends.aclose()
+            await self.agents.aclose()
             await self.llm.aclose()
         finally:
             await self.storage.close()
@@ -103,6 +109,17 @@ class Runtime:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def storage_config(settings: Settings) -> StorageConfig:
+    """Where ``settings`` put the database and the files."""
+    s3 = S3Options(
+        endpoint_url=settings.aws_endpoint_url_s3 or None,
+        region=settings.aws_region or None,
+        access_key_id=settings.aws_access_key_id or None,
+        secret_access_key=settings.aws_secret_access_key or None,
+    )
+    return StorageConfig(settings.data_dir, settings.database_url or None, settings.blob_url or None, s3)
 
 
 def _make_llm(settings: Settings) -> LLM:

@@ -15,6 +15,7 @@ ORDER = (
     "economy",
     "scheduling",
     "overhead",
+    "storage_scale",
     "discord_latency",
     "embedded_llm",
     "llama_build",

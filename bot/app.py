@@ -25,8 +25,9 @@ import asyncio
 import logging
 import re
 import signal
+import time
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import discord
 import yarl
@@ -37,11 +38,15 @@ from agent.errors import AgentError, ConfigurationError
 from agent.settings import Settings
 from app.conversations import Conversation
 from app.runtime import Runtime
+from storage import ChatSettings
 
+from .admin import AdminCommands
 from .attachments import Downloader, IncomingFile, read_attachments
 from .commands import SlashCommands
 from .config import DiscordConfig
+from .controls import NOT_YOURS, CancelButton, RetryButton, controls
 from .limits import AccessPolicy, RateLimiter, ThreadQueue
+from .quotas import QuotaPolicy, day_start, refusal
 from .text import request_text, thread_name
 from .turn import ThreadRequest, post_message, run_in_thread
 
@@ -131,6 +136,9 @@ class HuggingGPTBot(commands.Bot):
         self.edit_interval = edit_interval
         self.access = AccessPolicy(config.allowed_guilds, config.allowed_channels, config.allowed_roles)
         self.rate_limiter = RateLimiter(config.user_runs_per_minute)
+        self.quotas = QuotaPolicy.from_config(config)
+        self.allowed_models = runtime.settings.llm_models_allowed
+        self.max_tasks = runtime.settings.max_tasks
         self.queue = ThreadQueue()
         self._runs: set[asyncio.Task[object]] = set()
         self._accepting = True
@@ -138,6 +146,9 @@ class HuggingGPTBot(commands.Bot):
 
     async def setup_hook(self) -> None:
         await self.add_cog(SlashCommands(self))
+        await self.add_cog(AdminCommands(self))
+        # Buttons sent before a restart carry their run id in their custom id and keep working.
+        self.add_dynamic_items(CancelButton, RetryButton)
         if self.sync_commands:
             synced = await self.tree.sync()
             log.info("synced %d slash commands with Discord", len(synced))
@@ -190,7 +201,11 @@ class HuggingGPTBot(commands.Bot):
         if not isinstance(channel, discord.Thread | discord.TextChannel):
             await post_message(channel, "I can only start conversations in text channels.")
             return
+        if in_thread and not mentioned and (await self.chat_settings(channel)).mention_required:
+            return
         if not await self._within_rate_limit(message.author, channel):
+            return
+        if not await self._within_quota(message.author, channel):
             return
         text = request_text(message.content, me.id)
         target = await self.start_or_continue(channel, message, text, message.author.id, conversation)
@@ -213,6 +228,82 @@ class HuggingGPTBot(commands.Bot):
         if wait:
             await post_message(channel, f"⏳ Slow down, {user.display_name}: try again in {wait:.0f} s.")
         return not wait
+
+    async def quota_refusal(self, user: discord.abc.User) -> str | None:
+        """Why ``user`` may start no more runs today (which limit, when it resets); None if they may."""
+        roles = [role.id for role in user.roles] if isinstance(user, discord.Member) else []
+        limit = self.quotas.limit_for(roles)
+        if not limit:
+            return None
+        now = time.time()
+        used = await self.conversations.usage(day_start(now), user=str(user.id), limit=1)
+        return refusal(limit, used[0], now) if used else None
+
+    async def _within_quota(self, user: discord.abc.User, channel: discord.abc.Messageable) -> bool:
+        refused = await self.quota_refusal(user)
+        if refused:
+            await post_message(channel, refused)
+        return refused is None
+
+    async def chat_settings(self, channel: object) -> ChatSettings:
+        """What ``/config`` set for ``channel`` (a thread: its parent) over what it set for the guild."""
+        guild = getattr(channel, "guild", None)
+        if guild is None:
+            return ChatSettings()
+        channel_id = channel.parent_id if isinstance(channel, discord.Thread) else getattr(channel, "id", None)
+        own = await self.conversations.chat_settings(str(guild.id), str(channel_id) if channel_id else None)
+        return own.over(await self.conversations.chat_settings(str(guild.id)))
+
+    def effective(self, settings: ChatSettings) -> ChatSettings:
+        """``settings`` with what they leave unset taken from the deployment's environment."""
+        s = self.runtime.settings
+        return settings.over(ChatSettings(s.llm_model, s.model_selection, s.max_tasks, None, False))
+
+    # ------------------------------------------------------------------ buttons
+
+    def _may_control(self, interaction: discord.Interaction, requester: str | None) -> bool:
+        return str(interaction.user.id) == requester or interaction.permissions.administrator
+
+    async def cancel_from_button(self, interaction: discord.Interaction, run_id: str) -> None:
+        """Cancel: only the requester or an administrator; a run that ended disables the button."""
+        run = await self.conversations.get_run(run_id)
+        if run is None or run.status != "running":
+            await _disable(interaction, CancelButton(run_id, disabled=True), "This request has already ended.")
+            return
+        found = await self.conversations.request_of(run_id)
+        if not self._may_control(interaction, found[0].author if found else None):
+            await interaction.response.send_message(NOT_YOURS, ephemeral=True)
+            return
+        if not self.conversations.cancel(run_id, by=interaction.user.display_name):
+            await interaction.response.send_message(
+                "I can't stop this request from here: it is not running in this bot process.", ephemeral=True
+            )
+            return
+        await interaction.response.send_message("⏹️ Stopping it; the files made so far are kept.", ephemeral=True)
+
+    async def retry_from_button(self, interaction: discord.Interaction, run_id: str) -> None:
+        """Retry: the same request (its text and files) again in the thread, as a new run."""
+        thread = interaction.channel
+        conversation = await self.conversation_of(thread) if isinstance(thread, discord.Thread) else None
+        run = await self.conversations.get_run(run_id)
+        found = await self.conversations.request_of(run_id)
+        if conversation is None or run is None or found is None or run.conversation_id != conversation.id:
+            notice = "This conversation was reset, so there is nothing to retry; send the request again."
+            await _disable(interaction, RetryButton(run_id, disabled=True), notice)
+            return
+        message, files = found
+        if not self._may_control(interaction, message.author):
+            await interaction.response.send_message(NOT_YOURS, ephemeral=True)
+            return
+        user = interaction.user
+        wait = self.rate_limiter.acquire(user.id)
+        refused = f"⏳ Slow down: try again in {wait:.0f} s." if wait else await self.quota_refusal(user)
+        if refused:
+            await interaction.response.send_message(refused, ephemeral=True)
+            return
+        assert isinstance(thread, discord.Thread)
+        await interaction.response.send_message(f"🔁 {user.display_name} asked me to try that again.")
+        await self.serve(thread, conversation.id, message.text, [], author_id=user.id, message_id=None, reuse=files)
 
     async def conversation_of(self, thread: discord.Thread) -> Conversation | None:
         """The conversation held in ``thread``; None if the bot does not own it."""
@@ -245,7 +336,11 @@ class HuggingGPTBot(commands.Bot):
             return None
         try:
             conversation = await self.conversations.open(
-                PLATFORM, external_id=str(thread.id), owner=str(owner_id), title=thread.name
+                PLATFORM,
+                external_id=str(thread.id),
+                owner=str(owner_id),
+                title=thread.name,
+                guild_id=str(channel.guild.id),
             )
         except AgentError as err:
             log.error("could not store the conversation of thread %s: %s", thread.id, err)
@@ -262,6 +357,7 @@ class HuggingGPTBot(commands.Bot):
         *,
         author_id: int,
         message_id: int | None,
+        reuse: Sequence[str] = (),
     ) -> None:
         """Wait for the thread's turn, then fetch and check the attachments and run the request.
 
@@ -284,7 +380,13 @@ class HuggingGPTBot(commands.Bot):
                     )
                     return
                 request = ThreadRequest(
-                    conversation_id, text, uploads, str(author_id), str(message_id) if message_id else None
+                    conversation_id,
+                    text,
+                    uploads,
+                    str(author_id),
+                    str(message_id) if message_id else None,
+                    tuple(reuse),
+                    await self.chat_settings(thread),
                 )
                 await run_in_thread(
                     self.conversations,
@@ -315,6 +417,12 @@ class HuggingGPTBot(commands.Bot):
             await asyncio.wait(runs, timeout=_SHUTDOWN_SECONDS)
         await self.downloader.aclose()
         await super().close()
+
+
+async def _disable(interaction: discord.Interaction, button: discord.ui.Item[Any], notice: str) -> None:
+    """Replace a button that no longer applies with a disabled one, and say why."""
+    await interaction.response.edit_message(view=controls(button))
+    await interaction.followup.send(notice, ephemeral=True)
 
 
 def check_config(config: DiscordConfig) -> None:

@@ -33,7 +33,9 @@ HELP_TEXT = """\
 - In that thread, just keep talking: I remember the conversation and the files in it.
 - `/ask prompt [attachment]` does the same as a mention.
 - `/models task` lists the models I would pick from for a task. `/status` shows what I can reach.
-- `/reset` in a thread forgets its conversation (the person who started it, or an administrator)."""
+- `/reset` in a thread forgets its conversation (the person who started it, or an administrator).
+- ⏹️ Cancel on my status message stops a request; 🔁 Retry on an answer runs it again (who asked, or an admin).
+- `/usage` shows what you used today; `/config` (Manage Server) sets the model and limits per server or channel."""
 
 
 class SlashCommands(commands.Cog):
@@ -62,8 +64,9 @@ class SlashCommands(commands.Cog):
             await interaction.response.send_message("Use /ask in a text channel or in one of my threads.", ephemeral=True)
             return
         wait = bot.rate_limiter.acquire(interaction.user.id)
-        if wait:
-            await interaction.response.send_message(f"⏳ Slow down: try again in {wait:.0f} s.", ephemeral=True)
+        refused = f"⏳ Slow down: try again in {wait:.0f} s." if wait else await bot.quota_refusal(interaction.user)
+        if refused:
+            await interaction.response.send_message(refused, ephemeral=True)
             return
         await interaction.response.defer(thinking=True)
         echo = await interaction.followup.send(_echo(interaction.user, prompt), wait=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from agent.settings import Settings
+from agent.settings import RoleLimit, Settings
 from agent.uploads import UploadLimits
 
 __all__ = ["DiscordConfig"]
@@ -13,7 +13,8 @@ __all__ = ["DiscordConfig"]
 @dataclass(frozen=True)
 class DiscordConfig:
     """``api_base``/``gateway_url`` point the bot at a Discord-compatible server (empty: Discord itself);
-    empty allow-lists allow everywhere; ``user_runs_per_minute`` of 0 or less means no limit."""
+    empty allow-lists allow everywhere; ``user_runs_per_minute`` of 0 or less means no limit; the daily limits
+(0: none) and the roles that override them are ``bot.quotas``'."""
 
     token: str = field(default="", repr=False)
     api_base: str = ""
@@ -23,6 +24,9 @@ class DiscordConfig:
     allowed_roles: frozenset[int] = frozenset()
     user_runs_per_minute: int = 4
     uploads: UploadLimits = field(default_factory=lambda: UploadLimits(25 * 1024 * 1024, 600.0, 2048))
+    user_runs_per_day: int = 0
+    user_tokens_per_day: int = 0
+    role_limits: tuple[RoleLimit, ...] = ()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DiscordConfig:
@@ -35,4 +39,7 @@ class DiscordConfig:
             allowed_roles=settings.discord_allowed_roles,
             user_runs_per_minute=settings.discord_user_runs_per_minute,
             uploads=UploadLimits.from_settings(settings),
+            user_runs_per_day=settings.discord_user_runs_per_day,
+            user_tokens_per_day=settings.discord_user_tokens_per_day,
+            role_limits=settings.discord_role_limits,
         )

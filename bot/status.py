@@ -61,18 +61,28 @@ class StatusMessage:
         self._last = -math.inf
         self._flusher: asyncio.Task[None] | None = None
         self._first_written = asyncio.Event()
+        self._view: discord.ui.View | None = None
+        self._view_changed = False
 
-    def show(self, content: str, *, file: tuple[str, bytes] | None = None) -> None:
-        """Make ``content`` (and ``file``, attached once) the next state written."""
+    def show(
+        self, content: str, *, file: tuple[str, bytes] | None = None, view: discord.ui.View | None = None
+    ) -> None:
+        """Make ``content`` (and ``file``, attached once, and the buttons of ``view``) the next state written."""
         self._content = content
         if file is not None:
             self._file = file
+        if view is not None:
+            self._view, self._view_changed = view, True
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
 
-    async def finish(self, content: str) -> None:
-        """Write ``content`` as the final state, after the interval since the previous edit."""
-        self.show(content)
+    def show_view(self, view: discord.ui.View) -> None:
+        """Put ``view``'s buttons on the message, with the latest content."""
+        self.show(self._content or self._written or "", view=view)
+
+    async def finish(self, content: str, *, view: discord.ui.View | None = None) -> None:
+        """Write ``content`` (and ``view``) as the final state, after the interval since the previous edit."""
+        self.show(content, view=view)
         assert self._flusher is not None
         await self._flusher
 
@@ -87,20 +97,23 @@ class StatusMessage:
                 await asyncio.sleep(wait)
             content, file = self._content, self._file
             self._content = self._file = None
-            if content == self._written and file is None:
+            if content == self._written and file is None and not self._view_changed:
                 continue
             await self._write(content, file)
             self._written, self._last = content, self.clock()
 
     async def _write(self, content: str, file: tuple[str, bytes] | None) -> None:
         files = [discord.File(io.BytesIO(file[1]), filename=file[0])] if file else []
+        # MISSING leaves the buttons as they are (None would remove them).
+        view = self._view if self._view_changed and self._view is not None else discord.utils.MISSING
+        self._view_changed = False
         try:
             if self.message is None:
-                self.message = await self.channel.send(content, files=files, suppress_embeds=True)
+                self.message = await self.channel.send(content, files=files, suppress_embeds=True, view=view)
             elif files:
-                self.message = await self.message.edit(content=content, attachments=files)
+                self.message = await self.message.edit(content=content, attachments=files, view=view)
             else:
-                self.message = await self.message.edit(content=content)
+                self.message = await self.message.edit(content=content, view=view)
         except discord.HTTPException as err:
             log.warning("could not update the status message: %s %s", err.status, err.text)
         finally:

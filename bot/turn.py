@@ -23,7 +23,9 @@ from agent.events import Done, Event, PlanReady, RunResult
 from agent.progress import LLM_STAGES, RunProgress
 from agent.uploads import Upload
 from app.conversations import Conversations
+from storage import ChatSettings
 
+from .controls import CancelButton, RetryButton, controls
 from .graph import draw_plan
 from .media import OutgoingFile, batches, fit_for_upload
 from .status import StatusMessage, keep_typing, render_progress
@@ -49,6 +51,10 @@ class ThreadRequest:
     uploads: Sequence[Upload]
     author: str
     message_id: str | None
+    # Files of the conversation the request is about besides its uploads (a retry names its first try's).
+    reuse: tuple[str, ...] = ()
+    # What /config set for the thread's channel and guild.
+    settings: ChatSettings | None = None
 
 
 async def run_in_thread(
@@ -63,13 +69,23 @@ async def run_in_thread(
     Model-made audio or video longer than ``max_media_seconds`` is refused, not encoded (``fit_for_upload``).
 
     Whatever ends the run early (a failure, a shutdown), the status message is left saying so: it never
-    stays at "planning"."""
+    stays at "planning". The status message carries a Cancel button while the run runs; the answer a Retry
+    button."""
     progress = RunProgress()
     status = StatusMessage(thread, interval=edit_interval)
     status.show(render_progress(progress))
     typing = asyncio.create_task(keep_typing(thread))
     watching = asyncio.create_task(_show_llm_activity(conversations, progress, status))
     result: RunResult | None = None
+    run_ids: list[str] = []
+
+    def started(run_id: str) -> None:
+        run_ids.append(run_id)
+        status.show_view(controls(CancelButton(run_id)))
+
+    def ended() -> discord.ui.View | None:
+        return controls(CancelButton(run_ids[0], disabled=True)) if run_ids else None
+
     try:
         events = conversations.ask(
             request.conversation_id,
@@ -77,6 +93,9 @@ async def run_in_thread(
             uploads=request.uploads,
             author=request.author,
             platform_message_id=request.message_id,
+            reuse=request.reuse,
+            settings=request.settings,
+            on_run=started,
         )
         async for event in events:
             if isinstance(event, Done):
@@ -91,13 +110,15 @@ async def run_in_thread(
             "stopped: the bot is shutting down" if isinstance(err, asyncio.CancelledError) else "failed"
         )
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(status.finish(render_progress(progress)), _STOP_NOTICE_SECONDS)
+            await asyncio.wait_for(status.finish(render_progress(progress), view=ended()), _STOP_NOTICE_SECONDS)
         raise
     finally:
         typing.cancel()
         watching.cancel()
     # The answer goes out at once; the final status edit follows when the edit interval allows.
-    final = asyncio.create_task(status.finish(render_progress(progress, seconds=result.seconds if result else None)))
+    final = asyncio.create_task(
+        status.finish(render_progress(progress, seconds=result.seconds if result else None), view=ended())
+    )
     try:
         if result is not None:
             await status.posted()
@@ -155,19 +176,30 @@ async def _post_answer(
         chunks = [*chunks[: ANSWER_MESSAGES - 1], note]
         files.insert(0, whole)
     groups = batches(files, limit)
+    messages: list[tuple[str, Sequence[OutgoingFile]]] = []
     for n, chunk in enumerate(chunks):
         last = n == len(chunks) - 1
-        await post_message(thread, chunk, groups.pop(0) if last and groups else ())
-    for group in groups:
-        await post_message(thread, "", group)
+        messages.append((chunk, groups.pop(0) if last and groups else ()))
+    messages += [("", group) for group in groups]
+    for n, (content, attached) in enumerate(messages):
+        retry = controls(RetryButton(result.run_id)) if n == len(messages) - 1 else None
+        await post_message(thread, content, attached, view=retry)
 
 
-async def post_message(channel: discord.abc.Messageable, content: str, files: Sequence[OutgoingFile] = ()) -> None:
-    """Send a message without link previews; if Discord refuses it, log why and try to say so."""
+async def post_message(
+    channel: discord.abc.Messageable,
+    content: str,
+    files: Sequence[OutgoingFile] = (),
+    *,
+    view: discord.ui.View | None = None,
+) -> None:
+    """Send a message (with ``view``'s buttons) without link previews; if Discord refuses it, log why and try
+    to say so."""
     try:
         await channel.send(
             content,
             files=[discord.File(io.BytesIO(f.data), filename=f.filename) for f in files],
+            view=view or discord.utils.MISSING,
             suppress_embeds=True,
         )
     except discord.HTTPException as err:

@@ -1,124 +1,91 @@
-"""The database schema as a list of forward migrations; ``PRAGMA user_version`` is how many have run.
+"""Bring a database to the newest schema revision at start-up, under a lock, with Alembic.
 
-Migrations only ever get appended. Each is a tuple of statements run inside the caller's transaction,
-so a database is always at one version or the next, never in between.
+The revisions are package data (``storage/migrations/versions``). Several processes starting together do not
+race: on PostgreSQL the upgrade runs under a transaction-scoped advisory lock, on SQLite inside one
+``BEGIN IMMEDIATE`` transaction (the write lock), so the second process finds the work done. Either way the
+upgrade is one transaction: a failure leaves the database at the revision it had.
+
+A SQLite file from before Alembic (``PRAGMA user_version`` 1 or 2, no ``alembic_version`` table) is adopted:
+stamped at the matching revision and upgraded in place, never recreated. Afterwards ``user_version`` says
+the newest revision's number too, so a release from before Alembic refuses the file instead of writing rows
+it no longer understands.
 """
 
 from __future__ import annotations
 
-import aiosqlite
+import logging
+from pathlib import Path
 
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
+from sqlalchemy import Connection, inspect
+
+from .database import Database
 from .errors import StorageError
 
-__all__ = ["MIGRATIONS", "VERSION", "migrate"]
+__all__ = ["HEAD", "LEGACY_REVISIONS", "upgrade"]
 
-_INITIAL = (
-    """CREATE TABLE conversations (
-        id TEXT PRIMARY KEY,
-        platform TEXT NOT NULL,
-        external_id TEXT,
-        owner TEXT,
-        title TEXT,
-        created_at REAL NOT NULL,
-        UNIQUE (platform, external_id)
-    )""",
-    """CREATE TABLE messages (
-        id TEXT PRIMARY KEY,
-        conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-        role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
-        text TEXT NOT NULL,
-        author TEXT,
-        platform_message_id TEXT,
-        created_at REAL NOT NULL,
-        run_id TEXT REFERENCES runs (id) ON DELETE SET NULL
-    )""",
-    "CREATE INDEX messages_by_conversation ON messages (conversation_id)",
-    """CREATE TABLE runs (
-        id TEXT PRIMARY KEY,
-        conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-        request_message_id TEXT REFERENCES messages (id) ON DELETE SET NULL,
-        status TEXT NOT NULL CHECK (status IN ('running', 'ok', 'partial', 'failed', 'interrupted')),
-        plan TEXT,
-        choices TEXT,
-        answer TEXT,
-        error TEXT,
-        llm_calls INTEGER NOT NULL DEFAULT 0,
-        prompt_tokens INTEGER NOT NULL DEFAULT 0,
-        completion_tokens INTEGER NOT NULL DEFAULT 0,
-        seconds REAL,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
-    )""",
-    "CREATE INDEX runs_by_conversation ON runs (conversation_id)",
-    """CREATE TABLE tasks (
-        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
-        task_id INTEGER NOT NULL,
-        task TEXT NOT NULL,
-        model TEXT,
-        status TEXT NOT NULL,
-        seconds REAL NOT NULL,
-        output TEXT NOT NULL,
-        error TEXT,
-        PRIMARY KEY (run_id, task_id)
-    )""",
-    """CREATE TABLE resources (
-        id TEXT PRIMARY KEY,
-        conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-        name TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        mime TEXT NOT NULL,
-        size INTEGER NOT NULL,
-        sha256 TEXT NOT NULL,
-        origin TEXT NOT NULL CHECK (origin IN ('upload', 'task')),
-        run_id TEXT REFERENCES runs (id) ON DELETE SET NULL,
-        task_id INTEGER,
-        message_id TEXT REFERENCES messages (id) ON DELETE SET NULL,
-        created_at REAL NOT NULL,
-        UNIQUE (conversation_id, name)
-    )""",
-    "CREATE INDEX resources_by_sha256 ON resources (sha256)",
-)
+log = logging.getLogger(__name__)
 
-# Version 2: every status change is kept (not just the last), runs remember which process owns them and
-# whether an interruption was reported, and the foreign keys that cascades follow get indexes.
-# Runs that predate it get their known transitions back-filled and count as reported: nobody is owed an
-# apology for an interruption from before the upgrade.
-_RUN_HISTORY = (
-    "ALTER TABLE runs ADD COLUMN reported INTEGER NOT NULL DEFAULT 0",
-    "ALTER TABLE runs ADD COLUMN session TEXT",
-    "UPDATE runs SET reported = 1",
-    """CREATE TABLE run_transitions (
-        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
-        status TEXT NOT NULL,
-        at REAL NOT NULL
-    )""",
-    "CREATE INDEX run_transitions_by_run ON run_transitions (run_id)",
-    "INSERT INTO run_transitions (run_id, status, at) SELECT id, 'running', created_at FROM runs",
-    """INSERT INTO run_transitions (run_id, status, at)
-        SELECT id, status, updated_at FROM runs WHERE status != 'running'""",
-    "CREATE INDEX runs_unreported ON runs (status) WHERE reported = 0",
-    "CREATE INDEX messages_by_run ON messages (run_id)",
-    "CREATE INDEX runs_by_request ON runs (request_message_id)",
-    "CREATE INDEX resources_by_run ON resources (run_id)",
-    "CREATE INDEX resources_by_message ON resources (message_id)",
-)
-
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_INITIAL, _RUN_HISTORY)
-VERSION = len(MIGRATIONS)
+SCRIPTS = Path(__file__).resolve().parent / "migrations"
+LEGACY_REVISIONS = {1: "0001", 2: "0002"}
+"""SQLite ``user_version`` of the releases before Alembic, and the revision each matches."""
 
 
-async def migrate(db: aiosqlite.Connection) -> int:
-    """Apply the pending migrations inside the open transaction; return the version the database was at."""
-    async with db.execute("PRAGMA user_version") as cursor:
-        row = await cursor.fetchone()
-    found = int(row[0]) if row else 0
-    if found > VERSION:
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory(str(SCRIPTS))
+
+
+HEAD: str = _scripts().get_current_head() or ""
+
+
+async def upgrade(db: Database) -> tuple[str | None, str]:
+    """Upgrade to the newest revision; return the revision found (None: a new database) and the one reached."""
+    return await db.migrate(_upgrade)
+
+
+def _upgrade(conn: Connection) -> tuple[str | None, str]:
+    found = _current(conn)
+    scripts = _scripts()
+    head = scripts.get_current_head() or ""
+    if found is not None and found not in {s.revision for s in scripts.walk_revisions()}:
         raise StorageError(
-            f"the database is at schema version {found}, newer than this program's {VERSION}; upgrade it"
+            f"the database is at schema revision {found}, newer than this program's {head}; upgrade the program"
         )
-    for statements in MIGRATIONS[found:]:
-        for statement in statements:
-            await db.execute(statement)
-    if found < VERSION:
-        await db.execute(f"PRAGMA user_version = {VERSION}")
-    return found
+    if found != head:
+        config = Config()
+        config.set_main_option("script_location", str(SCRIPTS))
+        config.attributes["connection"] = conn
+        try:
+            command.upgrade(config, "head")
+        except CommandError as err:
+            raise StorageError(f"the database could not be upgraded: {err}") from err
+    if conn.dialect.name == "sqlite":
+        broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+        if broken:
+            raise StorageError(
+                f"the database upgrade left {len(broken)} rows pointing at nothing; nothing was changed"
+            )
+        conn.exec_driver_sql(f"PRAGMA user_version = {int(head)}")
+    return found, head
+
+
+def _current(conn: Connection) -> str | None:
+    """The revision the database is at; a pre-Alembic SQLite file is stamped with its matching one."""
+    tables = set(inspect(conn).get_table_names())
+    if "alembic_version" in tables or conn.dialect.name != "sqlite":
+        return MigrationContext.configure(conn).get_current_revision()
+    version = int(conn.exec_driver_sql("PRAGMA user_version").scalar() or 0)
+    if version == 0 and "conversations" not in tables:
+        return None  # a new file
+    if version not in LEGACY_REVISIONS:
+        raise StorageError(
+            f"the database is at schema version {version}, newer than this program knows; upgrade the program"
+        )
+    revision = LEGACY_REVISIONS[version]
+    MigrationContext.configure(conn).stamp(_scripts(), revision)
+    log.info("adopted a schema-version-%d database as revision %s", version, revision)
+    return revision

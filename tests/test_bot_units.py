@@ -94,7 +94,9 @@ class FakeMessage:
     log: list[tuple[float, str, list[str]]]
     id: int = 1
 
-    async def edit(self, *, content: str, attachments: list[discord.File] | None = None) -> FakeMessage:
+    async def edit(
+        self, *, content: str, attachments: list[discord.File] | None = None, view: object = None
+    ) -> FakeMessage:
         self.log.append((time.monotonic(), content, [f.filename for f in attachments or []]))
         return self
 
@@ -105,7 +107,12 @@ class FakeChannel:
     fail: bool = False
 
     async def send(  # type: ignore[assignment]
-        self, content: str = "", *, files: list[discord.File] = (), suppress_embeds: bool = False
+        self,
+        content: str = "",
+        *,
+        files: list[discord.File] = (),
+        suppress_embeds: bool = False,
+        view: object = None,
     ) -> FakeMessage:
         if self.fail:
             raise discord.HTTPException(_Response(503), "unavailable")

@@ -6,10 +6,12 @@ until the test has seen the chat say it is planning, so the stage must be on scr
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.local_llm import assemble_parts
+from storage import Storage
 from tests.fakes.llm_server import start_in_thread
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -107,3 +110,46 @@ def test_assembling_the_packaged_model_reports_its_progress(tmp_path: Path) -> N
     assemble_parts(parts, tmp_path / "model.gguf", "", progress=lambda done, total: heard.append((done, total)))
     assert heard[-1] == (3000, 3000)
     assert [done for done, _ in heard] == sorted(done for done, _ in heard)
+
+
+def test_ctrl_c_in_the_chat_cancels_the_request_and_the_chat_goes_on(tmp_path: Path) -> None:
+    may_plan = threading.Event()
+
+    def script(body: dict[str, Any]) -> str:
+        if "You are the planner" in str(body["messages"][0]["content"]):
+            may_plan.wait(60)  # the first plan waits until the test has cancelled its request
+            return '{"tasks": []}'
+        return "Hello again."
+
+    llm = start_in_thread(script)
+    env = dict(os.environ)
+    env.update(
+        OPENAI_BASE_URL=llm.base_url,
+        OPENAI_API_KEY="sk-test-chat",
+        HUGGINGGPT_DATA_DIR=str(tmp_path / "data"),
+        HUGGINGGPT_DEMOS="fixed",
+    )
+    terminal = Terminal([sys.executable, "-m", "app.cli", "chat", "--conversation", "c1"], env, tmp_path)
+    try:
+        terminal.read_until(r"you> ")
+        terminal.type("draw something slowly")
+        terminal.read_until(r"planning · \d+s")
+        terminal.process.send_signal(signal.SIGINT)
+        terminal.read_until(r"Cancelled by you\. No task had finished")
+        may_plan.set()
+        terminal.read_until(r"you> [^\n]*$")
+        assert terminal.process.poll() is None, "Ctrl-C during a request does not end the chat"
+        terminal.type("hello?")
+        terminal.read_until(r"Hello again\.")
+        terminal.type("/quit")
+        assert terminal.process.wait(timeout=30) == 0
+    finally:
+        may_plan.set()
+        terminal.close()
+        llm.stop()
+
+    async def statuses() -> list[str]:
+        async with await Storage.open(tmp_path / "data") as storage:
+            return [r.status for r in await storage.runs("c1")]
+
+    assert asyncio.run(statuses()) == ["cancelled", "ok"]

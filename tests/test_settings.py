@@ -6,7 +6,7 @@ import pytest
 
 from agent.errors import ConfigurationError
 from agent.logs import RedactSecrets
-from agent.settings import Settings
+from agent.settings import RoleLimit, Settings
 
 
 def test_defaults_match_env_example() -> None:
@@ -68,7 +68,9 @@ def test_bad_values_are_configuration_errors(name: str, value: str) -> None:
 
 
 def test_secrets_not_in_repr() -> None:
-    s = Settings.from_mapping({"OPENAI_API_KEY": "sk-secret-1", "HF_TOKEN": "hf_secret_2", "DISCORD_TOKEN": "dt-3"})
+    s = Settings.from_mapping(
+        {"OPENAI_API_KEY": "sk-secret-1", "HF_TOKEN": "hf_secret_2", "DISCORD_TOKEN": "dt-3"}
+    )
     assert "secret" not in repr(s) and "dt-3" not in repr(s)
     assert set(s.secrets) == {"sk-secret-1", "hf_secret_2", "dt-3"}
 
@@ -85,3 +87,21 @@ def test_log_filter_redacts_secrets_in_message_args_and_tracebacks(caplog: pytes
     text = caplog.text
     assert "sk-secret-1" not in text
     assert "***" in text
+
+
+def test_daily_limits_role_overrides_and_allowed_models_parse() -> None:
+    s = Settings.from_mapping(
+        {
+            "DISCORD_USER_RUNS_PER_DAY": "20",
+            "DISCORD_ROLE_LIMITS": "11=100/5000, 12=0/0",
+            "LLM_MODELS_ALLOWED": "small, big,small",
+        }
+    )
+    assert s.discord_user_runs_per_day == 20 and s.discord_user_tokens_per_day == 0
+    assert s.discord_role_limits == (RoleLimit(11, 100, 5000), RoleLimit(12, 0, 0))
+    assert s.llm_models_allowed == ("small", "big")
+    for bad in ("11=100", "mods=1/2", "11=-1/5"):
+        with pytest.raises(ConfigurationError, match="DISCORD_ROLE_LIMITS"):
+            Settings.from_mapping({"DISCORD_ROLE_LIMITS": bad})
+    with pytest.raises(ConfigurationError, match="DISCORD_USER_RUNS_PER_DAY"):
+        Settings.from_mapping({"DISCORD_USER_RUNS_PER_DAY": "-3"})

@@ -1,4 +1,6 @@
-"""Storage on real SQLite files: round trips, migrations, restarts, deletion, failures and concurrency."""
+"""The storage contract on both engines (SQLite files, and a throwaway PostgreSQL): round trips, restarts,
+deletion, failures and concurrency; and the SQLite-only cases (WAL, its busy lock, damaged files, the
+pre-Alembic schema versions)."""
 
 from __future__ import annotations
 
@@ -6,26 +8,34 @@ import asyncio
 import errno
 import hashlib
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
-import storage.sqlite
+import storage.database
+import storage.storage
 from agent.resources import Origin, Resource
 from storage import (
     ConflictError,
     Conversation,
     Message,
     NotFoundError,
+    RunEnd,
     Storage,
+    StorageConfig,
     StorageError,
     TaskRecord,
+    TurnBusyError,
     schema,
 )
 from storage.files import FileStore
+from tests.fakes.legacy_schema import make_legacy_database
+from tests.fakes.reliability import database_is_sound, db_rows
 
 
 class Clock:
@@ -40,14 +50,20 @@ class Clock:
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    return tmp_path / "data"
+def data_dir(storage_config: StorageConfig) -> Path:
+    return storage_config.data_dir
 
 
 @pytest.fixture
-async def store(data_dir: Path) -> AsyncIterator[Storage]:
-    async with await Storage.open(data_dir, clock=Clock()) as opened:
+async def store(storage_config: StorageConfig) -> AsyncIterator[Storage]:
+    async with await Storage.open(storage_config, clock=Clock()) as opened:
         yield opened
+
+
+@pytest.fixture
+def sqlite_dir(tmp_path: Path) -> Path:
+    """A data dir for the tests of SQLite itself."""
+    return tmp_path / "data"
 
 
 def stored_files(data_dir: Path) -> list[Path]:
@@ -58,13 +74,16 @@ def raw(data_dir: Path) -> sqlite3.Connection:
     return sqlite3.connect(data_dir / "hugginggpt.db")
 
 
-async def test_open_creates_a_versioned_wal_database(data_dir: Path) -> None:
-    async with await Storage.open(data_dir) as opened:
-        assert opened.path == data_dir / "hugginggpt.db"
-        assert opened.data_dir == data_dir
+async def test_open_creates_a_versioned_wal_database(sqlite_dir: Path) -> None:
+    async with await Storage.open(sqlite_dir) as opened:
+        assert opened.path == sqlite_dir / "hugginggpt.db"
+        assert opened.data_dir == sqlite_dir
         assert await opened.ping()
-    db = raw(data_dir)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == schema.VERSION == 2
+        assert opened.describe() == f"sqlite {opened.path}; files in {sqlite_dir / 'files'}"
+    db = raw(sqlite_dir)
+    assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [(schema.HEAD,)]
+    # An older release, which knew only user_version 1 and 2, refuses the file instead of misusing it.
+    assert db.execute("PRAGMA user_version").fetchone()[0] == int(schema.HEAD) == 4
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     db.close()
@@ -93,6 +112,19 @@ async def test_conversation_round_trip(store: Storage) -> None:
         await store.create_conversation("discord", external_id="thread-1")
     with pytest.raises(ConflictError):
         await store.create_conversation("cli", conversation_id="mine")
+
+
+async def test_open_conversation_creates_once_and_then_gets(store: Storage) -> None:
+    made = await store.open_conversation("cli", conversation_id="c1")
+    assert made == Conversation("c1", "cli", None, None, made.created_at, None)
+    assert await store.open_conversation("cli", conversation_id="c1") == made
+    thread = await store.open_conversation("discord", external_id="t9", owner="bob", title="Dogs")
+    assert await store.open_conversation("discord", external_id="t9", owner="eve") == thread
+    assert thread.owner == "bob" and await store.find_conversation("discord", "t9") == thread
+    fresh = await store.open_conversation("cli")
+    assert fresh.id not in ("c1", thread.id) and await store.get_conversation(fresh.id) == fresh
+    with pytest.raises(ConflictError, match="another id"):  # the thread belongs to another conversation
+        await store.open_conversation("discord", external_id="t9", conversation_id="c2")
 
 
 async def test_message_round_trip_order_and_limit(store: Storage) -> None:
@@ -161,6 +193,7 @@ async def test_duplicate_name_is_refused_and_leaves_no_file(store: Storage, data
         await store.add_resource("gone", b"three", name="b.txt", mime="text/plain", origin=Origin("upload"))
     assert stored_files(data_dir) == [kept.path]
     assert await store.resources(conv.id) == [kept]
+    assert db_rows(store.config, "SELECT sha256 FROM blobs") == [(kept.sha256,)]
 
 
 async def test_next_resource_number_counts_uploads_with_the_prefix(store: Storage) -> None:
@@ -222,49 +255,22 @@ async def test_disk_full_while_writing_a_file(
     assert await store.read_resource(again) == b"big" * 1000
 
 
-async def test_run_round_trip(data_dir: Path) -> None:
-    async with await Storage.open(data_dir, clock=Clock()) as store:
+async def test_run_round_trip(storage_config: StorageConfig) -> None:
+    async with await Storage.open(storage_config, clock=Clock()) as store:
         conv = await store.create_conversation("discord")
         msg = await store.add_message(conv.id, "user", "caption this")  # t=1002
         run_id = await store.start_run(conv.id, msg.id)  # t=1003
         plan = [{"id": 1, "task": "image-to-text", "dep": [-1], "args": {"image": "img-1.png"}}]
         choices = {"1": {"model": "nlpconnect/vit-gpt2", "reason": "popular"}}
         await store.set_plan(run_id, plan, choices)  # t=1004
+        await store.record_task(TaskRecord(run_id, 1, "image-to-text", "a/b", "failed", 0.5, None, "503"))
         await store.record_task(
-            run_id,
-            1,
-            task="image-to-text",
-            model="a/b",
-            status="failed",
-            seconds=0.5,
-            output=None,
-            error="503",
+            TaskRecord(run_id, 1, "image-to-text", "c/d", "ok", 1.25, {"text": "a cat"}, None)
         )
-        await store.record_task(
-            run_id,
-            1,
-            task="image-to-text",
-            model="c/d",
-            status="ok",
-            seconds=1.25,
-            output={"text": "a cat"},
-            error=None,
-        )
-        await store.record_task(
-            run_id, 2, task="tts", model=None, status="skipped", seconds=0.0, output=None, error=None
-        )
+        await store.record_task(TaskRecord(run_id, 2, "tts", None, "skipped", 0.0, None, None))
         running = await store.get_run(run_id)
         assert running is not None and running.status == "running" and running.answer is None
-        await store.finish_run(
-            run_id,
-            "partial",
-            answer="A cat.",
-            error=None,
-            llm_calls=3,
-            prompt_tokens=120,
-            completion_tokens=45,
-            seconds=2.5,
-        )
+        await store.finish_run(run_id, RunEnd("partial", "A cat.", None, 3, 120, 45, 2.5))
         run = await store.get_run(run_id)
         assert run is not None
         assert (run.id, run.conversation_id, run.request_message_id) == (run_id, conv.id, msg.id)
@@ -290,45 +296,43 @@ async def test_run_round_trip(data_dir: Path) -> None:
         with pytest.raises(NotFoundError):
             await store.set_plan("nope", [], {})
         with pytest.raises(NotFoundError):
-            await store.record_task(
-                "nope", 1, task="t", model=None, status="ok", seconds=0, output=None, error=None
-            )
+            await store.record_task(TaskRecord("nope", 1, "t", None, "ok", 0, None, None))
         with pytest.raises(NotFoundError):
-            await store.finish_run(
-                "nope",
-                "ok",
-                answer="",
-                error=None,
-                llm_calls=0,
-                prompt_tokens=0,
-                completion_tokens=0,
-                seconds=0,
-            )
+            await store.finish_run("nope", RunEnd("ok", ""))
         with pytest.raises(ValueError):
-            await store.finish_run(
-                second,
-                "running",
-                answer="",
-                error=None,
-                llm_calls=0,
-                prompt_tokens=0,
-                completion_tokens=0,
-                seconds=0,
-            )
+            await store.finish_run(second, RunEnd("running", ""))
         with pytest.raises(NotFoundError):
             await store.start_run("gone", None)
 
-    async with await Storage.open(data_dir) as reopened:  # everything above was committed
+    async with await Storage.open(storage_config) as reopened:  # everything above was committed
         assert await reopened.get_run(run_id) == run
+
+
+async def test_one_running_run_per_conversation(store: Storage, storage_config: StorageConfig) -> None:
+    conv = await store.create_conversation("cli")
+    other = await store.create_conversation("cli")
+    first = await store.start_run(conv.id, None)
+    with pytest.raises(TurnBusyError) as busy:
+        await store.start_run(conv.id, None)
+    assert busy.value.run_id == first and "still working on an earlier request" in str(busy.value)
+    await store.start_run(other.id, None)  # another conversation is not held up
+    # The database itself refuses a second running run, whoever writes it.
+    with pytest.raises((sqlite3.IntegrityError, psycopg.errors.UniqueViolation)):
+        db_rows(
+            storage_config,
+            "INSERT INTO runs (id, conversation_id, seq, status, created_at, updated_at)"
+            " VALUES (?, ?, 9, 'running', 0, 0)",
+            ("sneaky", conv.id),
+        )
+    await store.finish_run(first, RunEnd("ok", "done"))
+    assert (await store.start_run(conv.id, None)) != first
 
 
 async def test_mark_interrupted_and_reporting(store: Storage) -> None:
     conv = await store.create_conversation("discord")
-    cancelled = await store.start_run(conv.id, None)
     done = await store.start_run(conv.id, None)
-    await store.finish_run(
-        done, "ok", answer="hi", error=None, llm_calls=1, prompt_tokens=1, completion_tokens=1, seconds=1
-    )
+    await store.finish_run(done, RunEnd("ok", "hi", None, 1, 1, 1, 1))
+    cancelled = await store.start_run(conv.id, None)
     await store.mark_interrupted(cancelled, "the bot is shutting down")
     await store.mark_interrupted(done, "too late")  # finished runs keep their outcome
 
@@ -344,15 +348,14 @@ async def test_mark_interrupted_and_reporting(store: Storage) -> None:
     assert reported is not None and reported.reported
 
 
-async def test_restart_marks_running_runs_interrupted(data_dir: Path) -> None:
-    async with await Storage.open(data_dir, clock=Clock(1000)) as first:
+async def test_restart_marks_running_runs_interrupted(storage_config: StorageConfig) -> None:
+    async with await Storage.open(storage_config, clock=Clock(1000)) as first:
         conv = await first.create_conversation("discord")
         left = await first.start_run(conv.id, None)
-        done = await first.start_run(conv.id, None)
-        await first.finish_run(
-            done, "ok", answer="x", error=None, llm_calls=0, prompt_tokens=0, completion_tokens=0, seconds=0
-        )
-    async with await Storage.open(data_dir, clock=Clock(5000)) as second:
+        other = await first.create_conversation("discord")
+        done = await first.start_run(other.id, None)
+        await first.finish_run(done, RunEnd("ok", "x"))
+    async with await Storage.open(storage_config, clock=Clock(5000)) as second:
         run = await second.get_run(left)
         assert run is not None
         assert run.status == "interrupted" and run.error
@@ -362,16 +365,17 @@ async def test_restart_marks_running_runs_interrupted(data_dir: Path) -> None:
         assert [r.id for r in await second.unreported_interrupted_runs()] == [left]
 
 
-async def test_a_second_process_does_not_interrupt_live_runs(data_dir: Path) -> None:
-    """A CLI opening the bot's data directory must leave the bot's running requests alone."""
-    bot = await Storage.open(data_dir)
+async def test_a_second_process_does_not_interrupt_live_runs(storage_config: StorageConfig) -> None:
+    """A CLI opening the bot's storage must leave the bot's running requests alone."""
+    bot = await Storage.open(storage_config)
     conv = await bot.create_conversation("discord")
     run_id = await bot.start_run(conv.id, None)
-    async with await Storage.open(data_dir) as cli:
+    async with await Storage.open(storage_config) as cli:
+        assert await cli.reap() == 0
         run = await cli.get_run(run_id)
         assert run is not None and run.status == "running"
     await bot.close()
-    async with await Storage.open(data_dir) as later:
+    async with await Storage.open(storage_config) as later:
         run = await later.get_run(run_id)
         assert run is not None and run.status == "interrupted"
 
@@ -382,7 +386,7 @@ async def test_delete_conversation_removes_rows_and_unshared_files(store: Storag
     msg = await store.add_message(a.id, "user", "hi")
     run_id = await store.start_run(a.id, msg.id)
     await store.add_message(a.id, "assistant", "hello", run_id=run_id)
-    await store.record_task(run_id, 1, task="t", model=None, status="ok", seconds=0, output=None, error=None)
+    await store.record_task(TaskRecord(run_id, 1, "t", None, "ok", 0, None, None))
     shared = await store.add_resource(
         a.id, b"shared", name="img-1.png", mime="image/png", origin=Origin("upload")
     )
@@ -405,16 +409,16 @@ async def test_delete_conversation_removes_rows_and_unshared_files(store: Storag
     assert stored_files(data_dir) == [shared.path]
     assert await store.messages(b.id) == [b_msg]
     assert await store.read_resource(in_b) == b"shared"
-    db = raw(data_dir)
     counts = {
-        t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("runs", "tasks", "run_transitions")
+        t: db_rows(store.config, f"SELECT count(*) FROM {t}")[0][0]
+        for t in ("runs", "tasks", "run_transitions", "blobs")
     }
-    db.close()
-    assert counts == {"runs": 0, "tasks": 0, "run_transitions": 0}  # cascaded, nothing orphaned
+    assert counts == {"runs": 0, "tasks": 0, "run_transitions": 0, "blobs": 1}  # cascaded, nothing orphaned
 
     await store.delete_conversation(b.id)
     await store.delete_conversation(b.id)  # a second /reset is harmless
     assert stored_files(data_dir) == []
+    assert db_rows(store.config, "SELECT count(*) FROM blobs") == [(0,)]
     # The name is free again: a new conversation for the same thread can start over.
     await store.create_conversation("discord", external_id="a")
 
@@ -424,13 +428,10 @@ V1_PICTURE = b"v1 picture"
 
 def make_v1_database(data_dir: Path) -> None:
     """A database as the first release left it: migration 1 only, with a finished and a running run."""
-    data_dir.mkdir(parents=True)
-    files = FileStore(data_dir / "files")
-    digest, _ = files.put(V1_PICTURE)
-    db = raw(data_dir)
-    for statement in schema.MIGRATIONS[0]:
-        db.execute(statement)
-    db.execute("PRAGMA user_version = 1")
+    path = FileStore(data_dir / "files").path(hashlib.sha256(V1_PICTURE).hexdigest())
+    path.parent.mkdir(parents=True)
+    path.write_bytes(V1_PICTURE)
+    db = make_legacy_database(data_dir / "hugginggpt.db", 1)
     db.executescript(
         f"""
         INSERT INTO conversations VALUES ('c1', 'discord', 'thread-9', 'bob', 'Old', 10.0);
@@ -441,63 +442,82 @@ def make_v1_database(data_dir: Path) -> None:
                    ('r2', 'c1', NULL, 'running', NULL, NULL, NULL, NULL, 0, 0, 0, NULL, 16.0, 16.0);
         INSERT INTO messages VALUES ('m2', 'c1', 'assistant', 'here', NULL, 'p2', 15.0, 'r1');
         INSERT INTO tasks VALUES ('r1', 1, 'text-to-image', 'x/y', 'ok', 2.5, '{{"files": ["out-1-1.png"]}}', NULL);
-        INSERT INTO resources VALUES ('f1', 'c1', 'out-1-1.png', 'image', 'image/png', 10, '{digest}', 'task',
+        INSERT INTO resources VALUES ('f1', 'c1', 'out-1-1.png', 'image', 'image/png', 10, '{path.name}', 'task',
                                       'r1', 1, NULL, 15.0);
         """
     )
     db.close()
 
 
+def write_content(files: FileStore, data: bytes) -> str:
+    """What a process killed before its row leaves: a complete content and no row for it."""
+    digest = hashlib.sha256(data).hexdigest()
+    files.path(digest).parent.mkdir(parents=True, exist_ok=True)
+    files.path(digest).write_bytes(data)
+    return digest
+
+
 async def test_orphan_and_temp_files_are_swept_once_old_and_never_a_referenced_or_young_one(
-    data_dir: Path,
+    storage_config: StorageConfig,
 ) -> None:
-    day = storage.sqlite.ORPHAN_GRACE_SECONDS
-    async with await Storage.open(data_dir) as opened:
+    day = storage.storage.ORPHAN_GRACE_SECONDS
+    async with await Storage.open(storage_config) as opened:
         conversation = await opened.create_conversation("cli")
         kept = await opened.add_resource(
             conversation.id, b"kept", name="img-1.png", mime="image/png", origin=Origin("upload")
         )
-    files = FileStore(data_dir / "files")
-    # What a kill -9 leaves: a file whose row was never written, and a half-written temp file.
-    orphan, _ = files.put(b"orphan")
-    young, _ = files.put(b"young orphan")
-    temp = files.path_for(orphan).parent / f".{orphan[:16]}.x.tmp"
+    files = FileStore(storage_config.data_dir / "files")
+    orphan = write_content(files, b"orphan")
+    young = write_content(files, b"young orphan")
+    temp = files.path(orphan).parent / f".{orphan[:16]}.x.tmp"  # a write cut short
     temp.write_bytes(b"half")
     long_ago = time.time() - day - 60
-    for path in (files.path_for(orphan), temp, kept.path):
+    for path in (files.path(orphan), temp, kept.path):
         assert path is not None
         os.utime(path, (long_ago, long_ago))
+    db_rows(storage_config, "UPDATE blobs SET touched_at = ?", (long_ago,))  # the kept one is old too
 
-    async with await Storage.open(data_dir):  # swept on the first open, a moment ago: not again
+    async with await Storage.open(storage_config):  # swept on the first open, a moment ago: not again
         pass
-    assert files.path_for(orphan).exists() and temp.exists()
+    assert files.path(orphan).exists() and temp.exists()
 
-    marker = data_dir / "last-file-sweep"
-    os.utime(marker, (long_ago, long_ago))
-    async with await Storage.open(data_dir) as reopened:  # a day later, the open sweeps
+    db_rows(storage_config, "UPDATE maintenance SET at = ?", (long_ago,))
+    async with await Storage.open(storage_config) as reopened:  # a day later, the open sweeps
         assert await reopened.read_resource(kept) == b"kept"
         assert await reopened.sweep_orphan_files() == 0  # nothing left to take
-    assert not files.path_for(orphan).exists() and not temp.exists()
-    assert files.path_for(young).exists()
-    assert time.time() - marker.stat().st_mtime < 60  # and marks when it did
+    assert not files.path(orphan).exists() and not temp.exists()
+    assert files.path(young).exists()  # found, dated by its file time: kept until it is a day old
+    blob_rows = sorted(d for (d,) in db_rows(storage_config, "SELECT sha256 FROM blobs"))
+    assert blob_rows == sorted([kept.sha256, young])
+    ((marked,),) = db_rows(storage_config, "SELECT at FROM maintenance")
+    assert time.time() - marked < 60  # and marks when it did
 
 
-async def test_storing_content_that_is_already_there_makes_it_young_again(data_dir: Path) -> None:
+async def test_storing_content_that_is_already_there_makes_it_young_again(
+    storage_config: StorageConfig,
+) -> None:
     """A process that finds the bytes stored already is about to write a row for them: no sweep may take
-    the file in between."""
-    files = FileStore(data_dir / "files")
-    digest, _ = files.put(b"same bytes")
-    long_ago = time.time() - storage.sqlite.ORPHAN_GRACE_SECONDS - 60
-    os.utime(files.path_for(digest), (long_ago, long_ago))
-    assert files.put(b"same bytes") == (digest, False)
-    async with await Storage.open(data_dir) as opened:
+    them in between."""
+    async with await Storage.open(storage_config) as opened:
+        conversation = await opened.create_conversation("cli")
+        kept = await opened.add_resource(
+            conversation.id, b"same bytes", name="a.txt", mime="text/plain", origin=Origin("upload")
+        )
+        long_ago = time.time() - storage.storage.ORPHAN_GRACE_SECONDS - 60
+        db_rows(storage_config, "UPDATE blobs SET touched_at = ?", (long_ago,))
+        db_rows(storage_config, "DELETE FROM resources")  # unreferenced and a day old: a sweep would take it
+        digest, _ = await opened._put_blob(b"same bytes", "a.txt")  # about to be referenced again
+        assert digest == kept.sha256
         assert await opened.sweep_orphan_files() == 0
-    assert files.path_for(digest).exists()
+        assert kept.path is not None and kept.path.exists()
+        db_rows(storage_config, "UPDATE blobs SET touched_at = ?", (long_ago,))
+        assert await opened.sweep_orphan_files() == 1  # the same content, not refreshed, does go
+        assert not kept.path.exists()
 
 
-async def test_migrates_a_version_1_database_with_data(data_dir: Path) -> None:
-    make_v1_database(data_dir)
-    async with await Storage.open(data_dir, clock=Clock(100)) as store:
+async def test_migrates_a_version_1_database_with_data(sqlite_dir: Path) -> None:
+    make_v1_database(sqlite_dir)
+    async with await Storage.open(sqlite_dir, clock=Clock(100)) as store:
         conv = await store.find_conversation("discord", "thread-9")
         assert conv == Conversation("c1", "discord", "thread-9", "bob", 10.0, "Old")
         assert [(m.id, m.run_id) for m in await store.messages("c1")] == [("m1", None), ("m2", "r1")]
@@ -521,8 +541,8 @@ async def test_migrates_a_version_1_database_with_data(data_dir: Path) -> None:
         await store.add_message("c1", "user", "again")
         new_run = await store.start_run("c1", None)
         assert (await store.get_run(new_run)) is not None
-    db = raw(data_dir)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    db = raw(sqlite_dir)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == int(schema.HEAD)
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert db.execute("PRAGMA foreign_key_check").fetchall() == []
     db.close()
@@ -537,31 +557,75 @@ async def test_refuses_a_database_from_a_newer_version(tmp_path: Path) -> None:
         await Storage.open(data_dir)
 
 
-async def test_a_failing_migration_changes_nothing(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    async with await Storage.open(data_dir) as store:
+async def test_refuses_a_database_at_a_newer_revision(storage_config: StorageConfig) -> None:
+    async with await Storage.open(storage_config):
+        pass
+    db_rows(storage_config, "UPDATE alembic_version SET version_num = '0099'")
+    with pytest.raises(StorageError, match="revision 0099, newer than this program's 0004"):
+        await Storage.open(storage_config)
+
+
+BROKEN_REVISION = """# A revision that fails half-way.
+from alembic import op
+
+revision = "0005"
+down_revision = "0004"
+
+
+def upgrade() -> None:
+    op.execute("CREATE TABLE half_done (x INTEGER)")
+    op.execute("ALTER TABLE no_such_table ADD COLUMN y TEXT")
+"""
+
+
+async def test_a_failing_migration_changes_nothing(
+    storage_config: StorageConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with await Storage.open(storage_config) as store:
         await store.create_conversation("cli", conversation_id="keep")
-    broken = ("CREATE TABLE half_done (x INTEGER)", "ALTER TABLE no_such_table ADD COLUMN y TEXT")
-    monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, broken))
-    monkeypatch.setattr(schema, "VERSION", 3)
+    scripts = tmp_path / "migrations"
+    shutil.copytree(schema.SCRIPTS, scripts, ignore=shutil.ignore_patterns("__pycache__"))
+    (scripts / "versions" / "0005_broken.py").write_text(BROKEN_REVISION)
+    monkeypatch.setattr(schema, "SCRIPTS", scripts)
     with pytest.raises(StorageError):
-        await Storage.open(data_dir)
-    db = raw(data_dir)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
-    assert db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'half_done'").fetchone()[0] == 0
-    db.close()
+        await Storage.open(storage_config)
+    assert db_rows(storage_config, "SELECT version_num FROM alembic_version") == [("0004",)]
+    tables = (
+        "SELECT count(*) FROM sqlite_master WHERE name = 'half_done'"
+        if storage_config.engine == "sqlite"
+        else "SELECT count(*) FROM pg_tables WHERE tablename = 'half_done'"
+    )
+    assert db_rows(storage_config, tables) == [(0,)]
     monkeypatch.undo()
-    async with await Storage.open(data_dir) as store:
+    async with await Storage.open(storage_config) as store:
         assert await store.get_conversation("keep") is not None
 
 
 async def test_busy_database_is_retried_then_reported(
-    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+    sqlite_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(storage.sqlite, "_FIRST_BACKOFF", 0.01)
-    async with await Storage.open(data_dir, busy_timeout=0.02) as store:
+    monkeypatch.setattr(storage.database, "FIRST_BACKOFF", 0.01)
+    async with await Storage.open(sqlite_dir, busy_timeout=0.02) as store:
         conv = await store.create_conversation("cli")
-        other = raw(data_dir)
+        other = raw(sqlite_dir)
         other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        with pytest.raises(StorageError, match="the database is busy, try again"):
+            await store.add_message(conv.id, "user", "blocked")
+        asyncio.get_running_loop().call_later(0.15, other.commit)
+        message = await store.add_message(conv.id, "user", "waited")  # succeeds on a retry
+        other.close()
+        assert await store.messages(conv.id) == [message]
+
+
+async def test_a_locked_postgresql_row_is_retried_then_reported(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(storage.database, "FIRST_BACKOFF", 0.01)
+    config = StorageConfig(tmp_path / "data", database_url=database_url)
+    async with await Storage.open(config, busy_timeout=0.02) as store:
+        conv = await store.create_conversation("cli")
+        other = psycopg.connect(database_url)  # another process holds the conversation's row
+        other.execute(b"SELECT * FROM conversations WHERE id = %s FOR UPDATE", (conv.id,))
         with pytest.raises(StorageError, match="the database is busy, try again"):
             await store.add_message(conv.id, "user", "blocked")
         asyncio.get_running_loop().call_later(0.15, other.commit)
@@ -579,19 +643,8 @@ async def test_fifty_conversations_write_concurrently(store: Storage) -> None:
         for turn in range(4):
             request = await store.add_message(conv.id, "user", f"{conv.external_id}:{turn}")
             run_id = await store.start_run(conv.id, request.id)
-            await store.record_task(
-                run_id, 1, task="t", model=None, status="ok", seconds=0, output=turn, error=None
-            )
-            await store.finish_run(
-                run_id,
-                "ok",
-                answer="a",
-                error=None,
-                llm_calls=1,
-                prompt_tokens=1,
-                completion_tokens=1,
-                seconds=0,
-            )
+            await store.record_task(TaskRecord(run_id, 1, "t", None, "ok", 0, turn, None))
+            await store.finish_run(run_id, RunEnd("ok", "a", None, 1, 1, 1, 0))
             await store.add_message(conv.id, "assistant", f"re {turn}", run_id=run_id)
 
     await asyncio.gather(*(chat(conv) for conv in conversations))
@@ -601,8 +654,8 @@ async def test_fifty_conversations_write_concurrently(store: Storage) -> None:
         assert [r.tasks[0].output for r in await store.runs(conv.id)] == list(range(4))
 
 
-async def test_two_connections_on_one_file_write_concurrently(data_dir: Path) -> None:
-    async with await Storage.open(data_dir) as one, await Storage.open(data_dir) as two:
+async def test_two_storages_on_one_database_write_concurrently(storage_config: StorageConfig) -> None:
+    async with await Storage.open(storage_config) as one, await Storage.open(storage_config) as two:
         conversations = [await one.create_conversation("discord") for _ in range(50)]
 
         async def chat(index: int, conv: Conversation) -> None:
@@ -622,10 +675,8 @@ async def test_two_connections_on_one_file_write_concurrently(data_dir: Path) ->
             assert [m.text for m in await two.messages(conv.id)] == [str(n) for n in range(4)]
             resources: list[Resource] = await one.resources(conv.id)
             assert [await one.read_resource(r) for r in resources] == [f"{i}/{n}".encode() for n in range(4)]
-    db = raw(data_dir)
-    assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 200
-    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    db.close()
+    assert db_rows(storage_config, "SELECT count(*) FROM messages") == [(200,)]
+    database_is_sound(storage_config)
 
 
 async def test_a_damaged_database_file_is_reported(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Runs many conversations at once until it is killed: the subject of test_reliability_crash.py.
 
-Usage: ``python crash_driver.py DATA_DIR``. Serves its own LLM and Hugging Face fakes, then keeps 30
+Usage: ``python crash_driver.py DATA_DIR [DATABASE_URL]``. Serves its own LLM and Hugging Face fakes, then keeps 30
 conversations busy with turns of one to three tasks (some models slow, some failing). Prints
 ``FINISHED <run> <status>`` once a run's end is committed (``Conversations.ask`` yields ``Done`` after that).
 """
@@ -24,11 +24,15 @@ CONVERSATIONS = 30
 MODELS = hf_tasks("image-to-text", "text-to-image")
 PLANS = [
     [{"id": 0, "task": "text-to-image", "dep": [], "args": {"text": "a cat"}}],
-    [{"id": 0, "task": "image-to-text", "dep": [], "args": {"image": "img-1.png"}},
-     {"id": 1, "task": "text-to-image", "dep": [], "args": {"text": "a dog"}}],
-    [{"id": 0, "task": "image-to-text", "dep": [], "args": {"image": "img-1.png"}},
-     {"id": 1, "task": "text-to-image", "dep": [0], "args": {"text": "<GENERATED>-0"}},
-     {"id": 2, "task": "summarization", "dep": [0], "args": {"text": "<GENERATED>-0"}}],
+    [
+        {"id": 0, "task": "image-to-text", "dep": [], "args": {"image": "img-1.png"}},
+        {"id": 1, "task": "text-to-image", "dep": [], "args": {"text": "a dog"}},
+    ],
+    [
+        {"id": 0, "task": "image-to-text", "dep": [], "args": {"image": "img-1.png"}},
+        {"id": 1, "task": "text-to-image", "dep": [0], "args": {"text": "<GENERATED>-0"}},
+        {"id": 2, "task": "summarization", "dep": [0], "args": {"text": "<GENERATED>-0"}},
+    ],
 ]
 
 
@@ -42,13 +46,20 @@ def script(body: dict[str, Any]) -> str | Reply:
     return "A summary."
 
 
-async def main(data_dir: Path) -> None:
+async def main(data_dir: Path, database_url: str | None) -> None:
     rng = random.Random()
     async with FakeHF(MODELS) as hf, FakeLLMServer(script) as llm:
         for model in MODELS:
-            hf.script(model, *(rng.choice([Fault(), Fault.slow(0.05), Fault.slow(0.3), Fault.error(500)])
-                               for _ in range(2000)))
-        rt = await start_runtime(llm.base_url, hf.base_url, data_dir)
+            hf.script(
+                model,
+                *(
+                    rng.choice([Fault(), Fault.slow(0.05), Fault.slow(0.3), Fault.error(500)])
+                    for _ in range(2000)
+                ),
+            )
+        rt = await start_runtime(
+            llm.base_url, hf.base_url, data_dir, **({"DATABASE_URL": database_url} if database_url else {})
+        )
         upload = await image_upload()
 
         async def converse(n: int) -> None:
@@ -66,4 +77,4 @@ async def main(data_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1])))
+    asyncio.run(main(Path(sys.argv[1]), (sys.argv[2:] or [None])[0]))

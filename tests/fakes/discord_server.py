@@ -2,8 +2,8 @@
 
 Just enough of Discord for one guild with one text channel: the gateway handshake (HELLO, IDENTIFY, READY,
 GUILD_CREATE), heartbeats, dispatching events, and the REST routes the bot uses (users/@me, the application,
-gateway/bot, threads from messages, messages as JSON or multipart, edits, typing, command sync) plus a CDN for
-attachments. Replies carry exactly ``Content-Type: application/json`` (discord.py compares it verbatim), and
+gateway/bot, threads from messages, messages as JSON or multipart, edits, typing, command sync, button
+presses with their interaction callbacks and follow-ups) plus a CDN for attachments. Replies carry exactly ``Content-Type: application/json`` (discord.py compares it verbatim), and
 injected 429s carry a ``Via`` header (without one, discord.py takes a 429 for a Cloudflare ban)::
 
     server = start_in_thread()
@@ -73,9 +73,12 @@ class FakeDiscord:
     heartbeats: int = 0
     identified: bool = False
     faults: list[_Fault] = field(default_factory=list)
+    # What the bot answered to each interaction (by token): its callback, then its follow-ups.
+    interaction_replies: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     attachment_gate: asyncio.Event | None = None  # while set and not yet fired, downloads wait for it
     _cdn: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     _sockets: list[web.WebSocketResponse] = field(default_factory=list)
+    _pressed: dict[str, int] = field(default_factory=dict)  # interaction token -> the message pressed
     _sequence: int = 0
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(10_000))
     _runner: web.AppRunner | None = None
@@ -107,6 +110,8 @@ class FakeDiscord:
         app.router.add_patch(f"{api}/channels/{{channel_id}}/messages/{{message_id}}", self._edit_message)
         app.router.add_post(f"{api}/channels/{{channel_id}}/typing", self._typing)
         app.router.add_put(f"{api}/applications/{{application_id}}/commands", self._sync_commands)
+        app.router.add_post(f"{api}/interactions/{{interaction_id}}/{{token}}/callback", self._interaction_callback)
+        app.router.add_post(f"{api}/webhooks/{{application_id}}/{{token}}", self._followup)
         app.router.add_get("/attachments/{key:.+}", self._attachment)
         self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
         await self._runner.setup()
@@ -162,6 +167,28 @@ class FakeDiscord:
         self.messages[message_id] = message
         await self.dispatch("MESSAGE_CREATE", message)
         return message
+
+    async def click(
+        self, message_id: int, custom_id: str, *, user_id: int = USER_ID, name: str = "alice", permissions: int = 0
+    ) -> str:
+        """A member presses the button ``custom_id`` of a message (INTERACTION_CREATE); returns the
+        interaction's token, under which ``interaction_replies`` collects what the bot answered."""
+        message = self.messages[message_id]
+        channel_id = int(message["channel_id"])
+        token = f"token-{next(self._ids)}"
+        self.interaction_replies[token] = []
+        self._pressed[token] = message_id
+        member = {"user": _user(user_id, name), "roles": [], "joined_at": _now(), "deaf": False, "mute": False,
+                  "flags": 0, "permissions": str(permissions)}
+        await self.dispatch("INTERACTION_CREATE", {
+            "id": str(next(self._ids)), "application_id": str(APPLICATION_ID), "type": 3, "token": token,
+            "version": 1, "guild_id": str(GUILD_ID), "channel_id": str(channel_id),
+            "channel": self.channels.get(channel_id), "member": member, "message": message,
+            "data": {"custom_id": custom_id, "component_type": 2}, "app_permissions": "0", "locale": "en-US",
+            "guild_locale": "en-US", "entitlements": [], "authorizing_integration_owners": {}, "context": 0,
+            "attachment_size_limit": 10 * 1024 * 1024,
+        })
+        return token
 
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
         for ws in list(self._sockets):
@@ -284,6 +311,7 @@ class FakeDiscord:
         body = request[_PAYLOAD] or {}
         message = self._message(channel_id, _user(BOT_ID, "hugginggpt", bot=True), body.get("content") or "",
                                 self._store_files(channel_id, request[_FILES]))
+        message["components"] = body.get("components") or []
         self.messages[int(message["id"])] = message
         return _json(message)
 
@@ -294,9 +322,30 @@ class FakeDiscord:
         body = request[_PAYLOAD] or {}
         if "content" in body:
             message["content"] = body["content"]
+        if "components" in body:
+            message["components"] = body["components"] or []
         if request[_FILES]:
             message["attachments"] = self._store_files(int(message["channel_id"]), request[_FILES])
         message["edited_timestamp"] = _now()
+        return _json(message)
+
+    async def _interaction_callback(self, request: web.Request) -> web.Response:
+        """Type 4 answers with a message, type 7 edits the message whose button was pressed."""
+        body = request[_PAYLOAD] or {}
+        token = request.match_info["token"]
+        self.interaction_replies.setdefault(token, []).append(body)
+        data = body.get("data") or {}
+        if body.get("type") == 7 and "components" in data:
+            self.messages[self._pressed[token]]["components"] = data["components"]
+        return _json({"interaction": {
+            "id": request.match_info["interaction_id"], "type": 3, "response_message_id": None,
+            "response_message_loading": False, "response_message_ephemeral": bool(data.get("flags", 0) & 64),
+        }})
+
+    async def _followup(self, request: web.Request) -> web.Response:
+        body = request[_PAYLOAD] or {}
+        self.interaction_replies.setdefault(request.match_info["token"], []).append(body)
+        message = self._message(CHANNEL_ID, _user(BOT_ID, "hugginggpt", bot=True), body.get("content") or "", [])
         return _json(message)
 
     async def _typing(self, request: web.Request) -> web.Response:

@@ -1,7 +1,7 @@
 """Helpers for the fault and abuse suite (``tests/test_reliability_*.py``): a whole agent ``Runtime`` on the
 loopback fakes, one user turn run to its end under a time limit, and readers of what a run left behind.
 
-Everything goes through the real clients (``AsyncOpenAI``, ``AsyncInferenceClient``, aiosqlite) over 127.0.0.1.
+Everything goes through the real clients (``AsyncOpenAI``, ``AsyncInferenceClient``, SQLAlchemy) over 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from agent.events import Done, Event, RunResult
 from agent.settings import Settings
 from agent.uploads import Upload, UploadLimits, check_uploads
 from app.runtime import Runtime
+from storage import StorageConfig
 
 from .hf_server import FakeHF, png_bytes
 from .llm_server import FakeLLMServer, Reply, Script
@@ -31,6 +34,7 @@ __all__ = [
     "Turn",
     "Watch",
     "agent_on",
+    "database_is_sound",
     "db_rows",
     "image_upload",
     "plan_json",
@@ -106,6 +110,11 @@ class Agent:
     conversation: str
     data_dir: Path
 
+    @property
+    def store(self) -> StorageConfig:
+        """Where the runtime keeps its rows and files, for ``db_rows``."""
+        return self.rt.storage.config
+
     async def turn(self, text: str, uploads: Sequence[Upload] = (), **kwargs: Any) -> Turn:
         return await run_turn(self.rt, self.conversation, text, uploads, **kwargs)
 
@@ -167,13 +176,28 @@ async def run_turn(
     return turn
 
 
-def db_rows(data_dir: Path, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-    """Rows of a query on the data dir's database, over a separate plain connection."""
-    db = sqlite3.connect(data_dir / "hugginggpt.db")
+def db_rows(where: Path | StorageConfig, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """Rows of a query on the database of a data dir (SQLite) or of a storage config (SQLite or PostgreSQL),
+    over a separate plain connection. Write ``?`` for parameters, as SQLite does."""
+    config = where if isinstance(where, StorageConfig) else StorageConfig(where)
+    if config.database_url:
+        with psycopg.connect(config.database_url, autocommit=True) as conn:
+            cursor = conn.execute(sql.replace("?", "%s").encode(), tuple(params))
+            return [tuple(r) for r in cursor.fetchall()] if cursor.description else []
+    db = sqlite3.connect(config.sqlite_path, isolation_level=None)  # each statement commits
     try:
         return [tuple(r) for r in db.execute(sql, tuple(params))]
     finally:
         db.close()
+
+
+def database_is_sound(where: Path | StorageConfig) -> None:
+    """SQLite's own checks pass; on both engines no run is left ``running`` by nobody and every row's
+    references hold (PostgreSQL enforces the latter itself)."""
+    config = where if isinstance(where, StorageConfig) else StorageConfig(where)
+    if not config.database_url:
+        assert db_rows(config, "PRAGMA integrity_check") == [("ok",)]
+        assert db_rows(config, "PRAGMA foreign_key_check") == []
 
 
 def plan_json(*tasks: dict[str, Any]) -> str:

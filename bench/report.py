@@ -10,7 +10,7 @@ from .common import markdown_table
 
 __all__ = ["ORDER", "render"]
 
-ORDER = ("planning", "economy", "scheduling", "overhead", "discord_latency", "embedded_llm")
+ORDER = ("planning", "economy", "scheduling", "overhead", "discord_latency", "embedded_llm", "serve_models")
 """The scripts, in the order ``python -m bench`` runs them and BENCHMARKS.md shows them."""
 
 _HEADER = """# Benchmarks

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -346,3 +347,21 @@ def test_discord_latency_smoke(tmp_path: Path) -> None:
     # The thread comes first, the answer last.
     assert 0 < run["thread_s"] <= run["status_s"] <= run["answer_s"]
     assert run["edits"] >= 0
+
+
+@pytest.mark.local
+def test_serve_models_smoke(tmp_path: Path) -> None:
+    from agent.backends.local import LocalBackend, local_models
+    from agent.settings import Settings
+    from bench import serve_models
+
+    backend = LocalBackend(Settings(), None)
+    if shutil.which("espeak-ng") is None or not all(
+        backend.available(m) for m in local_models() if m.id in (serve_models.WHISPER, serve_models.YOLO)
+    ):
+        pytest.skip("Whisper, YOLO or espeak-ng is not installed here")
+    assert serve_models.main(["--smoke", "--out", str(tmp_path)]) == 0
+    waves = _result(tmp_path, "serve_models")["data"]["waves"]
+    for model in (serve_models.WHISPER, serve_models.YOLO):
+        assert [w["clients"] for w in waves[model]] == [1, 4]
+        assert all(w["ok"] == w["requests"] and 0 < w["p50_s"] <= w["p99_s"] for w in waves[model])

@@ -78,6 +78,13 @@ class Settings:
     discord_allowed_channels: frozenset[int] = frozenset()
     discord_allowed_roles: frozenset[int] = frozenset()
     discord_user_runs_per_minute: int = 4
+    # REST requests a second that all processes of the bot together may make (Discord allows 50 a token), and
+    # how many processes (clusters) share them equally.
+    discord_rest_per_second: float = 40.0
+    discord_cluster_count: int = 1
+    # Whether the bot has the privileged Message Content intent; without it, it acts on mentions (replies that
+    # mention it included) and slash commands only.
+    discord_message_content: bool = True
     log_level: str = "INFO"
 
     @property
@@ -161,6 +168,10 @@ class Settings:
             raise ConfigurationError("LOCAL_LLM_THREADS must be 0 (one per core) or more")
         if settings.llm_max_answer_chars < 1:
             raise ConfigurationError("LLM_MAX_ANSWER_CHARS must be at least 1")
+        if settings.discord_rest_per_second < 1 or settings.discord_cluster_count < 1:
+            raise ConfigurationError(
+                "DISCORD_REST_PER_SECOND and DISCORD_CLUSTER_COUNT must each be at least 1"
+            )
         if settings.serve_models_concurrency < 1 or settings.serve_models_queue < 0:
             raise ConfigurationError(
                 "SERVE_MODELS_CONCURRENCY must be at least 1 and SERVE_MODELS_QUEUE at least 0"
@@ -216,5 +227,8 @@ _ENV_NAMES: dict[str, str] = {
     "discord_allowed_channels": "DISCORD_ALLOWED_CHANNELS",
     "discord_allowed_roles": "DISCORD_ALLOWED_ROLES",
     "discord_user_runs_per_minute": "DISCORD_USER_RUNS_PER_MINUTE",
+    "discord_rest_per_second": "DISCORD_REST_PER_SECOND",
+    "discord_cluster_count": "DISCORD_CLUSTER_COUNT",
+    "discord_message_content": "DISCORD_MESSAGE_CONTENT",
     "log_level": "LOG_LEVEL",
 }

@@ -39,6 +39,7 @@ from app.conversations import Conversation
 from app.runtime import Runtime
 
 from .attachments import Downloader, IncomingFile, read_attachments
+from .budget import RestBudget
 from .commands import SlashCommands
 from .config import DiscordConfig
 from .limits import AccessPolicy, RateLimiter, ThreadQueue
@@ -115,7 +116,7 @@ class HuggingGPTBot(commands.Bot):
         edit_interval: float = 1.0,
     ) -> None:
         intents = discord.Intents.default()
-        intents.message_content = True
+        intents.message_content = config.message_content
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=intents,
@@ -132,6 +133,9 @@ class HuggingGPTBot(commands.Bot):
         self.access = AccessPolicy(config.allowed_guilds, config.allowed_channels, config.allowed_roles)
         self.rate_limiter = RateLimiter(config.user_runs_per_minute)
         self.queue = ThreadQueue()
+        # Every REST request of the client waits for its turn in this process's share of the budget.
+        self.budget = RestBudget(config.rest_per_second)
+        self.http.request = self.budget.limit(self.http.request)  # type: ignore[method-assign,assignment]
         self._runs: set[asyncio.Task[object]] = set()
         self._accepting = True
         self._reported_interrupted = False
@@ -180,12 +184,17 @@ class HuggingGPTBot(commands.Bot):
         channel = message.channel
         mentioned = any(user.id == me.id for user in message.mentions)
         in_thread = isinstance(channel, discord.Thread)
-        if not (in_thread or mentioned) or not self.allowed(message.guild, channel, message.author):
+        # Without the Message Content intent, only messages that mention the bot have their text.
+        if not (mentioned or (in_thread and self.config.message_content)):
+            return
+        if not self.allowed(message.guild, channel, message.author):
             return
         conversation = await self.conversation_of(channel) if isinstance(channel, discord.Thread) else None
         if in_thread and conversation is None:
             if mentioned:
-                await post_message(channel, "Mention me in a text channel to start a conversation in a new thread.")
+                await post_message(
+                    channel, "Mention me in a text channel to start a conversation in a new thread."
+                )
             return
         if not isinstance(channel, discord.Thread | discord.TextChannel):
             await post_message(channel, "I can only start conversations in text channels.")
@@ -198,7 +207,9 @@ class HuggingGPTBot(commands.Bot):
             return
         thread, conversation_id = target
         files = [IncomingFile(a.filename, a.url, a.size) for a in message.attachments]
-        await self.serve(thread, conversation_id, text, files, author_id=message.author.id, message_id=message.id)
+        await self.serve(
+            thread, conversation_id, text, files, author_id=message.author.id, message_id=message.id
+        )
 
     def allowed(self, guild: discord.Guild | None, channel: object, user: discord.abc.User) -> bool:
         """Whether the allow-lists let ``user`` use the bot in ``channel`` (a thread counts as its parent)."""
@@ -273,7 +284,9 @@ class HuggingGPTBot(commands.Bot):
             self._runs.add(task)
         try:
             if self.queue.busy(thread.id):
-                await post_message(thread, "⏳ I'm still working on the previous request here; this one is queued.")
+                await post_message(
+                    thread, "⏳ I'm still working on the previous request here; this one is queued."
+                )
             async with self.queue.turn(thread.id):
                 uploads, problems = await read_attachments(
                     files, self.downloader, max_bytes=self.config.max_attachment_bytes
@@ -282,13 +295,16 @@ class HuggingGPTBot(commands.Bot):
                     await post_message(thread, "⚠️ I can't use:\n" + "\n".join(f"- {p}" for p in problems))
                 if not text and not uploads:
                     await post_message(
-                        thread, "Tell me what you would like me to do (and attach images, audio or video if needed)."
+                        thread,
+                        "Tell me what you would like me to do (and attach images, audio or video if needed).",
                     )
                     return
                 request = ThreadRequest(
                     conversation_id, text, uploads, str(author_id), str(message_id) if message_id else None
                 )
-                await run_in_thread(self.conversations, thread, request, edit_interval=self.edit_interval)
+                await run_in_thread(
+                    self.conversations, thread, request, edit_interval=self.edit_interval, budget=self.budget
+                )
         except AgentError as err:
             log.warning("request in thread %s failed: %s", thread.id, err)
             await post_message(thread, f"❌ {err}")
@@ -350,7 +366,7 @@ async def serve(runtime: Runtime, settings: Settings, *, sync_commands: bool) ->
         except discord.PrivilegedIntentsRequired as err:
             raise ConfigurationError(
                 "Discord refused the Message Content intent: enable it for the bot in the Developer Portal (Bot → "
-                "Privileged Gateway Intents)."
+                "Privileged Gateway Intents), or set DISCORD_MESSAGE_CONTENT=false to answer mentions only."
             ) from err
     log.info("stopped")
     return 0

@@ -12,7 +12,9 @@ __all__ = ["DiscordConfig"]
 @dataclass(frozen=True)
 class DiscordConfig:
     """``api_base``/``gateway_url`` point the bot at a Discord-compatible server (empty: Discord itself);
-    empty allow-lists allow everywhere; ``user_runs_per_minute`` of 0 or less means no limit."""
+    empty allow-lists allow everywhere; ``user_runs_per_minute`` of 0 or less means no limit;
+    ``rest_per_second`` is this process's share of the bot's REST budget; without ``message_content`` the bot
+    reads only messages that mention it."""
 
     token: str = field(default="", repr=False)
     api_base: str = ""
@@ -22,6 +24,8 @@ class DiscordConfig:
     allowed_roles: frozenset[int] = frozenset()
     user_runs_per_minute: int = 4
     max_attachment_bytes: int = 25 * 1024 * 1024
+    rest_per_second: float = 40.0
+    message_content: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DiscordConfig:
@@ -34,4 +38,6 @@ class DiscordConfig:
             allowed_roles=settings.discord_allowed_roles,
             user_runs_per_minute=settings.discord_user_runs_per_minute,
             max_attachment_bytes=settings.max_attachment_bytes,
+            rest_per_second=settings.discord_rest_per_second / settings.discord_cluster_count,
+            message_content=settings.discord_message_content,
         )

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import discord
@@ -24,9 +24,10 @@ from agent.progress import LLM_STAGES, RunProgress
 from agent.uploads import Upload
 from app.conversations import Conversations
 
+from .budget import RestBudget
 from .graph import draw_plan
 from .media import OutgoingFile, batches, fit_for_upload
-from .status import StatusMessage, keep_typing, render_progress
+from .status import TYPING_EVERY, StatusMessage, keep_typing, render_progress
 from .text import split_message, unmask_links
 
 __all__ = ["ANSWER_MESSAGES", "ThreadRequest", "post_message", "run_in_thread"]
@@ -52,16 +53,36 @@ class ThreadRequest:
 
 
 async def run_in_thread(
-    conversations: Conversations, thread: discord.Thread, request: ThreadRequest, *, edit_interval: float = 1.0
+    conversations: Conversations,
+    thread: discord.Thread,
+    request: ThreadRequest,
+    *,
+    edit_interval: float = 1.0,
+    budget: RestBudget | None = None,
 ) -> RunResult | None:
     """Run ``request`` with live progress in ``thread``, then post the answer. None if no result came.
 
     Whatever ends the run early (a failure, a shutdown), the status message is left saying so: it never
-    stays at "planning"."""
+    stays at "planning". With a ``budget``, the run counts as one of those sharing it, and its status edits
+    and typing slow down as their number grows."""
+    if budget is None:
+        return await _run(conversations, thread, request, edit_interval, lambda: 1.0)
+    per_run = (1 / edit_interval if edit_interval > 0 else 0.0) + 1 / TYPING_EVERY
+    with budget.run():
+        return await _run(conversations, thread, request, edit_interval, lambda: budget.stretch(per_run))
+
+
+async def _run(
+    conversations: Conversations,
+    thread: discord.Thread,
+    request: ThreadRequest,
+    edit_interval: float,
+    stretch: Callable[[], float],
+) -> RunResult | None:
     progress = RunProgress()
-    status = StatusMessage(thread, interval=edit_interval)
+    status = StatusMessage(thread, interval=edit_interval, stretch=stretch)
     status.show(render_progress(progress))
-    typing = asyncio.create_task(keep_typing(thread))
+    typing = asyncio.create_task(keep_typing(thread, stretch=stretch))
     watching = asyncio.create_task(_show_llm_activity(conversations, progress, status))
     result: RunResult | None = None
     try:
@@ -91,7 +112,9 @@ async def run_in_thread(
         typing.cancel()
         watching.cancel()
     # The answer goes out at once; the final status edit follows when the edit interval allows.
-    final = asyncio.create_task(status.finish(render_progress(progress, seconds=result.seconds if result else None)))
+    final = asyncio.create_task(
+        status.finish(render_progress(progress, seconds=result.seconds if result else None))
+    )
     try:
         if result is not None:
             await status.posted()
@@ -101,7 +124,9 @@ async def run_in_thread(
     return result
 
 
-async def _show_llm_activity(conversations: Conversations, progress: RunProgress, status: StatusMessage) -> None:
+async def _show_llm_activity(
+    conversations: Conversations, progress: RunProgress, status: StatusMessage
+) -> None:
     """While the run waits on the LLM, say what keeps it (loading the model, queued behind other requests);
     checked every second, written only when it changes (the status message throttles its own edits)."""
     while True:
@@ -153,7 +178,9 @@ async def _post_answer(conversations: Conversations, thread: discord.Thread, res
         await post_message(thread, "", group)
 
 
-async def post_message(channel: discord.abc.Messageable, content: str, files: Sequence[OutgoingFile] = ()) -> None:
+async def post_message(
+    channel: discord.abc.Messageable, content: str, files: Sequence[OutgoingFile] = ()
+) -> None:
     """Send a message without link previews; if Discord refuses it, log why and try to say so."""
     try:
         await channel.send(
@@ -164,4 +191,6 @@ async def post_message(channel: discord.abc.Messageable, content: str, files: Se
     except discord.HTTPException as err:
         log.warning("Discord refused a message (HTTP %s): %s", err.status, err.text)
         with contextlib.suppress(discord.HTTPException):
-            await channel.send(f"⚠️ Discord refused part of my reply (HTTP {err.status}).", suppress_embeds=True)
+            await channel.send(
+                f"⚠️ Discord refused part of my reply (HTTP {err.status}).", suppress_embeds=True
+            )

@@ -14,7 +14,8 @@ injected 429s carry a ``Via`` header (without one, discord.py takes a 429 for a 
     server.wait_for(lambda s: s.requests_to("POST", "/threads"), timeout=20)
     server.stop()
 
-Every REST request is recorded in ``requests`` (method, path, JSON body, uploaded file names, status).
+Every REST request is recorded in ``requests`` (method, path, JSON body, uploaded file names, status, arrival
+time).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class RecordedRequest:
     json: Any
     files: list[str]
     status: int
+    at: float = 0.0  # time.monotonic() when the request arrived
 
 
 @dataclass
@@ -214,6 +216,7 @@ class FakeDiscord:
     async def _record(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         if request.path.startswith("/gateway"):
             return await handler(request)
+        arrived = time.monotonic()
         body: Any = None
         files: list[tuple[str, bytes]] = []
         if request.content_type == "application/json":
@@ -231,7 +234,9 @@ class FakeDiscord:
                 response = await handler(request)
             except web.HTTPException as err:
                 response = _json({"message": err.reason, "code": 0}, status=err.status)
-        self.requests.append(RecordedRequest(request.method, request.path, body, [n for n, _ in files], response.status))
+        self.requests.append(
+            RecordedRequest(request.method, request.path, body, [n for n, _ in files], response.status, arrived)
+        )
         return response
 
     async def _me(self, request: web.Request) -> web.Response:

@@ -140,7 +140,7 @@ async def run(smoke: bool) -> Result:
                 ]
             )
     best = {m: max(w["per_second"] for w in waves) for m, waves in data["waves"].items()}
-    summary = "; ".join(f"{m}: up to {v:.1f} requests/s" for m, v in best.items())
+    summary = "serve-models: " + "; ".join(f"{m} up to {v:.1f} requests/s" for m, v in best.items())
     notes = [
         "first request of each model (loads it): "
         + ", ".join(f"{m} {s:.1f} s" for m, s in data["cold_s"].items()),
@@ -148,7 +148,7 @@ async def run(smoke: bool) -> Result:
     ]
     return Result(
         NAME,
-        "serve-models throughput (`bench/serve_models.py`)",
+        "serve-models throughput",
         smoke,
         ["model", "clients", "requests", "requests/s", "p50 s", "p99 s", "HTTP 200"],
         rows,

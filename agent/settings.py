@@ -82,6 +82,10 @@ class Settings:
     # how many processes (clusters) share them equally.
     discord_rest_per_second: float = 40.0
     discord_cluster_count: int = 1
+    # Sharding: 0 shards is the plain, unsharded bot. With N shards, this process (cluster INDEX of COUNT)
+    # runs the shards INDEX, INDEX + COUNT, ... of N.
+    discord_shard_count: int = 0
+    discord_cluster_index: int = 0
     # Whether the bot has the privileged Message Content intent; without it, it acts on mentions (replies that
     # mention it included) and slash commands only.
     discord_message_content: bool = True
@@ -172,6 +176,20 @@ class Settings:
             raise ConfigurationError(
                 "DISCORD_REST_PER_SECOND and DISCORD_CLUSTER_COUNT must each be at least 1"
             )
+        if settings.discord_shard_count < 0:
+            raise ConfigurationError("DISCORD_SHARD_COUNT must be 0 (not sharded) or more")
+        if settings.discord_shard_count == 0 and settings.discord_cluster_count > 1:
+            raise ConfigurationError("several clusters (DISCORD_CLUSTER_COUNT) need DISCORD_SHARD_COUNT")
+        if settings.discord_shard_count and not (
+            0
+            <= settings.discord_cluster_index
+            < settings.discord_cluster_count
+            <= settings.discord_shard_count
+        ):
+            raise ConfigurationError(
+                "DISCORD_CLUSTER_INDEX must be from 0 to DISCORD_CLUSTER_COUNT - 1, and DISCORD_CLUSTER_COUNT at "
+                "most DISCORD_SHARD_COUNT"
+            )
         if settings.serve_models_concurrency < 1 or settings.serve_models_queue < 0:
             raise ConfigurationError(
                 "SERVE_MODELS_CONCURRENCY must be at least 1 and SERVE_MODELS_QUEUE at least 0"
@@ -229,6 +247,8 @@ _ENV_NAMES: dict[str, str] = {
     "discord_user_runs_per_minute": "DISCORD_USER_RUNS_PER_MINUTE",
     "discord_rest_per_second": "DISCORD_REST_PER_SECOND",
     "discord_cluster_count": "DISCORD_CLUSTER_COUNT",
+    "discord_shard_count": "DISCORD_SHARD_COUNT",
+    "discord_cluster_index": "DISCORD_CLUSTER_INDEX",
     "discord_message_content": "DISCORD_MESSAGE_CONTENT",
     "log_level": "LOG_LEVEL",
 }

@@ -26,7 +26,7 @@ import logging
 import re
 import signal
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import discord
 import yarl
@@ -42,11 +42,12 @@ from .attachments import Downloader, IncomingFile, read_attachments
 from .budget import RestBudget
 from .commands import SlashCommands
 from .config import DiscordConfig
+from .identify import FileIdentifyGate, IdentifyGate
 from .limits import AccessPolicy, RateLimiter, ThreadQueue
 from .text import request_text, thread_name
 from .turn import ThreadRequest, post_message, run_in_thread
 
-__all__ = ["PLATFORM", "HuggingGPTBot", "serve", "use_discord_endpoints"]
+__all__ = ["PLATFORM", "HuggingGPTBot", "ShardedHuggingGPTBot", "serve", "use_discord_endpoints"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ class HuggingGPTBot(commands.Bot):
         sync_commands: bool = False,
         downloader: Downloader | None = None,
         edit_interval: float = 1.0,
+        **client_options: Any,
     ) -> None:
         intents = discord.Intents.default()
         intents.message_content = config.message_content
@@ -123,6 +125,7 @@ class HuggingGPTBot(commands.Bot):
             allowed_mentions=discord.AllowedMentions.none(),
             help_command=None,
             tree_cls=_Tree,
+            **client_options,
         )
         self.runtime = runtime
         self.conversations = runtime.conversations
@@ -160,6 +163,8 @@ class HuggingGPTBot(commands.Bot):
                 continue
             try:
                 channel = self.get_channel(int(thread_id)) or await self.fetch_channel(int(thread_id))
+                if not self.owns(channel):
+                    continue  # another cluster's server: that cluster reports it
                 if isinstance(channel, discord.abc.Messageable):
                     await channel.send(INTERRUPTED_NOTICE)
             except (discord.NotFound, discord.Forbidden):
@@ -210,6 +215,10 @@ class HuggingGPTBot(commands.Bot):
         await self.serve(
             thread, conversation_id, text, files, author_id=message.author.id, message_id=message.id
         )
+
+    def owns(self, channel: object) -> bool:
+        """Whether ``channel`` is in a server this process serves (always, unless sharded)."""
+        return True
 
     def allowed(self, guild: discord.Guild | None, channel: object, user: discord.abc.User) -> bool:
         """Whether the allow-lists let ``user`` use the bot in ``channel`` (a thread counts as its parent)."""
@@ -329,6 +338,40 @@ class HuggingGPTBot(commands.Bot):
         await super().close()
 
 
+class ShardedHuggingGPTBot(HuggingGPTBot, commands.AutoShardedBot):
+    """One cluster of a sharded bot: the shards ``config.shard_ids`` of ``config.shard_count``, and the servers
+    on them (a thread is in one server and a server on one shard, so a conversation always reaches the same
+    process). Each IDENTIFY first waits for its bucket's turn at ``identify_gate``, shared by all clusters."""
+
+    def __init__(
+        self, runtime: Runtime, config: DiscordConfig, *, identify_gate: IdentifyGate, **kwargs: Any
+    ) -> None:
+        super().__init__(
+            runtime, config, shard_count=config.shard_count, shard_ids=config.shard_ids, **kwargs
+        )
+        self.identify_gate = identify_gate
+        self._max_concurrency: int | None = None
+
+    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+        """Discord's buckets: ``shard_id % max_concurrency``, one IDENTIFY each per 5 s across all processes
+        (discord.py's own hook only spaces the shards of this process)."""
+        if self._max_concurrency is None:
+            self._max_concurrency = max(1, (await self.fetch_session_start_limits()).max_concurrency)
+        bucket = (shard_id or 0) % self._max_concurrency
+        await self.identify_gate.wait_turn(bucket)
+        log.info("identifying shard %s (bucket %d)", shard_id, bucket)
+
+    def owns(self, channel: object) -> bool:
+        guild = getattr(channel, "guild", None)
+        if guild is None:
+            return False
+        return (guild.id >> 22) % self.config.shard_count in self.config.shard_ids
+
+    async def close(self) -> None:
+        await super().close()
+        await self.identify_gate.aclose()
+
+
 def check_config(config: DiscordConfig) -> None:
     """``ConfigurationError`` if the bot cannot start with ``config`` (checked before anything is built)."""
     if not config.token:
@@ -344,7 +387,19 @@ async def serve(runtime: Runtime, settings: Settings, *, sync_commands: bool) ->
     check_config(config)
     use_discord_endpoints(config.api_base, config.gateway_url)
     discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False  # no voice: silence the warnings
-    bot = HuggingGPTBot(runtime, config, sync_commands=sync_commands)
+    bot: HuggingGPTBot
+    if config.shard_count:
+        gate = FileIdentifyGate(settings.data_dir / "identify")
+        bot = ShardedHuggingGPTBot(runtime, config, identify_gate=gate, sync_commands=sync_commands)
+        log.info(
+            "cluster %d of %d: shards %s of %d",
+            config.cluster_index,
+            config.cluster_count,
+            config.shard_ids,
+            config.shard_count,
+        )
+    else:
+        bot = HuggingGPTBot(runtime, config, sync_commands=sync_commands)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

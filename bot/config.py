@@ -26,6 +26,14 @@ class DiscordConfig:
     max_attachment_bytes: int = 25 * 1024 * 1024
     rest_per_second: float = 40.0
     message_content: bool = True
+    shard_count: int = 0
+    cluster_index: int = 0
+    cluster_count: int = 1
+
+    @property
+    def shard_ids(self) -> list[int]:
+        """The shards this process runs: every ``cluster_count``-th from ``cluster_index``."""
+        return list(range(self.cluster_index, self.shard_count, self.cluster_count))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DiscordConfig:
@@ -40,4 +48,7 @@ class DiscordConfig:
             max_attachment_bytes=settings.max_attachment_bytes,
             rest_per_second=settings.discord_rest_per_second / settings.discord_cluster_count,
             message_content=settings.discord_message_content,
+            shard_count=settings.discord_shard_count,
+            cluster_index=settings.discord_cluster_index,
+            cluster_count=settings.discord_cluster_count,
         )

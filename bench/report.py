@@ -10,7 +10,16 @@ from .common import markdown_table
 
 __all__ = ["ORDER", "render"]
 
-ORDER = ("planning", "economy", "scheduling", "overhead", "discord_latency", "embedded_llm", "serve_models")
+ORDER = (
+    "planning",
+    "economy",
+    "scheduling",
+    "overhead",
+    "discord_latency",
+    "embedded_llm",
+    "serve_models",
+    "discord_rest",
+)
 """The scripts, in the order ``python -m bench`` runs them and BENCHMARKS.md shows them."""
 
 _HEADER = """# Benchmarks

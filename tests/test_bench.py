@@ -365,3 +365,11 @@ def test_serve_models_smoke(tmp_path: Path) -> None:
     for model in (serve_models.WHISPER, serve_models.YOLO):
         assert [w["clients"] for w in waves[model]] == [1, 4]
         assert all(w["ok"] == w["requests"] and 0 < w["p50_s"] <= w["p99_s"] for w in waves[model])
+
+
+def test_discord_rest_smoke(tmp_path: Path) -> None:
+    from bench import discord_rest
+
+    assert discord_rest.main(["--smoke", "--out", str(tmp_path)]) == 0
+    (m,) = _result(tmp_path, "discord_rest")["data"]["measurements"]
+    assert m["runs"] == 10 and m["requests"] >= 30 and m["refused"] == 0

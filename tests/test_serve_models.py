@@ -263,3 +263,22 @@ async def _hf_transcribe(backend: HFBackend, wav: bytes) -> None:
     model = ModelInfo(WHISPER, task.name)
     assert backend.handles(model), "the endpoints file's ids are the HF backend's, local/ ones included"
     await backend.run(model, inp, TaskIO(read=store.read, save=save, usage=LLMUsage()))
+
+
+async def test_a_run_over_the_task_timeout_is_answered_500_without_a_retry_invitation(tmp_path: Path) -> None:
+    """The run is bounded by HUGGINGGPT_TASK_TIMEOUT; the answer is a plain 500 (a 503/504 would make the HF
+    backend send the same CPU-heavy request again)."""
+    _installed(WHISPER)
+    from aiohttp.test_utils import TestServer
+
+    from app.serve_models import ModelServer, ServeLimits
+
+    speech = _speech(tmp_path, " ".join(["The quick brown fox jumps over the lazy dog."] * 6)).read_bytes()
+    limits = ServeLimits(max_body_bytes=10 * 1024 * 1024, timeout=0.2, concurrency=1, queue=0)
+    async with LocalBackend(Settings(), None) as backend:
+        server = TestServer(ModelServer(backend, [MODELS[WHISPER]], limits).app(), host="127.0.0.1")
+        async with server, aiohttp.ClientSession() as session:
+            async with session.post(server.make_url(f"/models/{WHISPER}"), data=speech) as reply:
+                assert reply.status == 500
+                assert "did not finish within 0.2 s" in (await reply.json())["error"]
+                assert "Retry-After" not in reply.headers

@@ -282,3 +282,40 @@ async def test_a_run_over_the_task_timeout_is_answered_500_without_a_retry_invit
                 assert reply.status == 500
                 assert "did not finish within 0.2 s" in (await reply.json())["error"]
                 assert "Retry-After" not in reply.headers
+
+
+async def test_the_other_served_models_answer_in_the_shapes_the_hf_backend_reads(
+    server: Server, tmp_path: Path
+) -> None:
+    """Text-to-speech, classification, similarity and Canny, each through the HF backend's real client."""
+    served = ["local/espeak-ng", "local/efficientnet-lite0", "local/all-MiniLM-L6-v2", "local/opencv-canny"]
+    available = set(server.health()["models"])
+    endpoints = tmp_path / "endpoints.json"
+    endpoints.write_text(json.dumps({m: f"{server.url}/models/{m}" for m in served}))
+    backend = HFBackend(Settings(endpoints_file=str(endpoints), task_timeout=120))
+    store = MemoryResourceStore()
+    image = await store.put(png(stop_sign()), name="img-1.png", mime="image/png", origin=Origin("upload"))
+
+    async def save(data: bytes, mime: str) -> Any:
+        return await store.put(data, name=f"out{len(store.resources)}", mime=mime, origin=Origin("task"))
+
+    async def run(model_id: str, text: dict[str, str], files: dict[str, Any]) -> Any:
+        if model_id not in available:
+            pytest.skip(f"{model_id} is not installed here")
+        model = MODELS[model_id]
+        task = TASKS[model.task]
+        args = {**text, **{k: r.name for k, r in files.items()}}
+        inp = TaskInput(task, PlannedTask(0, task.name, (), args), text, files)
+        return await backend.run(model, inp, TaskIO(read=store.read, save=save, usage=LLMUsage()))
+
+    try:
+        spoken = await run("local/espeak-ng", {"text": "Hello from the model server."}, {})
+        assert spoken.resources[0].mime == "audio/wav"
+        labels = await run("local/efficientnet-lite0", {}, {"image": image})
+        assert len(labels.data) == 5 and all(0 <= x["score"] <= 1 for x in labels.data)
+        similar = await run("local/all-MiniLM-L6-v2", {"text": "a cat sleeps", "text2": "a kitten naps"}, {})
+        assert 0.3 < similar.data <= 1.0
+        edges = await run("local/opencv-canny", {}, {"image": image})
+        assert edges.resources[0].mime == "image/png"
+    finally:
+        await backend.aclose()

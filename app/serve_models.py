@@ -8,7 +8,8 @@ adds what a network peer needs:
 
 - a body over ``HUGGINGGPT_MAX_ATTACHMENT_MB`` is refused with 413 (by its Content-Length before reading, or
   as it streams in), and a body must arrive within 60 s;
-- media are checked like user uploads (``agent.uploads``): by content, not by the Content-Type;
+- media are decoded by the backend itself, as in the bot: under its pixel and media-duration limits, in
+  the backend's own workers; what does not decode is answered 400 with the reason;
 - each model runs at most ``SERVE_MODELS_CONCURRENCY`` requests at once, with ``SERVE_MODELS_QUEUE`` more
   waiting; past that it answers 503 with ``Retry-After`` (estimated from its recent run times) before reading
   the body. The HF backend honours the header;
@@ -43,7 +44,6 @@ from agent.plan import PlannedTask, TaskOutput
 from agent.resources import MemoryResourceStore, Origin, Resource, extension_for
 from agent.settings import Settings
 from agent.tasks import TASKS, Modality
-from agent.uploads import check_upload
 
 __all__ = ["SERVED_TASKS", "ModelServer", "ServeLimits", "serve_models"]
 
@@ -145,6 +145,7 @@ class _Call:
 
     text: dict[str, str]
     media: bytes | None = None
+    mime: str = "application/octet-stream"  # the media's Content-Type, as the client gave it
     sentences: tuple[str, ...] = ()  # sentence-similarity: compared each with ``text["text"]``
 
 
@@ -237,7 +238,10 @@ class ModelServer:
         files: dict[str, Resource] = {}
         modality = _MEDIA.get(model.task)
         if modality is not None and call.media is not None:
-            files[modality] = await _stored_upload(call.media, modality, self.limits.max_body_bytes, store)
+            # The Content-Type names the file (its extension) only: the model decodes the bytes, bounded.
+            mime = call.mime if call.mime.startswith(f"{modality}/") else "application/octet-stream"
+            name = f"input{extension_for(mime)}"
+            files[modality] = await store.put(call.media, name=name, mime=mime, origin=Origin("upload"))
         args = {**text, **{key: res.name for key, res in files.items()}}
         inp = TaskInput(task=task, planned=PlannedTask(0, task.name, (), args), text=text, files=files)
         return await self.backend.run(model, inp, _task_io(store))
@@ -249,17 +253,6 @@ class ModelServer:
             output = await self._run(model, call, store, pair)
             scores.append(output.data)
         return web.json_response(scores)
-
-
-async def _stored_upload(
-    data: bytes, modality: Modality, max_bytes: int, store: MemoryResourceStore
-) -> Resource:
-    """The body checked by content like a user's upload, as a resource of the request's own store."""
-    upload = await check_upload("input", data, max_bytes=max_bytes)
-    if upload.kind != modality:
-        raise ResourceError(f"the body is {upload.kind}, and this model takes {modality}")
-    name = f"input{extension_for(upload.mime)}"
-    return await store.put(upload.data, name=name, mime=upload.mime, origin=Origin("upload"))
 
 
 def _task_io(store: MemoryResourceStore) -> TaskIO:
@@ -274,7 +267,7 @@ def _parse(task: str, body: bytes, content_type: str) -> _Call:
     "parameters": {...}}`` when there are parameters; text tasks as JSON ``{"inputs": ...}``."""
     if task in _MEDIA:
         if content_type != "application/json":
-            return _Call(text={}, media=body)
+            return _Call(text={}, media=body, mime=content_type)
         inputs = _json_inputs(body)
         if not isinstance(inputs, str):
             raise _Refused(400, '"inputs" must be the base64 content of the file')

@@ -93,6 +93,9 @@ class Settings:
     max_tasks: int = 12
     # Largest answer read from a model, in MiB: a bigger one is refused (and the next model tried).
     max_output_mb: float = 50.0
+    # hugginggpt serve-models: requests each model runs at once, and how many more wait before it answers 503.
+    serve_models_concurrency: int = 1
+    serve_models_queue: int = 4
     # Storage. Without DATABASE_URL: SQLite in data_dir; without BLOB_URL: files under data_dir.
     data_dir: Path = Path("data")
     max_attachment_mb: float = 25.0
@@ -121,6 +124,17 @@ class Settings:
     discord_role_limits: tuple[RoleLimit, ...] = ()
     # Controller models an admin may choose per guild or channel with /config (same OpenAI-compatible server).
     llm_models_allowed: tuple[str, ...] = ()
+    # REST requests a second that all processes of the bot together may make (Discord allows 50 a token), and
+    # how many processes (clusters) share them equally.
+    discord_rest_per_second: float = 40.0
+    discord_cluster_count: int = 1
+    # Sharding: 0 shards is the plain, unsharded bot. With N shards, this process (cluster INDEX of COUNT)
+    # runs the shards INDEX, INDEX + COUNT, ... of N.
+    discord_shard_count: int = 0
+    discord_cluster_index: int = 0
+    # Whether the bot has the privileged Message Content intent; without it, it acts on mentions (replies that
+    # mention it included) and slash commands only.
+    discord_message_content: bool = True
     log_level: str = "INFO"
 
     @property
@@ -218,6 +232,28 @@ class Settings:
             raise ConfigurationError("LOCAL_LLM_THREADS must be 0 (one per core) or more")
         if settings.llm_max_answer_chars < 1:
             raise ConfigurationError("LLM_MAX_ANSWER_CHARS must be at least 1")
+        if settings.discord_rest_per_second < 1 or settings.discord_cluster_count < 1:
+            raise ConfigurationError(
+                "DISCORD_REST_PER_SECOND and DISCORD_CLUSTER_COUNT must each be at least 1"
+            )
+        if settings.discord_shard_count < 0:
+            raise ConfigurationError("DISCORD_SHARD_COUNT must be 0 (not sharded) or more")
+        if settings.discord_shard_count == 0 and settings.discord_cluster_count > 1:
+            raise ConfigurationError("several clusters (DISCORD_CLUSTER_COUNT) need DISCORD_SHARD_COUNT")
+        if settings.discord_shard_count and not (
+            0
+            <= settings.discord_cluster_index
+            < settings.discord_cluster_count
+            <= settings.discord_shard_count
+        ):
+            raise ConfigurationError(
+                "DISCORD_CLUSTER_INDEX must be from 0 to DISCORD_CLUSTER_COUNT - 1, and DISCORD_CLUSTER_COUNT at "
+                "most DISCORD_SHARD_COUNT"
+            )
+        if settings.serve_models_concurrency < 1 or settings.serve_models_queue < 0:
+            raise ConfigurationError(
+                "SERVE_MODELS_CONCURRENCY must be at least 1 and SERVE_MODELS_QUEUE at least 0"
+            )
         if settings.max_output_mb <= 0:
             raise ConfigurationError("HUGGINGGPT_MAX_OUTPUT_MB must be more than 0")
         return settings
@@ -263,6 +299,8 @@ _ENV_NAMES: dict[str, str] = {
     "task_retries": "HUGGINGGPT_TASK_RETRIES",
     "max_tasks": "HUGGINGGPT_MAX_TASKS",
     "max_output_mb": "HUGGINGGPT_MAX_OUTPUT_MB",
+    "serve_models_concurrency": "SERVE_MODELS_CONCURRENCY",
+    "serve_models_queue": "SERVE_MODELS_QUEUE",
     "data_dir": "HUGGINGGPT_DATA_DIR",
     "max_attachment_mb": "HUGGINGGPT_MAX_ATTACHMENT_MB",
     "max_media_seconds": "HUGGINGGPT_MAX_MEDIA_SECONDS",
@@ -284,5 +322,10 @@ _ENV_NAMES: dict[str, str] = {
     "discord_user_tokens_per_day": "DISCORD_USER_TOKENS_PER_DAY",
     "discord_role_limits": "DISCORD_ROLE_LIMITS",
     "llm_models_allowed": "LLM_MODELS_ALLOWED",
+    "discord_rest_per_second": "DISCORD_REST_PER_SECOND",
+    "discord_cluster_count": "DISCORD_CLUSTER_COUNT",
+    "discord_shard_count": "DISCORD_SHARD_COUNT",
+    "discord_cluster_index": "DISCORD_CLUSTER_INDEX",
+    "discord_message_content": "DISCORD_MESSAGE_CONTENT",
     "log_level": "LOG_LEVEL",
 }

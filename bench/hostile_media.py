@@ -172,7 +172,7 @@ async def _until_computing(worker: ProcessWorker) -> int:
 
 async def local_cases(smoke: bool) -> tuple[list[tuple[str, Measured]], dict[str, Any]]:
     settings = Settings(max_media_seconds=20.0 if smoke else 600.0)
-    backend = LocalBackend(settings, llm=None)  # type: ignore[arg-type]  # no document questions here
+    backend = LocalBackend(settings, llm=None)  # no document questions here
     run = Run(backend)
     found: list[tuple[str, Measured]] = []
     data: dict[str, Any] = {}

@@ -21,6 +21,8 @@ ORDER = (
     "llama_build",
     "hostile_media",
     "soak",
+    "serve_models",
+    "discord_rest",
 )
 """The scripts, in the order ``python -m bench`` runs them and BENCHMARKS.md shows them."""
 

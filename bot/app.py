@@ -42,15 +42,17 @@ from storage import ChatSettings
 
 from .admin import AdminCommands
 from .attachments import Downloader, IncomingFile, read_attachments
+from .budget import RestBudget
 from .commands import SlashCommands
 from .config import DiscordConfig
 from .controls import NOT_YOURS, CancelButton, RetryButton, controls
+from .identify import FileIdentifyGate, IdentifyGate
 from .limits import AccessPolicy, RateLimiter, ThreadQueue
 from .quotas import QuotaPolicy, day_start, refusal
 from .text import request_text, thread_name
 from .turn import ThreadRequest, post_message, run_in_thread
 
-__all__ = ["PLATFORM", "HuggingGPTBot", "serve", "use_discord_endpoints"]
+__all__ = ["PLATFORM", "HuggingGPTBot", "ShardedHuggingGPTBot", "serve", "use_discord_endpoints"]
 
 log = logging.getLogger(__name__)
 
@@ -118,15 +120,17 @@ class HuggingGPTBot(commands.Bot):
         sync_commands: bool = False,
         downloader: Downloader | None = None,
         edit_interval: float = 1.0,
+        **client_options: Any,
     ) -> None:
         intents = discord.Intents.default()
-        intents.message_content = True
+        intents.message_content = config.message_content
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=intents,
             allowed_mentions=discord.AllowedMentions.none(),
             help_command=None,
             tree_cls=_Tree,
+            **client_options,
         )
         self.runtime = runtime
         self.conversations = runtime.conversations
@@ -140,6 +144,9 @@ class HuggingGPTBot(commands.Bot):
         self.allowed_models = runtime.settings.llm_models_allowed
         self.max_tasks = runtime.settings.max_tasks
         self.queue = ThreadQueue()
+        # Every REST request of the client waits for its turn in this process's share of the budget.
+        self.budget = RestBudget(config.rest_per_second)
+        self.http.request = self.budget.limit(self.http.request)  # type: ignore[method-assign,assignment]
         self._runs: set[asyncio.Task[object]] = set()
         self._accepting = True
         self._reported_interrupted = False
@@ -167,6 +174,8 @@ class HuggingGPTBot(commands.Bot):
                 continue
             try:
                 channel = self.get_channel(int(thread_id)) or await self.fetch_channel(int(thread_id))
+                if not self.owns(channel):
+                    continue  # another cluster's server: that cluster reports it
                 if isinstance(channel, discord.abc.Messageable):
                     await channel.send(INTERRUPTED_NOTICE)
             except (discord.NotFound, discord.Forbidden):
@@ -191,12 +200,17 @@ class HuggingGPTBot(commands.Bot):
         channel = message.channel
         mentioned = any(user.id == me.id for user in message.mentions)
         in_thread = isinstance(channel, discord.Thread)
-        if not (in_thread or mentioned) or not self.allowed(message.guild, channel, message.author):
+        # Without the Message Content intent, only messages that mention the bot have their text.
+        if not (mentioned or (in_thread and self.config.message_content)):
+            return
+        if not self.allowed(message.guild, channel, message.author):
             return
         conversation = await self.conversation_of(channel) if isinstance(channel, discord.Thread) else None
         if in_thread and conversation is None:
             if mentioned:
-                await post_message(channel, "Mention me in a text channel to start a conversation in a new thread.")
+                await post_message(
+                    channel, "Mention me in a text channel to start a conversation in a new thread."
+                )
             return
         if not isinstance(channel, discord.Thread | discord.TextChannel):
             await post_message(channel, "I can only start conversations in text channels.")
@@ -213,7 +227,13 @@ class HuggingGPTBot(commands.Bot):
             return
         thread, conversation_id = target
         files = [IncomingFile(a.filename, a.url, a.size) for a in message.attachments]
-        await self.serve(thread, conversation_id, text, files, author_id=message.author.id, message_id=message.id)
+        await self.serve(
+            thread, conversation_id, text, files, author_id=message.author.id, message_id=message.id
+        )
+
+    def owns(self, channel: object) -> bool:
+        """Whether ``channel`` is in a server this process serves (always, unless sharded)."""
+        return True
 
     def allowed(self, guild: discord.Guild | None, channel: object, user: discord.abc.User) -> bool:
         """Whether the allow-lists let ``user`` use the bot in ``channel`` (a thread counts as its parent)."""
@@ -369,14 +389,17 @@ class HuggingGPTBot(commands.Bot):
             self._runs.add(task)
         try:
             if self.queue.busy(thread.id):
-                await post_message(thread, "⏳ I'm still working on the previous request here; this one is queued.")
+                await post_message(
+                    thread, "⏳ I'm still working on the previous request here; this one is queued."
+                )
             async with self.queue.turn(thread.id):
                 uploads, problems = await read_attachments(files, self.downloader, self.config.uploads)
                 if problems:
                     await post_message(thread, "⚠️ I can't use:\n" + "\n".join(f"- {p}" for p in problems))
                 if not text and not uploads:
                     await post_message(
-                        thread, "Tell me what you would like me to do (and attach images, audio or video if needed)."
+                        thread,
+                        "Tell me what you would like me to do (and attach images, audio or video if needed).",
                     )
                     return
                 request = ThreadRequest(
@@ -394,6 +417,7 @@ class HuggingGPTBot(commands.Bot):
                     request,
                     max_media_seconds=self.config.uploads.max_seconds,
                     edit_interval=self.edit_interval,
+                    budget=self.budget,
                 )
         except AgentError as err:
             log.warning("request in thread %s failed: %s", thread.id, err)
@@ -425,6 +449,40 @@ async def _disable(interaction: discord.Interaction, button: discord.ui.Item[Any
     await interaction.followup.send(notice, ephemeral=True)
 
 
+class ShardedHuggingGPTBot(HuggingGPTBot, commands.AutoShardedBot):
+    """One cluster of a sharded bot: the shards ``config.shard_ids`` of ``config.shard_count``, and the servers
+    on them (a thread is in one server and a server on one shard, so a conversation always reaches the same
+    process). Each IDENTIFY first waits for its bucket's turn at ``identify_gate``, shared by all clusters."""
+
+    def __init__(
+        self, runtime: Runtime, config: DiscordConfig, *, identify_gate: IdentifyGate, **kwargs: Any
+    ) -> None:
+        super().__init__(
+            runtime, config, shard_count=config.shard_count, shard_ids=config.shard_ids, **kwargs
+        )
+        self.identify_gate = identify_gate
+        self._max_concurrency: int | None = None
+
+    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+        """Discord's buckets: ``shard_id % max_concurrency``, one IDENTIFY each per 5 s across all processes
+        (discord.py's own hook only spaces the shards of this process)."""
+        if self._max_concurrency is None:
+            self._max_concurrency = max(1, (await self.fetch_session_start_limits()).max_concurrency)
+        bucket = (shard_id or 0) % self._max_concurrency
+        await self.identify_gate.wait_turn(bucket)
+        log.info("identifying shard %s (bucket %d)", shard_id, bucket)
+
+    def owns(self, channel: object) -> bool:
+        guild = getattr(channel, "guild", None)
+        if guild is None:
+            return False
+        return (guild.id >> 22) % self.config.shard_count in self.config.shard_ids
+
+    async def close(self) -> None:
+        await super().close()
+        await self.identify_gate.aclose()
+
+
 def check_config(config: DiscordConfig) -> None:
     """``ConfigurationError`` if the bot cannot start with ``config`` (checked before anything is built)."""
     if not config.token:
@@ -440,7 +498,19 @@ async def serve(runtime: Runtime, settings: Settings, *, sync_commands: bool) ->
     check_config(config)
     use_discord_endpoints(config.api_base, config.gateway_url)
     discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False  # no voice: silence the warnings
-    bot = HuggingGPTBot(runtime, config, sync_commands=sync_commands)
+    bot: HuggingGPTBot
+    if config.shard_count:
+        gate = FileIdentifyGate(settings.data_dir / "identify")
+        bot = ShardedHuggingGPTBot(runtime, config, identify_gate=gate, sync_commands=sync_commands)
+        log.info(
+            "cluster %d of %d: shards %s of %d",
+            config.cluster_index,
+            config.cluster_count,
+            config.shard_ids,
+            config.shard_count,
+        )
+    else:
+        bot = HuggingGPTBot(runtime, config, sync_commands=sync_commands)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -462,7 +532,7 @@ async def serve(runtime: Runtime, settings: Settings, *, sync_commands: bool) ->
         except discord.PrivilegedIntentsRequired as err:
             raise ConfigurationError(
                 "Discord refused the Message Content intent: enable it for the bot in the Developer Portal (Bot → "
-                "Privileged Gateway Intents)."
+                "Privileged Gateway Intents), or set DISCORD_MESSAGE_CONTENT=false to answer mentions only."
             ) from err
     log.info("stopped")
     return 0

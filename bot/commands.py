@@ -22,7 +22,7 @@ from .text import MESSAGE_LIMIT
 if TYPE_CHECKING:
     from .app import HuggingGPTBot
 
-__all__ = ["HELP_TEXT", "SlashCommands"]
+__all__ = ["HELP_TEXT", "HELP_TEXT_MENTIONS_ONLY", "SlashCommands"]
 
 _MODELS_SHOWN = 10
 _ECHO_LIMIT = 1500
@@ -36,6 +36,12 @@ HELP_TEXT = """\
 - `/reset` in a thread forgets its conversation (the person who started it, or an administrator).
 - ⏹️ Cancel on my status message stops a request; 🔁 Retry on an answer runs it again (who asked, or an admin).
 - `/usage` shows what you used today; `/config` (Manage Server) sets the model and limits per server or channel."""
+
+HELP_TEXT_MENTIONS_ONLY = HELP_TEXT.replace(
+    "- In that thread, just keep talking: I remember the conversation and the files in it.",
+    "- In that thread, mention me (or reply to me with the mention on) to continue: I remember the conversation"
+    " and its files, but I do not read messages that do not mention me.",
+)
 
 
 class SlashCommands(commands.Cog):
@@ -61,7 +67,9 @@ class SlashCommands(commands.Cog):
         channel = interaction.channel
         conversation = await bot.conversation_of(channel) if isinstance(channel, discord.Thread) else None
         if not isinstance(channel, discord.TextChannel) and conversation is None:
-            await interaction.response.send_message("Use /ask in a text channel or in one of my threads.", ephemeral=True)
+            await interaction.response.send_message(
+                "Use /ask in a text channel or in one of my threads.", ephemeral=True
+            )
             return
         wait = bot.rate_limiter.acquire(interaction.user.id)
         refused = f"⏳ Slow down: try again in {wait:.0f} s." if wait else await bot.quota_refusal(interaction.user)
@@ -76,16 +84,21 @@ class SlashCommands(commands.Cog):
             return
         thread, conversation_id = target
         files = [IncomingFile(attachment.filename, attachment.url, attachment.size)] if attachment else []
-        await bot.serve(thread, conversation_id, prompt, files, author_id=interaction.user.id, message_id=None)
+        await bot.serve(
+            thread, conversation_id, prompt, files, author_id=interaction.user.id, message_id=None
+        )
 
-    @app_commands.command(name="models", description="The models HuggingGPT picks from for a task, best first.")
+    @app_commands.command(
+        name="models", description="The models HuggingGPT picks from for a task, best first."
+    )
     @app_commands.describe(task="A task type, e.g. image-classification")
     @app_commands.guild_only()
     async def models(self, interaction: discord.Interaction, task: str) -> None:
         spec = TASKS.get(task)
         if spec is None:
             await interaction.response.send_message(
-                f"I don't know the task `{task[:100]}`; start typing to pick one from the list.", ephemeral=True
+                f"I don't know the task `{task[:100]}`; start typing to pick one from the list.",
+                ephemeral=True,
             )
             return
         runtime = self.bot.runtime
@@ -102,11 +115,15 @@ class SlashCommands(commands.Cog):
         await interaction.response.send_message("\n".join(lines)[:MESSAGE_LIMIT], ephemeral=True)
 
     @models.autocomplete("task")
-    async def _task_names(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    async def _task_names(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
         needle = current.lower().strip()
         return [app_commands.Choice(name=t, value=t) for t in sorted(TASKS) if needle in t][:25]
 
-    @app_commands.command(name="status", description="Whether the LLM, the model endpoints and the database are reachable.")
+    @app_commands.command(
+        name="status", description="Whether the LLM, the model endpoints and the database are reachable."
+    )
     @app_commands.guild_only()
     async def status(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
@@ -121,13 +138,16 @@ class SlashCommands(commands.Cog):
         channel = interaction.channel
         conversation = await bot.conversation_of(channel) if isinstance(channel, discord.Thread) else None
         if channel is None or conversation is None:
-            await interaction.response.send_message("Use /reset in one of my conversation threads.", ephemeral=True)
+            await interaction.response.send_message(
+                "Use /reset in one of my conversation threads.", ephemeral=True
+            )
             return
         user = interaction.user
         admin = isinstance(user, discord.Member) and user.guild_permissions.administrator
         if conversation.owner != str(user.id) and not admin:
             await interaction.response.send_message(
-                "Only the person who started this conversation or an administrator can reset it.", ephemeral=True
+                "Only the person who started this conversation or an administrator can reset it.",
+                ephemeral=True,
             )
             return
         if bot.queue.busy(channel.id):
@@ -136,11 +156,14 @@ class SlashCommands(commands.Cog):
             )
             return
         await bot.conversations.reset(conversation)
-        await interaction.response.send_message("🧹 I forgot this conversation; from here on we start afresh.")
+        await interaction.response.send_message(
+            "🧹 I forgot this conversation; from here on we start afresh."
+        )
 
     @app_commands.command(name="help", description="How to use HuggingGPT.")
     async def help(self, interaction: discord.Interaction) -> None:
-        await interaction.response.send_message(HELP_TEXT, ephemeral=True)
+        text = HELP_TEXT if self.bot.config.message_content else HELP_TEXT_MENTIONS_ONLY
+        await interaction.response.send_message(text, ephemeral=True)
 
 
 def _echo(user: discord.abc.User, prompt: str) -> str:

@@ -22,11 +22,11 @@ from agent.text import clip
 
 from .text import MESSAGE_LIMIT
 
-__all__ = ["StatusMessage", "keep_typing", "render_progress"]
+__all__ = ["TYPING_EVERY", "StatusMessage", "keep_typing", "render_progress"]
 
 log = logging.getLogger(__name__)
 
-_TYPING_EVERY = 8.0  # Discord shows "typing" for 10 s after each request
+TYPING_EVERY = 8.0  # Discord shows "typing" for 10 s after each request
 _LINE_LIMIT = 300
 
 
@@ -41,18 +41,25 @@ def render_progress(progress: RunProgress, *, seconds: float | None = None) -> s
     return clip("\n".join(lines), MESSAGE_LIMIT)
 
 
+def _steady() -> float:
+    return 1.0
+
+
 class StatusMessage:
-    """A message edited at most once per ``interval`` seconds, never losing the last update."""
+    """A message edited at most once per ``interval`` seconds (times ``stretch()``, which grows when many
+    runs share the REST budget: ``bot.budget``), never losing the last update."""
 
     def __init__(
         self,
         channel: discord.abc.Messageable,
         *,
         interval: float = 1.0,
+        stretch: Callable[[], float] = _steady,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.channel = channel
         self.interval = interval
+        self.stretch = stretch
         self.clock = clock
         self.message: discord.Message | None = None
         self._content: str | None = None
@@ -92,7 +99,7 @@ class StatusMessage:
 
     async def _flush(self) -> None:
         while self._content is not None:
-            wait = self._last + self.interval - self.clock()
+            wait = self._last + self.interval * self.stretch() - self.clock()
             if wait > 0:
                 await asyncio.sleep(wait)
             content, file = self._content, self._file
@@ -120,9 +127,9 @@ class StatusMessage:
             self._first_written.set()
 
 
-async def keep_typing(channel: discord.abc.Messageable) -> None:
-    """Show "typing…" in ``channel`` until cancelled."""
+async def keep_typing(channel: discord.abc.Messageable, *, stretch: Callable[[], float] = _steady) -> None:
+    """Show "typing…" in ``channel`` until cancelled: every 8 s, times ``stretch()`` under a busy budget."""
     while True:
         with contextlib.suppress(discord.HTTPException):
             await channel.typing()
-        await asyncio.sleep(_TYPING_EVERY)
+        await asyncio.sleep(TYPING_EVERY * stretch())

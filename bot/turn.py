@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import discord
@@ -25,10 +25,11 @@ from agent.uploads import Upload
 from app.conversations import Conversations
 from storage import ChatSettings
 
+from .budget import RestBudget
 from .controls import CancelButton, RetryButton, controls
 from .graph import draw_plan
 from .media import OutgoingFile, batches, fit_for_upload
-from .status import StatusMessage, keep_typing, render_progress
+from .status import TYPING_EVERY, StatusMessage, keep_typing, render_progress
 from .text import split_message, unmask_links
 
 __all__ = ["ANSWER_MESSAGES", "ThreadRequest", "post_message", "run_in_thread"]
@@ -64,17 +65,36 @@ async def run_in_thread(
     *,
     max_media_seconds: float,
     edit_interval: float = 1.0,
+    budget: RestBudget | None = None,
 ) -> RunResult | None:
     """Run ``request`` with live progress in ``thread``, then post the answer. None if no result came.
     Model-made audio or video longer than ``max_media_seconds`` is refused, not encoded (``fit_for_upload``).
 
     Whatever ends the run early (a failure, a shutdown), the status message is left saying so: it never
     stays at "planning". The status message carries a Cancel button while the run runs; the answer a Retry
-    button."""
+    button. With a ``budget``, the run
+    counts as one of those sharing it, and its status edits and typing slow down as their number grows."""
+    if budget is None:
+        return await _run(conversations, thread, request, max_media_seconds, edit_interval, lambda: 1.0)
+    per_run = (1 / edit_interval if edit_interval > 0 else 0.0) + 1 / TYPING_EVERY
+    with budget.run():
+        return await _run(
+            conversations, thread, request, max_media_seconds, edit_interval, lambda: budget.stretch(per_run)
+        )
+
+
+async def _run(
+    conversations: Conversations,
+    thread: discord.Thread,
+    request: ThreadRequest,
+    max_media_seconds: float,
+    edit_interval: float,
+    stretch: Callable[[], float],
+) -> RunResult | None:
     progress = RunProgress()
-    status = StatusMessage(thread, interval=edit_interval)
+    status = StatusMessage(thread, interval=edit_interval, stretch=stretch)
     status.show(render_progress(progress))
-    typing = asyncio.create_task(keep_typing(thread))
+    typing = asyncio.create_task(keep_typing(thread, stretch=stretch))
     watching = asyncio.create_task(_show_llm_activity(conversations, progress, status))
     result: RunResult | None = None
     run_ids: list[str] = []
@@ -128,7 +148,9 @@ async def run_in_thread(
     return result
 
 
-async def _show_llm_activity(conversations: Conversations, progress: RunProgress, status: StatusMessage) -> None:
+async def _show_llm_activity(
+    conversations: Conversations, progress: RunProgress, status: StatusMessage
+) -> None:
     """While the run waits on the LLM, say what keeps it (loading the model, queued behind other requests);
     checked every second, written only when it changes (the status message throttles its own edits)."""
     while True:
@@ -205,4 +227,6 @@ async def post_message(
     except discord.HTTPException as err:
         log.warning("Discord refused a message (HTTP %s): %s", err.status, err.text)
         with contextlib.suppress(discord.HTTPException):
-            await channel.send(f"⚠️ Discord refused part of my reply (HTTP {err.status}).", suppress_embeds=True)
+            await channel.send(
+                f"⚠️ Discord refused part of my reply (HTTP {err.status}).", suppress_embeds=True
+            )

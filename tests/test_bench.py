@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -403,3 +404,29 @@ def test_soak_smoke(tmp_path: Path) -> None:
     assert all(h["clear"] == 1 for h in data["hostile"].values())
     assert data["bot_alive_at_end"] and data["tracebacks_in_bot_log"] == 0
     assert data["peak_rss_mib"]["bot"] > 0
+
+
+@pytest.mark.local
+def test_serve_models_smoke(tmp_path: Path) -> None:
+    from agent.backends.local import LocalBackend, local_models
+    from agent.settings import Settings
+    from bench import serve_models
+
+    backend = LocalBackend(Settings(), None)
+    if shutil.which("espeak-ng") is None or not all(
+        backend.available(m) for m in local_models() if m.id in (serve_models.WHISPER, serve_models.YOLO)
+    ):
+        pytest.skip("Whisper, YOLO or espeak-ng is not installed here")
+    assert serve_models.main(["--smoke", "--out", str(tmp_path)]) == 0
+    waves = _result(tmp_path, "serve_models")["data"]["waves"]
+    for model in (serve_models.WHISPER, serve_models.YOLO):
+        assert [w["clients"] for w in waves[model]] == [1, 4]
+        assert all(w["ok"] == w["requests"] and 0 < w["p50_s"] <= w["p99_s"] for w in waves[model])
+
+
+def test_discord_rest_smoke(tmp_path: Path) -> None:
+    from bench import discord_rest
+
+    assert discord_rest.main(["--smoke", "--out", str(tmp_path)]) == 0
+    (m,) = _result(tmp_path, "discord_rest")["data"]["measurements"]
+    assert m["runs"] == 10 and m["requests"] >= 30 and m["refused"] == 0

@@ -226,6 +226,23 @@ async def test_follow_up_in_the_thread_continues_the_conversation_without_a_ment
         assert "what colour is the sky?" in history and "It is blue." in history
 
 
+async def test_without_the_message_content_intent_only_mentions_continue_and_help_says_so(tmp_path: Path) -> None:
+    async with world(
+        tmp_path, plans=[NO_TASKS], answers=["It is blue.", "Now it is red."], DISCORD_MESSAGE_CONTENT="false"
+    ) as w:
+        assert not w.bot.intents.message_content
+        await w.mention("what colour is the sky?")
+        thread = w.thread()
+        await w.alice.send(thread, "and at sunset?")  # Discord would give this message no text: ignored
+        assert w.bot.user is not None
+        await w.alice.send(thread, f"<@{w.bot.user.id}> and at sunset?")
+
+        answers = [m.content for m in w.bot_messages(thread) if not m.content.startswith("**HuggingGPT**")]
+        assert answers == ["It is blue.", "Now it is red."]
+        help_ = await w.alice.slash(thread, "help")
+        assert help_.response is not None and "mention me" in help_.response.content
+
+
 async def test_restart_keeps_the_conversation(tmp_path: Path) -> None:
     async with world(tmp_path, plans=[NO_TASKS], answers=["First answer.", "Second answer."]) as w:
         await w.mention("remember the word pineapple")

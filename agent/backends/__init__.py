@@ -95,8 +95,9 @@ class Backend(ABC):
 
 
 class Backends:
-    """The backends of one deployment: a model runs on the backend whose prefix its id has, else on the
-    catch-all backend (the one without a prefix)."""
+    """The backends of one deployment: a model runs on the first backend that claims its id (``handles``:
+    by prefix, or the HF backend for the ids its endpoints file maps), else on the catch-all backend (the one
+    without a prefix)."""
 
     def __init__(self, backends: Sequence[Backend]) -> None:
         self.backends = list(backends)

@@ -170,6 +170,11 @@ class HFBackend(Backend):
         """Hugging Face inference is usable: a token, or a base URL pointing somewhere else (a proxy, a TGI)."""
         return bool(self._token) or self._base != _DEFAULT_BASE_URL
 
+    def handles(self, model: ModelInfo) -> bool:
+        """Ids the endpoints file maps are claimed whatever their prefix: a ``local/...`` id mapped to a
+        ``serve-models`` server runs there, not in this process."""
+        return model.id in self.endpoints
+
     def available(self, model: ModelInfo) -> bool:
         """Configured for it, and its task is one this backend runs (LLM-handled tasks are not)."""
         return model.task in self._handlers and (model.id in self.endpoints or self.hf_configured)

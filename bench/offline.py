@@ -45,15 +45,24 @@ from .taskbench import Scores, score, to_taskbench
 
 __all__ = [
     "RUNNABLE",
+    "RUNS_FILE",
     "SET_FILE",
+    "SMOKE_IDS",
     "Check",
+    "Model",
     "OfflineRequest",
     "OfflineSet",
     "attachment_resources",
+    "bank_texts",
     "check_answer",
+    "child_env",
+    "gold_plan",
     "main",
     "make_assets",
+    "pick_model",
+    "run_request",
     "runnable_only",
+    "summarise",
 ]
 
 NAME = "offline"
@@ -443,6 +452,11 @@ def summarise(
     scores = _scores(pairs)
     good = sum(bool(rec["runnable_only"] and rec["correct"]) for rec in records)
     share = good / len(records) if records else 0.0
+    # The "1-task and 2-task request" figures: end to end by the size of the gold plan.
+    by_size: dict[str, float] = {}
+    for size in sorted({len(r.plan) for r, _ in pairs}):
+        seconds = [float(rec["seconds"]) for r, rec in pairs if len(r.plan) == size]
+        by_size[f"{size} task(s)"] = round(percentile(seconds, 50), 1)
     summary = (
         f"offline set, {model.label}, {len(records)} requests in fresh processes: node F1 {total[2]}, "
         f"edge F1 {total[3]}, runnable-only {total[4]}, correct {total[5]}, end to end p50 {total[6]} s / "
@@ -458,7 +472,9 @@ def summarise(
         *notes,
         f"LLM: {model.label} ({model.gguf.name}); each request is a fresh `hugginggpt ask --json` process with "
         "no OpenAI or Hugging Face setting; seconds are wall time of the whole process (start, model loads, "
-        "plan, tasks, answer).",
+        "plan, tasks, answer). Median by gold plan size: "
+        + ", ".join(f"{size} {p50} s" for size, p50 in by_size.items())
+        + ".",
         "n-F1 / e-F1: TaskBench's node and edge F1 (bench/taskbench.py) against the gold plans; a failed "
         "process or plan counts as an empty plan. runnable-only: every planned task is a type that runs "
         f"here ({len(RUNNABLE)} types). correct: the automatic answer check passed (requests.json says how).",
@@ -476,6 +492,7 @@ def summarise(
             "requests": len(records),
             "scores": scores.to_json(),
             "runnable_and_correct": good,
+            "p50_seconds_by_gold_tasks": by_size,
             "runs": list(records),
         },
         notes=notes,
@@ -522,7 +539,7 @@ def _select(offline: OfflineSet, ns: argparse.Namespace, smoke: bool) -> list[Of
     return chosen[: ns.limit] if ns.limit is not None else chosen
 
 
-def _bank_texts() -> list[str]:
+def bank_texts() -> list[str]:
     demos = load_demonstrations()
     return [d.request.text for d in demos] + [t.text for d in demos for t in d.request.history]
 
@@ -531,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(NAME, __doc__, argv, _add_options)
     ns = args.extra
     offline = OfflineSet.load()
-    check_no_overlap(_bank_texts(), [r.text for r in offline.requests])
+    check_no_overlap(bank_texts(), [r.text for r in offline.requests])
     chosen = _select(offline, ns, args.smoke)
     model = pick_model(ns.model if ns.model or not args.smoke else "SmolLM2")
     timeout = ns.timeout or (SMOKE_TIMEOUT if args.smoke else DEFAULT_TIMEOUT)

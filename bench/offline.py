@@ -97,6 +97,8 @@ class Check:
     ``keywords``: every group needs one of its words or phrases in the answer (whole words, any case).
     ``spoken``: the same, in the text given to text-to-speech (an earlier task's output filled in).
     ``files``: at least this many files of each kind (``image``, ``audio``, ``video``) were made.
+    ``ran``: every group needs a task of one of its types that finished ``ok``: an answer about a photo,
+    memo or document must come from a model that looked at it, not from a lucky guess.
     ``missing``: the task type the request needs and this setup lacks; the run must then make no file and
     fail no task (it says what is missing instead of trying), and ``keywords`` name the type or setting.
     """
@@ -104,6 +106,7 @@ class Check:
     keywords: tuple[tuple[str, ...], ...] = ()
     spoken: tuple[tuple[str, ...], ...] = ()
     files: Mapping[str, int] = field(default_factory=dict)
+    ran: tuple[tuple[str, ...], ...] = ()
     missing: str | None = None
 
 
@@ -135,6 +138,7 @@ class OfflineSet:
                 keywords=tuple(tuple(g) for g in c.get("keywords", ())),
                 spoken=tuple(tuple(g) for g in c.get("spoken", ())),
                 files=dict(c.get("files", {})),
+                ran=tuple(tuple(g) for g in c.get("ran", ())),
                 missing=c.get("missing"),
             )
             requests.append(
@@ -262,6 +266,8 @@ def check_answer(check: Check, trace: Mapping[str, Any]) -> list[str]:
         for kind, want in check.files.items()
         if made.get(kind, 0) < want
     ]
+    finished = {t.get("task") for t in trace.get("tasks", ()) if t.get("status") == "ok"}
+    problems += [f"no {' | '.join(g)} task finished" for g in check.ran if not finished & set(g)]
     if check.missing is not None:
         if made:
             problems.append(f"made files although {check.missing} is missing: {made}")
@@ -374,7 +380,7 @@ def run_request(
         "plan": trace.get("plan", []),
         "tasks": [
             {k: t.get(k) for k in ("id", "task", "model", "status", "seconds", "error")}
-            | {"text": str((t.get("output") or {}).get("text") or "")[:300]}
+            | {"output": {"text": str((t.get("output") or {}).get("text") or "")[:_ANSWER_KEPT]}}
             for t in trace.get("tasks", ())
         ],
         "answer": str(trace.get("answer") or "")[:_ANSWER_KEPT],
@@ -386,6 +392,14 @@ def run_request(
         "problems": problems,
         **({"stderr": stderr[-_STDERR_KEPT:]} if process.returncode not in (0, 1) else {}),
     }
+
+
+def _recheck(record: dict[str, Any], request: OfflineRequest) -> dict[str, Any]:
+    """A stored record judged by the set's current check (a record keeps what the check reads)."""
+    if record.get("plan") is None:
+        return record
+    problems = check_answer(request.check, record)
+    return {**record, "correct": not problems, "problems": problems}
 
 
 def _trace(stdout: str) -> dict[str, Any] | None:
@@ -550,6 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     offline = OfflineSet.load()
     check_no_overlap(bank_texts(), [r.text for r in offline.requests])
     chosen = _select(offline, ns, args.smoke)
+    by_id = {r.id: r for r in offline.requests}
     model = pick_model(ns.model if ns.model or not args.smoke else "SmolLM2")
     timeout = ns.timeout or (SMOKE_TIMEOUT if args.smoke else DEFAULT_TIMEOUT)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -558,8 +573,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.resume and runs.is_file():
         for line in runs.read_text(encoding="utf-8").splitlines():
             rec = json.loads(line)
-            if rec.get("model") == model.label:
-                kept[rec["id"]] = rec
+            if rec.get("model") == model.label and rec["id"] in by_id:
+                kept[rec["id"]] = _recheck(rec, by_id[rec["id"]])
     else:
         runs.write_text("", encoding="utf-8")
     records: list[dict[str, Any]] = []

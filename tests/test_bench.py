@@ -371,6 +371,8 @@ def test_offline_set_has_gold_plans_over_runnable_tasks_and_files_that_exist() -
             assert not plan and request.check.missing not in offline.RUNNABLE and request.check.keywords
         else:
             assert request.check.keywords or request.check.spoken or request.check.files, request.id
+            # An answer about a file must come from a model that read it, not from a lucky guess.
+            assert request.check.ran or not request.attach, request.id
     assert sum(r.check.missing is not None for r in OFFLINE.requests) >= 3
     assert sum(not r.plan and r.check.missing is None for r in OFFLINE.requests) >= 3  # plain chat
     assert {"automatic-speech-recognition", "text-to-speech", "image-classification", "object-detection"} <= {
@@ -424,6 +426,9 @@ def test_offline_answer_checks() -> None:
     count = OFFLINE_BY_ID["count-1"].check
     detection = list(OFFLINE_BY_ID["count-1"].plan)
     assert offline.check_answer(count, _trace(detection, {}, "There are 3 cats.", [])) == []
+    guessed = _trace(detection, {}, "There are 3 cats.", [])
+    guessed["tasks"][0]["status"] = "failed"
+    assert offline.check_answer(count, guessed) == ["no object-detection task finished"]
     # Whole words only: a score such as 0.73 holds no "3".
     assert offline.check_answer(count, _trace(detection, {}, "A cat (0.73) and a cat (0.66).", []))
     assert offline.check_answer(count, _trace(detection, {}, "", [])) == [
@@ -499,6 +504,31 @@ def test_offline_failed_and_timed_out_processes_are_failed_requests(tmp_path: Pa
     # Stopped at the timeout, the whole process group killed.
     record = offline.run_request(OFFLINE_BY_ID["chat-2"], tmp_path, model, tmp_path / "d2", timeout=0.2)
     assert record["error"] == "timed out after 0.2 s" and record["exit"] == -signal.SIGKILL
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_offline_resume_keeps_runs_and_judges_them_by_the_current_checks(tmp_path: Path) -> None:
+    gguf = tmp_path / "some-llm.gguf"
+    gguf.write_bytes(b"not loaded: every request is resumed")
+    count = OFFLINE_BY_ID["count-1"]
+    lucky = {
+        **_trace(list(count.plan), {}, "Step 3: profit.", []),
+        "id": count.id,
+        "kind": count.kind,
+        "model": "some-llm",
+        "seconds": 12.0,
+        "runnable_only": True,
+        "correct": True,
+        "problems": [],
+    }
+    lucky["tasks"][0]["status"] = "failed"
+    other_model = {**lucky, "model": "another-llm"}
+    (tmp_path / offline.RUNS_FILE).write_text(json.dumps(other_model) + "\n" + json.dumps(lucky) + "\n")
+    argv = ["--resume", "--ids", count.id, "--model", str(gguf), "--out", str(tmp_path), "--smoke"]
+    assert offline.main(argv) == 0
+    (run,) = json.loads((tmp_path / "offline.json").read_text())["data"]["runs"]
+    assert run["model"] == "some-llm" and run["seconds"] == 12.0
+    assert run["correct"] is False and run["problems"] == ["no object-detection task finished"]
 
 
 def _offline_installed() -> bool:

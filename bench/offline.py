@@ -72,8 +72,8 @@ RUNS_FILE = f"{NAME}.runs.jsonl"
 RUNNABLE: frozenset[str] = frozenset(m.task for m in local_models()) | LLM_TASKS
 """The task types a keyless setup can run: one per local model, plus the text tasks the LLM does itself."""
 
-SMOKE_IDS = ("chat-2", "aloud-3")
-"""Two quick requests (one with no task, one with a local model) that prove the harness end to end."""
+SMOKE_IDS = ("aloud-3", "chat-2")
+"""Two quick requests (a local model; no task), in set order: they prove the harness end to end."""
 DEFAULT_TIMEOUT = 900.0
 SMOKE_TIMEOUT = 300.0
 _STDERR_KEPT = 2000
@@ -484,9 +484,9 @@ def summarise(
     )
     notes = [
         *notes,
-        f"LLM: {model.label} ({model.gguf.name}); each request is a fresh `hugginggpt ask --json` process with "
-        "no OpenAI or Hugging Face setting; seconds are wall time of the whole process (start, model loads, "
-        "plan, tasks, answer). Median by gold plan size: "
+        f"LLM: {model.label} ({model.gguf.name}); each request is a fresh `hugginggpt ask --json` process "
+        "with no OpenAI or Hugging Face setting; seconds are wall time of the whole process (start, model "
+        "loads, plan, tasks, answer). Median by gold plan size: "
         + ", ".join(f"{size} {p50} s" for size, p50 in by_size.items())
         + ".",
         "n-F1 / e-F1: TaskBench's node and edge F1 (bench/taskbench.py) against the gold plans; a failed "

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.backends.local import local_models
+from agent.demos import load_demonstrations
 from agent.plan import GENERATED_RE, Plan, PlannedTask
-from agent.planner import load_demonstrations, validate_plan
 from agent.resources import Resource, extension_for, name_prefix
 from agent.tasks import LLM_TASKS, TASKS, Modality
 
@@ -177,8 +177,9 @@ def attachment_resources(files: Sequence[str]) -> tuple[Resource, ...]:
 
 
 def gold_plan(request: OfflineRequest) -> Plan:
-    """The gold plan, validated as the planner validates a plan (its files must be the attachments)."""
-    return validate_plan({"tasks": list(request.plan)}, attachment_resources(request.attach), 12)
+    """The gold plan, validated as the planner validates a plan: runnable task types, files that are the
+    attachments."""
+    return Plan.from_raw({"tasks": list(request.plan)}, attachment_resources(request.attach), 12, RUNNABLE)
 
 
 def runnable_only(plan: Sequence[Mapping[str, Any]]) -> bool:
@@ -329,7 +330,7 @@ def run_request(
     request: OfflineRequest, assets: Path, model: Model, data_dir: Path, timeout: float
 ) -> dict[str, Any]:
     """One ``hugginggpt ask --json`` in a new process (its own session, killed whole on timeout), scored."""
-    command = [sys.executable, "-m", "agent.cli", "ask", "--json"]
+    command = [sys.executable, "-m", "app.cli", "ask", "--json"]
     for name in request.attach:
         command += ["--attach", str(assets / name)]
     command.append(request.text)

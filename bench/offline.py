@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image, ImageDraw, ImageFont
+
 from agent.backends.local import local_models
 from agent.demos import load_demonstrations
 from agent.plan import GENERATED_RE, Plan, PlannedTask
@@ -79,6 +81,7 @@ SMOKE_TIMEOUT = 300.0
 _STDERR_KEPT = 2000
 _ANSWER_KEPT = 2000
 _DOCUMENT_FONT_SIZE = 30
+_MAX_GOLD_TASKS = 12  # the planner's default bound (HUGGINGGPT_MAX_TASKS)
 _DROPPED_ENV = ("OPENAI_", "HF_", "LLM_MODEL", "HUGGINGGPT_ENDPOINTS", "DISCORD_")
 """Settings that would bring in a server, a token or an endpoint: the run must be keyless."""
 _DROPPED_LOCAL = ("LOCAL_LLM_GGUF", "LOCAL_LLM_REPO", "LOCAL_LLM_FILE")
@@ -179,7 +182,8 @@ def attachment_resources(files: Sequence[str]) -> tuple[Resource, ...]:
 def gold_plan(request: OfflineRequest) -> Plan:
     """The gold plan, validated as the planner validates a plan: runnable task types, files that are the
     attachments."""
-    return Plan.from_raw({"tasks": list(request.plan)}, attachment_resources(request.attach), 12, RUNNABLE)
+    resources = attachment_resources(request.attach)
+    return Plan.from_raw({"tasks": list(request.plan)}, resources, _MAX_GOLD_TASKS, RUNNABLE)
 
 
 def runnable_only(plan: Sequence[Mapping[str, Any]]) -> bool:
@@ -204,11 +208,9 @@ def make_assets(offline: OfflineSet, directory: Path) -> Path:
     return directory
 
 
-def render_document(lines: Sequence[str]) -> Any:
+def render_document(lines: Sequence[str]) -> Image.Image:
     """A clean printed page: black text on white in Pillow's own font (no system font needed); a line
     ``label   amount`` (two or more spaces) gets its amount right-aligned, as on a real invoice."""
-    from PIL import Image, ImageDraw, ImageFont
-
     font = ImageFont.load_default(size=_DOCUMENT_FONT_SIZE)
     rows = [re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in lines]
     gap = font.getlength("    ")

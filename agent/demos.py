@@ -72,11 +72,21 @@ class Demonstration:
 
     def reply(self) -> dict[str, Any]:
         """The planner's reply this demonstration shows."""
-        return {"tasks": list(self.plan), "missing": list(self.missing)} if self.missing else {"tasks": list(self.plan)}
+        return (
+            {"tasks": list(self.plan), "missing": list(self.missing)}
+            if self.missing
+            else {"tasks": list(self.plan)}
+        )
 
 
 class DemoSelector(Protocol):
-    """Chooses the demonstrations shown for a request (fixed, or retrieved by similarity)."""
+    """Chooses the demonstrations shown for a request (fixed, or retrieved by similarity).
+
+    ``fixed`` says whether every request gets the same ones: then they belong to the prompt's fixed prefix,
+    whose state a backend may keep.
+    """
+
+    fixed: bool
 
     async def select(self, text: str, k: int) -> list[Demonstration]: ...
 
@@ -94,7 +104,11 @@ def _types(plan: Sequence[dict[str, Any]]) -> set[str]:
 class FixedDemos:
     """The first ``k`` demonstrations of the bank, whose head is ordered to cover the main plan shapes."""
 
-    def __init__(self, bank: Sequence[Demonstration] | None = None, task_types: Collection[str] | None = None) -> None:
+    fixed = True
+
+    def __init__(
+        self, bank: Sequence[Demonstration] | None = None, task_types: Collection[str] | None = None
+    ) -> None:
         self.bank = runnable(load_demonstrations() if bank is None else bank, task_types)
 
     async def select(self, text: str, k: int) -> list[Demonstration]:
@@ -105,6 +119,8 @@ class EmbeddingDemoSelector:
     """``DemoSelector`` by cosine similarity of requests, skipping near-duplicates of demonstrations already
     chosen. The choice comes back in bank order, so two requests that share their first demonstrations share
     a prompt prefix, which the embedded LLM's KV cache reuses."""
+
+    fixed = False
 
     def __init__(
         self,

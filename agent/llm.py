@@ -95,12 +95,15 @@ class LLM(Protocol):
         usage: LLMUsage,
         max_tokens: int | None = None,
         exact_schema: Callable[[], dict[str, Any]] | None = None,
+        cacheable_prefix: int = 0,
     ) -> str:
         """The raw reply text, constrained to ``schema`` when the backend can; callers still parse leniently.
 
         ``exact_schema``, when given, makes a schema that says more than ``schema`` in keywords only a grammar
         compiler takes (``prefixItems``, ``$defs``, long patterns): backends that compile a grammar call it and
         use its schema instead; the others never call it (making one costs about a millisecond).
+        ``cacheable_prefix`` says that the first N messages are the same for many calls (the planner's fixed
+        prompt): a backend that can keep its state after them across restarts may do so.
         """
         ...
 
@@ -214,6 +217,7 @@ class OpenAILLM:
         usage: LLMUsage,
         max_tokens: int | None = None,
         exact_schema: Callable[[], dict[str, Any]] | None = None,
+        cacheable_prefix: int = 0,
     ) -> str:
         modes = (self.json_mode,) if self.json_mode else JSON_MODES
 

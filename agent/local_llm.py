@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import socket
@@ -67,6 +68,7 @@ _RAM_CACHE_BYTES = 2 << 30
 _TEXT_TEMPERATURE = 0.7
 _TEXT_REPEAT_PENALTY = 1.1  # llama.cpp's own long-time default; llama-cpp-python's is 1.0 (none)
 _LOOP_MIN_CHARS = 40  # a paragraph this long, written twice, is a loop
+PREFIX_STATES_KEPT = 4  # saved prompt-prefix states in data/models/states (about 70 MB each for Qwen)
 
 
 @dataclass(frozen=True)
@@ -265,6 +267,19 @@ def _ram_cache(capacity_bytes: int) -> Any:
     return SizedRAMCache(capacity_bytes=capacity_bytes)
 
 
+def _reset_counts(llama: Llama) -> None:
+    import llama_cpp
+
+    llama_cpp.llama_perf_context_reset(llama.ctx)
+
+
+def _prompt_tokens_evaluated(llama: Llama) -> int:
+    """Prompt tokens llama.cpp evaluated since ``_reset_counts`` (a reused prefix is not evaluated)."""
+    import llama_cpp
+
+    return int(llama_cpp.llama_perf_context(llama.ctx).n_p_eval)
+
+
 def state_bytes(state: Any) -> int:
     """Memory held by one saved llama.cpp state: KV data, logits and tokens."""
     return int(state.llama_state_size + state.scores.nbytes + state.input_ids.nbytes)
@@ -348,8 +363,11 @@ class EmbeddedLLM:
     load_seconds: float = field(init=False, default=0.0)
     _llama: Llama | None = field(init=False, default=None, repr=False)
     _pool: ThreadPoolExecutor = field(init=False, repr=False)
+    last_prompt_evaluated: int = field(init=False, default=0)
+    """Prompt tokens llama.cpp really evaluated in the last JSON or text call (what a cached prefix saves)."""
     _busy_with: str | None = field(init=False, default=None, repr=False)  # set by the llama thread
     _in_flight: int = field(init=False, default=0, repr=False)  # calls submitted and not finished
+    _prefixes_seen: set[str] = field(init=False, default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         if importlib.util.find_spec("llama_cpp") is None:
@@ -389,9 +407,13 @@ class EmbeddedLLM:
         usage: LLMUsage,
         max_tokens: int | None = None,
         exact_schema: Callable[[], dict[str, Any]] | None = None,
+        cacheable_prefix: int = 0,
     ) -> str:
-        response_format = {"type": "json_object", "schema": grammar_safe(exact_schema() if exact_schema else schema)}
-        return await self._complete(messages, usage, max_tokens, 0.0, response_format)
+        response_format = {
+            "type": "json_object",
+            "schema": grammar_safe(exact_schema() if exact_schema else schema),
+        }
+        return await self._complete(messages, usage, max_tokens, 0.0, response_format, cacheable_prefix)
 
     async def stream(
         self, messages: list[dict[str, str]], *, usage: LLMUsage, max_tokens: int | None = None
@@ -529,19 +551,70 @@ class EmbeddedLLM:
         max_tokens: int | None,
         temperature: float,
         response_format: dict[str, Any] | None,
+        cacheable_prefix: int = 0,
     ) -> str:
         llama = await self.load()
 
         def run(guard: _Guard) -> tuple[str, tuple[int, int]]:
             parts: list[str] = []
+            to_save = self._reuse_prefix(llama, messages[:cacheable_prefix]) if cacheable_prefix else None
+            _reset_counts(llama)
             counts = self._generate(
                 llama, messages, guard, parts.append, max_tokens, temperature, response_format
             )
+            self.last_prompt_evaluated = _prompt_tokens_evaluated(llama)
+            if to_save is not None:
+                self._save_prefix(llama, *to_save)
             return "".join(parts), counts
 
         text, counts = await self._in_worker(run, seconds=self.settings.local_llm_timeout)
         usage.add(*counts)
         return text
+
+    def _reuse_prefix(self, llama: Llama, prefix: list[dict[str, str]]) -> tuple[list[int], Path, str] | None:
+        """On the llama thread, before a call whose first messages are ``prefix`` (the same for many calls):
+        if the context does not hold them yet, load the state saved after them by an earlier process. The
+        first time a prefix is seen and no state is saved, return what to save once the call has read it.
+
+        Later calls rely on llama.cpp's own prefix reuse and the RAM cache, which keep longer prefixes."""
+        from .prefix_state import load_prefix_state, model_digest, prefix_state_path, shared_prefix
+
+        key = hashlib.sha256(json.dumps(prefix, sort_keys=True).encode()).hexdigest()
+        if key in self._prefixes_seen:
+            return None
+        self._prefixes_seen.add(key)
+        try:
+            tokens = shared_prefix(
+                llama,
+                [*prefix, {"role": "user", "content": "a"}],
+                [*prefix, {"role": "user", "content": "b"}],
+            )
+            states = self.settings.data_dir / "models" / "states"
+            digest = model_digest(Path(llama.model_path), states)
+            path = prefix_state_path(states, digest, tokens)
+            if load_prefix_state(llama, path, tokens, model_sha256=digest):
+                log.info("read the saved state of a %d-token prompt prefix from %s", len(tokens), path)
+                return None
+        except (OSError, ValueError) as err:  # a prefix state is an optimisation: never fail a call for it
+            log.warning("could not use a saved prompt state: %s", err)
+            return None
+        return tokens, path, digest
+
+    def _save_prefix(self, llama: Llama, tokens: list[int], path: Path, digest: str) -> None:
+        from .prefix_state import prune_states, save_prefix_state
+
+        try:
+            saved = save_prefix_state(llama, tokens, path, model_sha256=digest)
+            prune_states(path.parent, keep=PREFIX_STATES_KEPT)
+        except (OSError, ValueError, RuntimeError) as err:
+            log.warning("could not save the state of the prompt prefix to %s: %s", path, err)
+            return
+        log.info(
+            "saved the state of a %d-token prompt prefix (%.0f MB) to %s",
+            saved.n_tokens,
+            saved.file_bytes / 1e6,
+            path,
+        )
 
     def _generate(
         self,

@@ -114,11 +114,20 @@ class Planner:
         schema = plan_schema(self.max_tasks, self.task_types)
         # Made only if the backend asks for it, and once for both attempts.
         exact = cache(
-            partial(exact_plan_schema, self.max_tasks, request.resources, _text_bound(request), self.task_types)
+            partial(
+                exact_plan_schema, self.max_tasks, request.resources, _text_bound(request), self.task_types
+            )
         )
         messages = plan_messages(request, shots, budget, max_tasks=self.max_tasks, task_types=self.task_types)
+        # The system message, and the demonstrations when every request gets the same: the fixed prefix.
+        fixed = len(messages) - 1 if self.demos.fixed else 1
         reply = await self.llm.complete_json(
-            messages, schema=schema, exact_schema=exact, usage=usage, max_tokens=self.reply_tokens
+            messages,
+            schema=schema,
+            exact_schema=exact,
+            usage=usage,
+            max_tokens=self.reply_tokens,
+            cacheable_prefix=fixed,
         )
         try:
             return await self._read(reply, request)
@@ -217,7 +226,9 @@ def system_prompt(max_tasks: int, task_types: Collection[str] | None = None) -> 
         args = ", ".join(f"{a.key}: {a.modality}{'' if a.required else ', optional'}" for a in t.args)
         lines.append(f"- {t.name}: {t.description} | {args} | {t.output}")
     unavailable = (
-        prompt_template("planner_unavailable.txt").substitute(unavailable=", ".join(missing)) if missing else ""
+        prompt_template("planner_unavailable.txt").substitute(unavailable=", ".join(missing))
+        if missing
+        else ""
     )
     return prompt_template("planner_system.txt").substitute(
         tasks="\n".join(lines), max_tasks=max_tasks, unavailable=unavailable

@@ -10,7 +10,17 @@ from .common import markdown_table
 
 __all__ = ["ORDER", "render"]
 
-ORDER = ("planning", "economy", "scheduling", "overhead", "discord_latency", "embedded_llm")
+ORDER = (
+    "planning",
+    "economy",
+    "scheduling",
+    "overhead",
+    "discord_latency",
+    "embedded_llm",
+    "plan_latency",
+    "end_to_end",
+    "offline",
+)
 """The scripts, in the order ``python -m bench`` runs them and BENCHMARKS.md shows them."""
 
 _HEADER = """# Benchmarks
@@ -38,7 +48,14 @@ def _machines(loaded: list[dict[str, Any]]) -> str:
         key = f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, Python {m['python']}, {m['os']}"
         load = "/".join(f"{x:g}" for x in m.get("load_average", ()))
         seen.setdefault(key, []).append(f"{r['name']} ({m['date']}, load average {load or '?'})")
-    return "\n".join(f"- **{machine}**: {', '.join(runs)}" for machine, runs in seen.items())
+    lines = [f"- **{machine}**: {', '.join(runs)}" for machine, runs in seen.items()]
+    builds = {
+        f"llama-cpp-python {m['llama_cpp']['version']}: `{m['llama_cpp']['system_info']}`"
+        for m in (r["machine"] for r in loaded)
+        if m.get("llama_cpp")
+    }
+    lines += [f"- {build} (llama.cpp's system info)" for build in sorted(builds)]
+    return "\n".join(lines)
 
 
 def render(results: Path) -> str:
@@ -62,7 +79,12 @@ def render(results: Path) -> str:
         parts += ["\n## Targets\n", markdown_table(["target", "goal", "measured", "met", "script"], rows)]
     parts += ["\n## Summary\n", "\n".join(f"- {r['summary']}" for r in loaded)]
     for r in loaded:
-        parts += [f"\n## {r['title']} (`bench/{r['name']}.py`)\n", markdown_table(r["headers"], r["rows"])]
+        parts.append(f"\n## {r['title']} (`bench/{r['name']}.py`)\n")
+        if r.get("command"):
+            m = r["machine"]
+            load = m.get("loadavg") or "/".join(f"{x:g}" for x in m.get("load_average", ()))
+            parts.append(f"`{r['command']}` ({m['date']}, /proc/loadavg `{load}`)\n")
+        parts.append(markdown_table(r["headers"], r["rows"]))
         if r["notes"]:
             parts.append("\n" + "\n".join(f"- {n}" for n in r["notes"]))
     return "\n".join(parts) + "\n"

@@ -19,8 +19,8 @@ import pytest
 
 from agent.demos import load_demonstrations
 from agent.plan import Plan, PlannedTask
-from bench import economy, offline, overhead, planning, scheduling
-from bench.common import REPO_ROOT, Result, Target, markdown_table, percentile
+from bench import economy, end_to_end, offline, overhead, plan_latency, planning, scheduling
+from bench.common import Result, Target, markdown_table, percentile
 from bench.report import render
 from bench.scheduling import critical_path, poll_schedule
 from bench.taskbench import (
@@ -33,8 +33,11 @@ from bench.taskbench import (
     to_taskbench,
 )
 
-TASKBENCH = REPO_ROOT.parent / "shared" / "taskbench"
-needs_taskbench = pytest.mark.skipif(not TASKBENCH.is_dir(), reason="shared/taskbench is not beside the repo")
+TASKBENCH = planning.DEFAULT_TASKBENCH
+needs_taskbench = pytest.mark.skipif(
+    not TASKBENCH.is_dir(),
+    reason="TaskBench's data is not there (shared/taskbench beside the repo, or TASKBENCH_DIR)",
+)
 
 OUTPUT_TYPES = {
     "Image Classification": "text",
@@ -156,11 +159,16 @@ def test_oracle_round_trip_scores_perfectly() -> None:
 
 
 @needs_taskbench
-def test_demonstrations_hold_no_taskbench_request() -> None:
+def test_demonstration_bank_holds_no_taskbench_request() -> None:
     tb = TaskBench.load(TASKBENCH)
-    planning.check_no_overlap([d.request.text for d in load_demonstrations()], list(tb.requests.values()))
-    with pytest.raises(AssertionError):
-        planning.check_no_overlap(["Hello  THERE"], ["hello there"])
+    texts = planning.taskbench_texts(tb)
+    assert len(tb.requests) > 7500 and len(texts) == len(tb.requests) + len(tb.gold) == len(tb.requests) + 44
+    planning.check_no_overlap(planning.bank_texts(), texts)
+    # A bank that held one of them, in other case and spacing, is refused.
+    with pytest.raises(AssertionError, match="1 TaskBench request"):
+        planning.check_no_overlap(
+            [*planning.bank_texts(), "  " + texts[100].upper().replace(" ", "\n ")], texts
+        )
 
 
 # Helpers
@@ -380,13 +388,19 @@ def test_offline_set_has_gold_plans_over_runnable_tasks_and_files_that_exist() -
     }
 
 
-def test_offline_requests_are_in_no_demonstration_bank() -> None:
+def test_demonstration_bank_holds_no_offline_request() -> None:
+    bank = planning.bank_texts()
     texts = [r.text for r in OFFLINE.requests]
-    planning.check_no_overlap(offline.bank_texts(), texts)
+    # The bank holds requests and the chat turns before them.
+    assert len(bank) > len(load_demonstrations())
+    planning.check_no_overlap(bank, texts)
+    # The same request with other case and spacing counts, in either list.
     with pytest.raises(AssertionError):
-        planning.check_no_overlap(
-            offline.bank_texts(), [*texts, "  what is the total amount DUE on this invoice? "]
-        )
+        planning.check_no_overlap([*bank, f"  {texts[0].upper()}\t"], texts)
+    with pytest.raises(AssertionError):
+        planning.check_no_overlap(bank, [*texts, "  " + "  ".join(bank[0].swapcase().split()) + " "])
+    # The requests the latency scripts send are offline-set requests, so the check covers them too.
+    assert {plan_latency.COLD_ID, *plan_latency.WARM_IDS, *end_to_end.REQUEST_IDS} <= set(OFFLINE_BY_ID)
 
 
 @needs_taskbench
@@ -481,7 +495,9 @@ def test_offline_scores_are_taskbench_f1_and_a_failed_process_is_an_empty_plan(t
     total = result.rows[-1]
     assert total[:6] == ["all", 3, 66.7, 100.0, "1/3", "2/3"] and total[6] == 20.0
     assert [r[0] for r in result.rows] == ["count", "classify-aloud", "chat", "all"]
-    assert result.targets[0].met is False and result.data["runnable_and_correct"] == 1
+    # Three requests of the set are not the set: the target is not judged on them.
+    assert result.targets[0].met is None and result.data["runnable_and_correct"] == 1
+    assert "a subset of 39" in result.targets[0].value
 
 
 def test_offline_child_environment_has_no_keys(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -550,3 +566,39 @@ def test_offline_smoke(tmp_path: Path) -> None:
     lines = (tmp_path / offline.RUNS_FILE).read_text().splitlines()
     assert [json.loads(line)["id"] for line in lines] == list(offline.SMOKE_IDS)
     assert data["rows"][-1][:2] == ["all", 2]
+
+
+@pytest.mark.local
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not _offline_installed(), reason="the local extras, espeak-ng or tesseract are missing")
+def test_plan_latency_smoke(tmp_path: Path) -> None:
+    assert plan_latency.main(["--smoke", "--out", str(tmp_path)]) == 0
+    data = _result(tmp_path, "plan_latency")
+    first, again = data["data"]["processes"]
+    assert [first["phase"], again["phase"]] == ["cold, first run", "cold, saved state"]
+    assert [p["id"] for p in first["plans"]] == [plan_latency.COLD_ID]
+    assert [p["id"] for p in again["plans"]] == [plan_latency.COLD_ID, plan_latency.WARM_IDS[0]]
+    cold, saved = first["plans"][0], again["plans"][0]
+    # The second process read the same prompt, but llama.cpp evaluated only what follows the saved prefix.
+    assert cold["prompt_tokens"] == saved["prompt_tokens"] == cold["prompt_tokens_evaluated"]
+    assert 0 < saved["prompt_tokens_evaluated"] < cold["prompt_tokens_evaluated"]
+    assert all(p["since_spawn"] >= p["seconds"] > 0 for p in (cold, saved))
+    assert [r[0] for r in data["rows"]] == ["cold, first run", "cold, saved state", "warm"]
+    assert data["command"].startswith("python -m bench.plan_latency --smoke")
+    machine = data["machine"]
+    assert "AVX" in machine["llama_cpp"]["system_info"] and len(machine["loadavg"].split()) == 5
+
+
+@pytest.mark.local
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not _offline_installed(), reason="the local extras, espeak-ng or tesseract are missing")
+def test_end_to_end_smoke(tmp_path: Path) -> None:
+    assert end_to_end.main(["--smoke", "--out", str(tmp_path)]) == 0
+    data = _result(tmp_path, "end_to_end")
+    runs = data["data"]["runs"]
+    assert [(r["id"], r["phase"]) for r in runs] == [("aloud-3", "first run"), ("aloud-3", "saved state")]
+    for run in runs:
+        # Each process ran to a trace (whether SmolLM2 answered well is not the question here).
+        assert run["plan"] is not None and run["seconds"] > 0 and run["llm"]["calls"] >= 1, run
+    assert [r[2] for r in data["rows"]] == ["first run", "saved state"]
+    assert data["targets"][0]["met"] is None  # no 2-task request in the smoke run

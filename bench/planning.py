@@ -394,7 +394,8 @@ def _result(
     summary = "planning on " + f"{records} TaskBench records: " + "; ".join(parts)
     notes = [
         *notes,
-        f"{records} gold records ({GOLD_NOTE}); requests are TaskBench's user_request texts.",
+        f"{records} gold records ({GOLD_NOTE}); requests are TaskBench's user_request texts. Every task "
+        "type is plannable (as with Hugging Face configured); demonstrations from the whole bank.",
         "Missing or failed plans are scored as empty plans (upstream drops them); coverage is the share of "
         "requests that got a valid plan.",
         f"Validity: share of a fixed random sample (seed {VALIDITY_SEED}) of the user requests whose plan "

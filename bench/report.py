@@ -30,9 +30,25 @@ Each script also runs alone (`.venv/bin/python -m bench.<name>`, `--help` for op
 mode (tiny sizes, seconds) that `tests/test_bench.py` runs so the scripts cannot rot. The benchmarks are not
 tests: no test depends on a timing.
 
-Timings depend on how busy the machine was: each script records the load average (1/5/15 min) when it
-finished; on 2 cores, 2 means both cores were busy before our own work. The full `make bench` takes over an
-hour on 2 cores, almost all of it the embedded LLM planning TaskBench requests.
+Timings depend on how busy the machine was: each script records the load average (1/5/15 min) and
+`/proc/loadavg` when it finished, and llama.cpp's system info (the instruction sets its build uses); on 2 cores,
+2 means both cores were busy before our own work. Each section below starts with the command that made it.
+The full `make bench` takes hours on 2 cores, almost all of it the embedded LLM: planning TaskBench requests
+and answering the 39 offline requests.
+
+The default embedded LLM's figures (issue 12: time to plan, end to end, TaskBench F1, the offline set), one
+command each, on a machine otherwise idle:
+
+- time to plan in a fresh process (first run, and with the saved prompt-prefix state) and warm:
+  `.venv/bin/python -m bench.plan_latency --model Qwen`
+- end-to-end seconds of a 1-task and a 2-task request in fresh processes:
+  `.venv/bin/python -m bench.end_to_end --model Qwen`
+- TaskBench node and edge F1 on the 44 gold records, every task type plannable (as with Hugging Face
+  configured): `.venv/bin/python -m bench.planning --llm embedded --model Qwen --demos retrieval --add`
+- the offline set's plan F1 and end-to-end success (runnable task types only):
+  `.venv/bin/python -m bench.offline --model Qwen`
+
+then `.venv/bin/python -m bench --report-only` rewrites this file. `--model` also takes a GGUF path.
 """
 
 

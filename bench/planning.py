@@ -89,7 +89,7 @@ def check_no_overlap(bank: Sequence[str], benchmark_texts: Sequence[str]) -> Non
     shared = {norm(t) for t in bank} & {norm(t) for t in benchmark_texts}
     if shared:
         raise AssertionError(
-            f"{len(shared)} TaskBench request(s) are in the demonstration bank: {sorted(shared)[:3]}"
+            f"{len(shared)} benchmark request(s) are in the demonstration bank: {sorted(shared)[:3]}"
         )
 
 

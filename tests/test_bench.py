@@ -19,7 +19,16 @@ import pytest
 
 from agent.demos import load_demonstrations
 from agent.plan import Plan, PlannedTask
-from bench import economy, end_to_end, offline, overhead, plan_latency, planning, scheduling
+from bench import (
+    economy,
+    embedded_llm,
+    end_to_end,
+    offline,
+    overhead,
+    plan_latency,
+    planning,
+    scheduling,
+)
 from bench.common import Result, Target, markdown_table, percentile
 from bench.report import render
 from bench.scheduling import critical_path, poll_schedule
@@ -165,7 +174,7 @@ def test_demonstration_bank_holds_no_taskbench_request() -> None:
     assert len(tb.requests) > 7500 and len(texts) == len(tb.requests) + len(tb.gold) == len(tb.requests) + 44
     planning.check_no_overlap(planning.bank_texts(), texts)
     # A bank that held one of them, in other case and spacing, is refused.
-    with pytest.raises(AssertionError, match="1 TaskBench request"):
+    with pytest.raises(AssertionError, match="1 benchmark request"):
         planning.check_no_overlap(
             [*planning.bank_texts(), "  " + texts[100].upper().replace(" ", "\n ")], texts
         )
@@ -321,8 +330,6 @@ def _embedded_installed() -> bool:
 
 @pytest.mark.skipif(not _embedded_installed(), reason="the embedded LLM (local extras) is not installed")
 def test_embedded_llm_smoke(tmp_path: Path) -> None:
-    from bench import embedded_llm
-
     assert embedded_llm.main(["--smoke", "--out", str(tmp_path)]) == 0
     data = _result(tmp_path, "embedded_llm")
     (model,) = data["data"]["models"]
@@ -399,8 +406,10 @@ def test_demonstration_bank_holds_no_offline_request() -> None:
         planning.check_no_overlap([*bank, f"  {texts[0].upper()}\t"], texts)
     with pytest.raises(AssertionError):
         planning.check_no_overlap(bank, [*texts, "  " + "  ".join(bank[0].swapcase().split()) + " "])
-    # The requests the latency scripts send are offline-set requests, so the check covers them too.
+    # The requests the latency scripts send are offline-set requests, so the check covers them too;
+    # embedded_llm.py times its own.
     assert {plan_latency.COLD_ID, *plan_latency.WARM_IDS, *end_to_end.REQUEST_IDS} <= set(OFFLINE_BY_ID)
+    planning.check_no_overlap(bank, list(embedded_llm.REQUESTS))
 
 
 @needs_taskbench

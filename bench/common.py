@@ -33,6 +33,7 @@ __all__ = [
     "markdown_table",
     "parse_args",
     "percentile",
+    "timing_target",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -127,6 +128,17 @@ def machine_info() -> dict[str, Any]:
         "llama_cpp": llama_cpp_info(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def timing_target(name: str, goal: str, seconds: float | None, limit: float, detail: str = "") -> Target:
+    """A time target, judged only when the machine was quiet: with more runnable work than cores (beyond
+    the benchmark's own), a figure says how busy the machine was more than how fast we are."""
+    load = os.getloadavg()[0]
+    busy = load > (os.cpu_count() or 1) + 1
+    value = f"{seconds} s{f' ({detail})' if detail else ''}"
+    if busy:
+        value += f", load average {load:.1f}: not judged"
+    return Target(name, goal, value, None if seconds is None or busy else seconds <= limit)
 
 
 def command_line() -> str:

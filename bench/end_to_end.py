@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .common import Result, Target, parse_args
+from .common import Result, parse_args, timing_target
 from .offline import OfflineSet, make_assets, pick_model, run_request
 
 __all__ = ["REQUEST_IDS", "main"]
@@ -85,11 +85,12 @@ def run(smoke: bool, ns: argparse.Namespace) -> Result:
             )
     two_task = [i for i in ids if len(by_id[i].plan) == 2]
     figure = medians.get((two_task[0], "saved state")) if two_task else None
-    target = Target(
+    target = timing_target(
         "end to end, 2-task request, fresh process",
         "≤ 40 s",
-        f"{figure} s ({two_task[0]}, saved state)" if two_task else "–",
-        None if figure is None else figure <= 40,
+        figure,
+        40,
+        f"{two_task[0]}, saved state" if two_task else "no 2-task request run",
     )
     summary = f"end to end, {model.label}, fresh processes (median s): " + "; ".join(
         f"{r[0]} ({r[1]} task{'s' if r[1] != 1 else ''}) {r[2]} {r[4]}" for r in rows

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .common import Result, Target, parse_args
+from .common import Result, parse_args, timing_target
 from .offline import Model, OfflineSet, attachment_resources, child_env, pick_model
 
 __all__ = ["COLD_ID", "WARM_IDS", "main", "run_child"]
@@ -179,13 +179,8 @@ async def run(smoke: bool, ns: argparse.Namespace) -> Result:
     cold = row.get("cold, saved state", [None] * 3)[2]
     warm_s = row.get("warm", [None] * 4)[3]
     targets = [
-        Target(
-            "fresh-process plan, one-sentence request (saved state)",
-            "≤ 20 s",
-            f"{cold} s",
-            None if cold is None else cold <= 20,
-        ),
-        Target("warm plan", "≤ 6 s", f"{warm_s} s", None if warm_s is None else warm_s <= 6),
+        timing_target("fresh-process plan, one-sentence request", "≤ 20 s", cold, 20, "saved state"),
+        timing_target("warm plan", "≤ 6 s", warm_s, 6),
     ]
     first = row.get("cold, first run", [None] * 3)[2]
     summary = (

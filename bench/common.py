@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import math
 import os
 import platform
+import shlex
+import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -24,16 +27,20 @@ __all__ = [
     "BenchArgs",
     "Result",
     "Target",
+    "command_line",
+    "llama_cpp_info",
     "machine_info",
     "markdown_table",
     "parse_args",
     "percentile",
+    "timing_target",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
 Cell = str | int | float | None
+_command: list[str] = []  # the command lines parse_args read, latest last
 
 
 @dataclass(frozen=True)
@@ -50,11 +57,14 @@ def parse_args(
     add: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> BenchArgs:
     parser = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=(doc or "").split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds: proves the script runs")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, a few seconds: proves the script runs"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the JSON result")
     if add is not None:
         add(parser)
     ns = parser.parse_args(argv)
+    _command.append(shlex.join(["python", "-m", f"bench.{name}", *(sys.argv[1:] if argv is None else argv)]))
     return BenchArgs(smoke=ns.smoke, out=ns.out, extra=ns)
 
 
@@ -67,8 +77,29 @@ def run_main(
     return 0
 
 
+def llama_cpp_info() -> dict[str, str] | None:
+    """llama-cpp-python's version and llama.cpp's system info (the instruction sets it was built to use),
+    which decide its speed as much as the CPU does; None when it is not installed."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    import llama_cpp
+
+    return {
+        "version": llama_cpp.__version__,
+        "system_info": llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(),
+    }
+
+
+def _loadavg() -> str:
+    try:
+        return Path("/proc/loadavg").read_text(encoding="ascii").strip()
+    except OSError:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def machine_info() -> dict[str, Any]:
-    """CPU model, cores, RAM and date: numbers mean little without the machine they came from."""
+    """CPU model, cores, RAM, date, how busy the machine was and how llama.cpp was built: numbers mean little
+    without the machine they came from."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -93,8 +124,26 @@ def machine_info() -> dict[str, Any]:
         "os": f"{platform.system()} {platform.release()}",
         # The machine may be shared: a busy one slows every figure, so say how busy it was.
         "load_average": [round(x, 2) for x in os.getloadavg()],
+        "loadavg": _loadavg(),
+        "llama_cpp": llama_cpp_info(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def timing_target(name: str, goal: str, seconds: float | None, limit: float, detail: str = "") -> Target:
+    """A time target, judged only when the machine was quiet: with more runnable work than cores (beyond
+    the benchmark's own), a figure says how busy the machine was more than how fast we are."""
+    load = os.getloadavg()[0]
+    busy = load > (os.cpu_count() or 1) + 1
+    value = f"{seconds} s{f' ({detail})' if detail else ''}"
+    if busy:
+        value += f", load average {load:.1f}: not judged"
+    return Target(name, goal, value, None if seconds is None or busy else seconds <= limit)
+
+
+def command_line() -> str:
+    """How the latest result was made, to run it again: ``python -m bench.<name>`` and its arguments."""
+    return _command[-1] if _command else ""
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -164,6 +213,7 @@ class Result:
             "name": self.name,
             "title": self.title,
             "mode": "smoke" if self.smoke else "full",
+            "command": command_line(),
             "machine": machine_info(),
             "headers": self.headers,
             "rows": self.rows,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import time
@@ -36,11 +37,20 @@ from .controller import ScriptedController
 from .embedded import EmbeddedModel, embedded_llm, embedded_models
 from .taskbench import TaskBench, oracle_plan, request_resources, score, to_taskbench
 
-__all__ = ["PUBLISHED", "check_no_overlap", "main", "run"]
+__all__ = [
+    "DEFAULT_TASKBENCH",
+    "PUBLISHED",
+    "bank_texts",
+    "check_no_overlap",
+    "main",
+    "run",
+    "taskbench_texts",
+]
 
 NAME = "planning"
 ORACLE = "oracle (gold plans via fake LLM)"
-DEFAULT_TASKBENCH = REPO_ROOT.parent / "shared" / "taskbench"
+DEFAULT_TASKBENCH = Path(os.environ.get("TASKBENCH_DIR") or REPO_ROOT.parent / "shared" / "taskbench")
+"""TaskBench's data: ``TASKBENCH_DIR``, else ``shared/taskbench`` beside the checkout."""
 VALIDITY_SEED = 7546
 VALIDITY_FULL = 500
 DEMO_CHOICES = ("both", "fixed", "retrieval", "mixed")
@@ -59,16 +69,27 @@ PUBLISHED: tuple[tuple[str, float, float, float, float], ...] = (
 """TaskBench leaderboard, HF tools: (LLM, n-F1, e-F1, t-F1, v-F1) in %, full set, Dec-2023 data."""
 
 
-def check_no_overlap(bank_texts: Sequence[str], benchmark_texts: Sequence[str]) -> None:
+def bank_texts() -> list[str]:
+    """Every text of the demonstration bank: the requests and the chat turns before them."""
+    demos = load_demonstrations()
+    return [d.request.text for d in demos] + [t.text for d in demos for t in d.request.history]
+
+
+def taskbench_texts(tb: TaskBench) -> list[str]:
+    """What TaskBench could ask the planner: its 7,546 user requests and the gold records' instructions."""
+    return [*tb.requests.values(), *(g.instruction for g in tb.gold)]
+
+
+def check_no_overlap(bank: Sequence[str], benchmark_texts: Sequence[str]) -> None:
     """Demonstrations must not contain benchmark requests, or retrieval would just look the answers up."""
 
-    def norm(text: str) -> str:
-        return " ".join(text.lower().split())
+    def norm(text: str) -> str:  # the same request with other case or spacing is the same request
+        return " ".join(text.casefold().split())
 
-    shared = {norm(t) for t in bank_texts} & {norm(t) for t in benchmark_texts}
+    shared = {norm(t) for t in bank} & {norm(t) for t in benchmark_texts}
     if shared:
         raise AssertionError(
-            f"{len(shared)} TaskBench request(s) are in the demonstration bank: {sorted(shared)[:3]}"
+            f"{len(shared)} benchmark request(s) are in the demonstration bank: {sorted(shared)[:3]}"
         )
 
 
@@ -297,10 +318,7 @@ async def run(
     model: str | None = None,
 ) -> Result:
     tb = TaskBench.load(taskbench_dir)
-    bank = [d.request.text for d in load_demonstrations()] + [
-        t.text for d in load_demonstrations() for t in d.request.history
-    ]
-    check_no_overlap(bank, [*tb.requests.values(), *(g.instruction for g in tb.gold)])
+    check_no_overlap(bank_texts(), taskbench_texts(tb))
     # Smoke runs use only the fakes: no developer settings may leak in.
     settings = Settings() if smoke else Settings.load(dotenv=REPO_ROOT / ".env")
     if llms is None:
@@ -380,7 +398,8 @@ def _result(
     summary = "planning on " + f"{records} TaskBench records: " + "; ".join(parts)
     notes = [
         *notes,
-        f"{records} gold records ({GOLD_NOTE}); requests are TaskBench's user_request texts.",
+        f"{records} gold records ({GOLD_NOTE}); requests are TaskBench's user_request texts. Every task "
+        "type is plannable (as with Hugging Face configured); demonstrations from the whole bank.",
         "Missing or failed plans are scored as empty plans (upstream drops them); coverage is the share of "
         "requests that got a valid plan.",
         f"Validity: share of a fixed random sample (seed {VALIDITY_SEED}) of the user requests whose plan "

@@ -23,6 +23,9 @@ ORDER = (
     "soak",
     "serve_models",
     "discord_rest",
+    "plan_latency",
+    "end_to_end",
+    "offline",
 )
 """The scripts, in the order ``python -m bench`` runs them and BENCHMARKS.md shows them."""
 
@@ -33,9 +36,25 @@ Each script also runs alone (`.venv/bin/python -m bench.<name>`, `--help` for op
 mode (tiny sizes, seconds) that `tests/test_bench.py` runs so the scripts cannot rot. The benchmarks are not
 tests: no test depends on a timing.
 
-Timings depend on how busy the machine was: each script records the load average (1/5/15 min) when it
-finished; on 2 cores, 2 means both cores were busy before our own work. The full `make bench` takes about two
-hours on 2 cores, most of it the embedded LLM planning TaskBench requests and the 30-minute soak.
+Timings depend on how busy the machine was: each script records the load average (1/5/15 min) and
+`/proc/loadavg` when it finished, and llama.cpp's system info (the instruction sets its build uses); on 2 cores,
+2 means both cores were busy before our own work. Each section below starts with the command that made it.
+The full `make bench` takes hours on 2 cores, most of it the embedded LLM (planning TaskBench requests,
+answering the 39 offline requests) and the 30-minute soak.
+
+The default embedded LLM's figures (issue 12: time to plan, end to end, TaskBench F1, the offline set), one
+command each, on a machine otherwise idle:
+
+- time to plan in a fresh process (first run, and with the saved prompt-prefix state) and warm:
+  `.venv/bin/python -m bench.plan_latency --model Qwen`
+- end-to-end seconds of a 1-task and a 2-task request in fresh processes:
+  `.venv/bin/python -m bench.end_to_end --model Qwen`
+- TaskBench node and edge F1 on the 44 gold records, every task type plannable (as with Hugging Face
+  configured): `.venv/bin/python -m bench.planning --llm embedded --model Qwen --demos retrieval --add`
+- the offline set's plan F1 and end-to-end success (runnable task types only):
+  `.venv/bin/python -m bench.offline --model Qwen`
+
+then `.venv/bin/python -m bench --report-only` rewrites this file. `--model` also takes a GGUF path.
 """
 
 
@@ -51,7 +70,14 @@ def _machines(loaded: list[dict[str, Any]]) -> str:
         key = f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, Python {m['python']}, {m['os']}"
         load = "/".join(f"{x:g}" for x in m.get("load_average", ()))
         seen.setdefault(key, []).append(f"{r['name']} ({m['date']}, load average {load or '?'})")
-    return "\n".join(f"- **{machine}**: {', '.join(runs)}" for machine, runs in seen.items())
+    lines = [f"- **{machine}**: {', '.join(runs)}" for machine, runs in seen.items()]
+    builds = {
+        f"llama-cpp-python {m['llama_cpp']['version']}: `{m['llama_cpp']['system_info']}`"
+        for m in (r["machine"] for r in loaded)
+        if m.get("llama_cpp")
+    }
+    lines += [f"- {build} (llama.cpp's system info)" for build in sorted(builds)]
+    return "\n".join(lines)
 
 
 def render(results: Path) -> str:
@@ -75,7 +101,12 @@ def render(results: Path) -> str:
         parts += ["\n## Targets\n", markdown_table(["target", "goal", "measured", "met", "script"], rows)]
     parts += ["\n## Summary\n", "\n".join(f"- {r['summary']}" for r in loaded)]
     for r in loaded:
-        parts += [f"\n## {r['title']} (`bench/{r['name']}.py`)\n", markdown_table(r["headers"], r["rows"])]
+        parts.append(f"\n## {r['title']} (`bench/{r['name']}.py`)\n")
+        if r.get("command"):
+            m = r["machine"]
+            load = m.get("loadavg") or "/".join(f"{x:g}" for x in m.get("load_average", ()))
+            parts.append(f"`{r['command']}` ({m['date']}, /proc/loadavg `{load}`)\n")
+        parts.append(markdown_table(r["headers"], r["rows"]))
         if r["notes"]:
             parts.append("\n" + "\n".join(f"- {n}" for n in r["notes"]))
     return "\n".join(parts) + "\n"

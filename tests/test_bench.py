@@ -10,6 +10,8 @@ import asyncio
 import importlib.util
 import json
 import shutil
+import signal
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,17 @@ import pytest
 
 from agent.demos import load_demonstrations
 from agent.plan import Plan, PlannedTask
-from bench import economy, overhead, planning, scheduling
-from bench.common import REPO_ROOT, Result, Target, markdown_table, percentile
+from bench import (
+    economy,
+    embedded_llm,
+    end_to_end,
+    offline,
+    overhead,
+    plan_latency,
+    planning,
+    scheduling,
+)
+from bench.common import Result, Target, markdown_table, percentile
 from bench.report import render
 from bench.scheduling import critical_path, poll_schedule
 from bench.taskbench import (
@@ -31,8 +42,11 @@ from bench.taskbench import (
     to_taskbench,
 )
 
-TASKBENCH = REPO_ROOT.parent / "shared" / "taskbench"
-needs_taskbench = pytest.mark.skipif(not TASKBENCH.is_dir(), reason="shared/taskbench is not beside the repo")
+TASKBENCH = planning.DEFAULT_TASKBENCH
+needs_taskbench = pytest.mark.skipif(
+    not TASKBENCH.is_dir(),
+    reason="TaskBench's data is not there (shared/taskbench beside the repo, or TASKBENCH_DIR)",
+)
 
 OUTPUT_TYPES = {
     "Image Classification": "text",
@@ -154,11 +168,16 @@ def test_oracle_round_trip_scores_perfectly() -> None:
 
 
 @needs_taskbench
-def test_demonstrations_hold_no_taskbench_request() -> None:
+def test_demonstration_bank_holds_no_taskbench_request() -> None:
     tb = TaskBench.load(TASKBENCH)
-    planning.check_no_overlap([d.request.text for d in load_demonstrations()], list(tb.requests.values()))
-    with pytest.raises(AssertionError):
-        planning.check_no_overlap(["Hello  THERE"], ["hello there"])
+    texts = planning.taskbench_texts(tb)
+    assert len(tb.requests) > 7500 and len(texts) == len(tb.requests) + len(tb.gold) == len(tb.requests) + 44
+    planning.check_no_overlap(planning.bank_texts(), texts)
+    # A bank that held one of them, in other case and spacing, is refused.
+    with pytest.raises(AssertionError, match="1 benchmark request"):
+        planning.check_no_overlap(
+            [*planning.bank_texts(), "  " + texts[100].upper().replace(" ", "\n ")], texts
+        )
 
 
 # Helpers
@@ -326,8 +345,6 @@ def _embedded_installed() -> bool:
 
 @pytest.mark.skipif(not _embedded_installed(), reason="the embedded LLM (local extras) is not installed")
 def test_embedded_llm_smoke(tmp_path: Path) -> None:
-    from bench import embedded_llm
-
     assert embedded_llm.main(["--smoke", "--out", str(tmp_path)]) == 0
     data = _result(tmp_path, "embedded_llm")
     (model,) = data["data"]["models"]
@@ -430,3 +447,250 @@ def test_discord_rest_smoke(tmp_path: Path) -> None:
     assert discord_rest.main(["--smoke", "--out", str(tmp_path)]) == 0
     (m,) = _result(tmp_path, "discord_rest")["data"]["measurements"]
     assert m["runs"] == 10 and m["requests"] >= 30 and m["refused"] == 0
+
+
+# The offline everyday-request set (bench/offline.py)
+
+OFFLINE = offline.OfflineSet.load()
+OFFLINE_BY_ID = {r.id: r for r in OFFLINE.requests}
+
+
+def test_offline_set_has_gold_plans_over_runnable_tasks_and_files_that_exist() -> None:
+    assert len(OFFLINE.requests) >= 30 and len(OFFLINE_BY_ID) == len(OFFLINE.requests)
+    kinds = [r.kind for r in OFFLINE.requests]
+    assert all(kinds.count(k) >= 3 for k in OFFLINE.kinds), kinds
+    made = set(OFFLINE.memos) | set(OFFLINE.documents)
+    for request in OFFLINE.requests:
+        for name in request.attach:
+            assert name in made or (offline.SET_FILE.parent / name).is_file(), (request.id, name)
+        plan = offline.gold_plan(request)  # the planner's own validation: names, arguments, dependencies
+        assert offline.runnable_only(plan.to_json()), request.id
+        if request.check.missing is not None:
+            assert not plan and request.check.missing not in offline.RUNNABLE and request.check.keywords
+        else:
+            assert request.check.keywords or request.check.spoken or request.check.files, request.id
+            # An answer about a file must come from a model that read it, not from a lucky guess.
+            assert request.check.ran or not request.attach, request.id
+    assert sum(r.check.missing is not None for r in OFFLINE.requests) >= 3
+    assert sum(not r.plan and r.check.missing is None for r in OFFLINE.requests) >= 3  # plain chat
+    assert {"automatic-speech-recognition", "text-to-speech", "image-classification", "object-detection"} <= {
+        t["task"] for r in OFFLINE.requests for t in r.plan
+    }
+
+
+def test_demonstration_bank_holds_no_offline_request() -> None:
+    bank = planning.bank_texts()
+    texts = [r.text for r in OFFLINE.requests]
+    # The bank holds requests and the chat turns before them.
+    assert len(bank) > len(load_demonstrations())
+    planning.check_no_overlap(bank, texts)
+    # The same request with other case and spacing counts, in either list.
+    with pytest.raises(AssertionError):
+        planning.check_no_overlap([*bank, f"  {texts[0].upper()}\t"], texts)
+    with pytest.raises(AssertionError):
+        planning.check_no_overlap(bank, [*texts, "  " + "  ".join(bank[0].swapcase().split()) + " "])
+    # The requests the latency scripts send are offline-set requests, so the check covers them too;
+    # embedded_llm.py times its own.
+    assert {plan_latency.COLD_ID, *plan_latency.WARM_IDS, *end_to_end.REQUEST_IDS} <= set(OFFLINE_BY_ID)
+    planning.check_no_overlap(bank, list(embedded_llm.REQUESTS))
+
+
+@needs_taskbench
+def test_offline_requests_are_not_taskbench_requests() -> None:
+    tb = TaskBench.load(TASKBENCH)
+    planning.check_no_overlap(list(tb.requests.values()), [r.text for r in OFFLINE.requests])
+
+
+def test_offline_attachments_are_named_as_the_conversation_names_uploads() -> None:
+    names = [r.name for r in offline.attachment_resources(["a.jpg", "memo.wav", "scan.png", "b.jpeg"])]
+    assert names == ["img-1.jpg", "aud-1.wav", "img-2.png", "img-3.jpg"]
+    with pytest.raises(ValueError):
+        offline.attachment_resources(["notes.pdf"])
+
+
+def _trace(
+    plan: list[dict[str, Any]], outputs: dict[int, str], answer: str, files: list[str]
+) -> dict[str, Any]:
+    tasks = [
+        {"id": t["id"], "task": t["task"], "status": "ok", "output": {"text": outputs.get(t["id"], "")}}
+        for t in plan
+    ]
+    return {"status": "ok", "plan": plan, "tasks": tasks, "answer": answer, "files": files}
+
+
+def test_offline_answer_checks() -> None:
+    say_animal = OFFLINE_BY_ID["classify-aloud-1"]
+    plan = list(say_animal.plan)
+    good = _trace(plan, {0: "tabby cat (0.17), lynx (0.02)"}, "It is a tabby cat.", ["/o/out-1-1.wav"])
+    assert offline.check_answer(say_animal.check, good) == []
+    # The speech is what text-to-speech was given, with the classifier's output filled in.
+    wrong_label = _trace(plan, {0: "lynx (0.52)"}, "It is a cat.", ["/o/out-1-1.wav"])
+    assert [p.split(" ")[0] for p in offline.check_answer(say_animal.check, wrong_label)] == ["speech"]
+    silent = _trace(plan, {0: "tabby cat (0.17)"}, "It is a cat.", ["/o/out-1-0.png"])
+    assert offline.check_answer(say_animal.check, silent) == ["1 audio file(s) expected, 0 made"]
+
+    count = OFFLINE_BY_ID["count-1"].check
+    detection = list(OFFLINE_BY_ID["count-1"].plan)
+    assert offline.check_answer(count, _trace(detection, {}, "There are 3 cats.", [])) == []
+    guessed = _trace(detection, {}, "There are 3 cats.", [])
+    guessed["tasks"][0]["status"] = "failed"
+    assert offline.check_answer(count, guessed) == ["no object-detection task finished"]
+    # Whole words only: a score such as 0.73 holds no "3".
+    assert offline.check_answer(count, _trace(detection, {}, "A cat (0.73) and a cat (0.66).", []))
+    assert offline.check_answer(count, _trace(detection, {}, "", [])) == [
+        "answer lacks 3 | three",
+        "no answer",
+    ]
+
+    missing = OFFLINE_BY_ID["missing-1"].check
+    plain = "Drawing needs a text-to-image model, which is not available here: set HF_TOKEN to enable it."
+    assert offline.check_answer(missing, _trace([], {}, plain, [])) == []
+    tried = _trace([{"id": 0, "task": "text-to-image", "dep": [], "args": {"text": "a cat"}}], {}, plain, [])
+    tried["tasks"][0]["status"] = "failed"
+    assert offline.check_answer(missing, tried) == [
+        "tried and failed text-to-image instead of saying what is missing"
+    ]
+    assert offline.check_answer(missing, _trace([], {}, "Here is your cat!", ["/o/out-1-0.png"])) == [
+        "answer lacks text-to-image | HF_TOKEN | HUGGINGGPT_ENDPOINTS | endpoint | Hugging Face",
+        "made files although text-to-image is missing: {'image': 1}",
+    ]
+
+
+def test_offline_scores_are_taskbench_f1_and_a_failed_process_is_an_empty_plan(tmp_path: Path) -> None:
+    perfect = OFFLINE_BY_ID["classify-aloud-1"]
+    records = [
+        {
+            "id": perfect.id,
+            "status": "ok",
+            "plan": list(perfect.plan),
+            "seconds": 10.0,
+            "runnable_only": True,
+            "correct": True,
+        },
+        {"id": "count-1", "plan": None, "seconds": 30.0, "runnable_only": False, "correct": False},
+        {
+            "id": "chat-2",
+            "status": "ok",
+            "seconds": 20.0,
+            "runnable_only": False,
+            "correct": True,
+            "plan": [{"id": 0, "task": "text-to-image", "dep": [], "args": {"text": "Tokyo"}}],
+        },
+    ]
+    model = offline.Model("test-llm", tmp_path / "m.gguf")
+    result = offline.summarise(OFFLINE, records, model, True, [])
+    scores = result.data["scores"]
+    # Nodes: 2 right (classification, speech), 1 missed (detection), 1 extra (text-to-image).
+    assert scores["counts"]["node"] == {**scores["counts"]["node"], "tp": 2, "fp": 1, "fn": 1}
+    assert scores["node_f1"] == pytest.approx(2 / 3, abs=1e-4) and scores["edge_f1"] == 1.0
+    assert scores["predicted"] == 2  # the failed process had no plan
+    total = result.rows[-1]
+    assert total[:6] == ["all", 3, 66.7, 100.0, "1/3", "2/3"] and total[6] == 20.0
+    assert [r[0] for r in result.rows] == ["count", "classify-aloud", "chat", "all"]
+    # Three requests of the set are not the set: the target is not judged on them.
+    assert result.targets[0].met is None and result.data["runnable_and_correct"] == 1
+    assert "a subset of 39" in result.targets[0].value
+
+
+def test_offline_child_environment_has_no_keys(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "HF_TOKEN", "HUGGINGGPT_ENDPOINTS", "LOCAL_LLM_REPO"):
+        monkeypatch.setenv(name, "secret-value")
+    monkeypatch.setenv("LOCAL_LLM_THREADS", "1")
+    env = offline.child_env(offline.Model("m", tmp_path / "m.gguf"), tmp_path / "data")
+    assert "secret-value" not in env.values()
+    assert env["LOCAL_LLM_GGUF"] == str(tmp_path / "m.gguf") and env["LOCAL_LLM_THREADS"] == "1"
+    assert env["HUGGINGGPT_DATA_DIR"] == str(tmp_path / "data") and env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_offline_failed_and_timed_out_processes_are_failed_requests(tmp_path: Path) -> None:
+    model = offline.Model("none", tmp_path / "absent.gguf")
+    # An attachment that cannot be read: the command says so and exits without a trace.
+    ghost = replace(OFFLINE_BY_ID["classify-1"], attach=("ghost.jpg",))
+    record = offline.run_request(ghost, tmp_path, model, tmp_path / "d1", timeout=120)
+    assert record["correct"] is False and record["plan"] is None and record["exit"] == 1
+    assert "ghost.jpg" in record["stderr"] and record["problems"] == ["exit 1, no trace"]
+    # Stopped at the timeout, the whole process group killed.
+    record = offline.run_request(OFFLINE_BY_ID["chat-2"], tmp_path, model, tmp_path / "d2", timeout=0.2)
+    assert record["error"] == "timed out after 0.2 s" and record["exit"] == -signal.SIGKILL
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_offline_resume_keeps_runs_and_judges_them_by_the_current_checks(tmp_path: Path) -> None:
+    gguf = tmp_path / "some-llm.gguf"
+    gguf.write_bytes(b"not loaded: every request is resumed")
+    count = OFFLINE_BY_ID["count-1"]
+    lucky = {
+        **_trace(list(count.plan), {}, "Step 3: profit.", []),
+        "id": count.id,
+        "kind": count.kind,
+        "model": "some-llm",
+        "seconds": 12.0,
+        "runnable_only": True,
+        "correct": True,
+        "problems": [],
+    }
+    lucky["tasks"][0]["status"] = "failed"
+    other_model = {**lucky, "model": "another-llm"}
+    (tmp_path / offline.RUNS_FILE).write_text(json.dumps(other_model) + "\n" + json.dumps(lucky) + "\n")
+    argv = ["--resume", "--ids", count.id, "--model", str(gguf), "--out", str(tmp_path), "--smoke"]
+    assert offline.main(argv) == 0
+    (run,) = json.loads((tmp_path / "offline.json").read_text())["data"]["runs"]
+    assert run["model"] == "some-llm" and run["seconds"] == 12.0
+    assert run["correct"] is False and run["problems"] == ["no object-detection task finished"]
+
+
+def _offline_installed() -> bool:
+    return _embedded_installed() and all(shutil.which(p) for p in ("espeak-ng", "tesseract"))
+
+
+@pytest.mark.local
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not _offline_installed(), reason="the local extras, espeak-ng or tesseract are missing")
+def test_offline_smoke(tmp_path: Path) -> None:
+    assert offline.main(["--smoke", "--out", str(tmp_path)]) == 0
+    data = _result(tmp_path, "offline")
+    runs = data["data"]["runs"]
+    assert [r["id"] for r in runs] == list(offline.SMOKE_IDS) and data["data"]["model"] == "SmolLM2-135M"
+    for run in runs:
+        # Each request ran to a trace (whether SmolLM2 answered well is not the question here).
+        assert run["plan"] is not None and run["status"] in ("ok", "partial", "failed"), run
+        assert run["seconds"] > 0 and run["llm"]["calls"] >= 1 and isinstance(run["correct"], bool)
+    lines = (tmp_path / offline.RUNS_FILE).read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == list(offline.SMOKE_IDS)
+    assert data["rows"][-1][:2] == ["all", 2]
+
+
+@pytest.mark.local
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not _offline_installed(), reason="the local extras, espeak-ng or tesseract are missing")
+def test_plan_latency_smoke(tmp_path: Path) -> None:
+    assert plan_latency.main(["--smoke", "--out", str(tmp_path)]) == 0
+    data = _result(tmp_path, "plan_latency")
+    first, again = data["data"]["processes"]
+    assert [first["phase"], again["phase"]] == ["cold, first run", "cold, saved state"]
+    assert [p["id"] for p in first["plans"]] == [plan_latency.COLD_ID]
+    assert [p["id"] for p in again["plans"]] == [plan_latency.COLD_ID, plan_latency.WARM_IDS[0]]
+    cold, saved = first["plans"][0], again["plans"][0]
+    # The second process read the same prompt, but llama.cpp evaluated only what follows the saved prefix.
+    assert cold["prompt_tokens"] == saved["prompt_tokens"] == cold["prompt_tokens_evaluated"]
+    assert 0 < saved["prompt_tokens_evaluated"] < cold["prompt_tokens_evaluated"]
+    assert all(p["since_spawn"] >= p["seconds"] > 0 for p in (cold, saved))
+    assert [r[0] for r in data["rows"]] == ["cold, first run", "cold, saved state", "warm"]
+    assert data["command"].startswith("python -m bench.plan_latency --smoke")
+    machine = data["machine"]
+    assert "AVX" in machine["llama_cpp"]["system_info"] and len(machine["loadavg"].split()) == 5
+
+
+@pytest.mark.local
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not _offline_installed(), reason="the local extras, espeak-ng or tesseract are missing")
+def test_end_to_end_smoke(tmp_path: Path) -> None:
+    assert end_to_end.main(["--smoke", "--out", str(tmp_path)]) == 0
+    data = _result(tmp_path, "end_to_end")
+    runs = data["data"]["runs"]
+    assert [(r["id"], r["phase"]) for r in runs] == [("aloud-3", "first run"), ("aloud-3", "saved state")]
+    for run in runs:
+        # Each process ran to a trace (whether SmolLM2 answered well is not the question here).
+        assert run["plan"] is not None and run["seconds"] > 0 and run["llm"]["calls"] >= 1, run
+    assert [r[2] for r in data["rows"]] == ["first run", "saved state"]
+    assert data["targets"][0]["met"] is None  # no 2-task request in the smoke run

@@ -23,6 +23,8 @@ from .events import (
     LLMUsage,
     ModelsSelected,
     PlanReady,
+    Replan,
+    Replanning,
     ResponseChunk,
     RunResult,
     RunStatus,
@@ -85,9 +87,13 @@ class Agent:
         results: dict[int, TaskResult] = {}
         files: list[Resource] = []
         answer_parts: list[str] = []
+        replan: Replan | None = None
 
         def finish(status: RunStatus, error: str | None = None) -> Done:
-            ordered = [results.get(t.id) or TaskResult(t.id, t.task, None, "skipped", error="not run") for t in plan.tasks]
+            ordered = [
+                results.get(t.id) or TaskResult(t.id, t.task, None, "skipped", error="not run")
+                for t in plan.tasks
+            ]
             answer = "".join(answer_parts).strip()
             if status == "failed" and error:
                 # An answer cut short must say so, not pass for a whole one.
@@ -104,8 +110,20 @@ class Agent:
                     llm=usage,
                     seconds=self._clock() - started,
                     error=error,
+                    replan=replan,
                 )
             )
+
+        async def execute() -> AsyncIterator[Event]:
+            """Run the tasks of ``plan`` that have no result yet, keeping their results and files."""
+            async for event in self.executor.execute(
+                plan, choices, request, store, usage, done=dict(results)
+            ):
+                if isinstance(event, TaskEnded):
+                    results[event.result.id] = event.result
+                    if event.result.output is not None:
+                        files.extend(event.result.output.resources)
+                yield event
 
         try:
             plan = await self.planner.plan(request, usage)
@@ -127,12 +145,32 @@ class Agent:
                     answer_parts.append(_describe_dry_run(plan, choices))
                     yield finish("ok")
                     return
-                async for event in self.executor.execute(plan, choices, request, store, usage):
-                    if isinstance(event, TaskEnded):
-                        results[event.result.id] = event.result
-                        if event.result.output is not None:
-                            files.extend(event.result.output.resources)
+                async for event in execute():
                     yield event
+                failed = tuple(t.id for t in plan.tasks if results[t.id].status == "failed")
+                if failed:
+                    # At most once a run: the new tasks' failures are answered as they are.
+                    yield Replanning(failed)
+                    try:
+                        whole = await self.planner.replan(request, plan, results, usage)
+                    except AgentError as err:
+                        log.info("run %s: the replan made no plan: %s", run_id, err)
+                        replan = Replan(failed, error=str(err))
+                    else:
+                        added = whole.tasks[len(plan.tasks) :]
+                        replan = Replan(failed, tuple(t.id for t in added))
+                        if added:
+                            plan = whole
+                            yield PlanReady(plan)
+                            # Chosen without the LLM: a replan costs one LLM call, not two.
+                            new = {t.id for t in added}
+                            choices = {
+                                **choices,
+                                **await self.selector.select(request, plan, usage, only=new),
+                            }
+                            yield ModelsSelected(choices)
+                            async for event in execute():
+                                yield event
             ordered = [results[t.id] for t in plan.tasks if t.id in results]
             try:
                 async for chunk in self.responder.respond(request, plan, choices, ordered, usage):
@@ -154,9 +192,12 @@ class Agent:
             log.warning("run %s failed: %s", run_id, err, exc_info=log.isEnabledFor(logging.DEBUG))
             yield finish("failed", str(err))
             return
-        statuses = {r.status for r in results.values()}
+        # The tasks a replan replaced (failed, or skipped for a failure) do not count against the run.
+        replaced = set()
+        if replan is not None and replan.added:
+            replaced = {i for i, r in results.items() if r.status != "ok" and i not in replan.added}
+        statuses = {r.status for r in results.values() if r.id not in replaced}
         yield finish("ok" if statuses <= {"ok"} else "partial")
-
 
     def missing_note(self, missing: Sequence[str], *, alone: bool) -> str:
         """What cannot be done here and the setting that would enable it, e.g. "I can't draw an image from a

@@ -39,6 +39,7 @@ from .resources import Resource, ResourceStore
 from .responder import Responder
 from .selector import Selector
 from .tasks import TASKS
+from .vision import PromptImage, prompt_images
 
 __all__ = ["Agent"]
 
@@ -114,6 +115,17 @@ class Agent:
                 )
             )
 
+        made: dict[str, PromptImage] = {}
+
+        async def images(*resources: Resource) -> tuple[PromptImage, ...]:
+            """The images among ``resources`` (first ones first), for an LLM that sees them (asked once)."""
+            if not any(r.kind == "image" for r in resources) or not await self.llm.sees_images(usage):
+                return ()
+            return await prompt_images(resources, store.read, made=made)
+
+        attached = [r for r in request.resources if r.name in request.attachments]
+        earlier = [r for r in reversed(request.resources) if r.name not in request.attachments]
+
         async def execute() -> AsyncIterator[Event]:
             """Run the tasks of ``plan`` that have no result yet, keeping their results and files."""
             async for event in self.executor.execute(
@@ -126,7 +138,7 @@ class Agent:
                 yield event
 
         try:
-            plan = await self.planner.plan(request, usage)
+            plan = await self.planner.plan(request, usage, await images(*attached, *earlier))
             yield PlanReady(plan)
             if not plan and plan.missing:
                 # Nothing here can do it: say what is missing and what would enable it, without pretending.
@@ -152,7 +164,8 @@ class Agent:
                     # At most once a run: the new tasks' failures are answered as they are.
                     yield Replanning(failed)
                     try:
-                        whole = await self.planner.replan(request, plan, results, usage)
+                        shown = await images(*attached, *earlier)
+                        whole = await self.planner.replan(request, plan, results, usage, shown)
                     except AgentError as err:
                         log.info("run %s: the replan made no plan: %s", run_id, err)
                         replan = Replan(failed, error=str(err))
@@ -172,8 +185,9 @@ class Agent:
                             async for event in execute():
                                 yield event
             ordered = [results[t.id] for t in plan.tasks if t.id in results]
+            shown = await images(*attached, *reversed(files), *earlier)
             try:
-                async for chunk in self.responder.respond(request, plan, choices, ordered, usage):
+                async for chunk in self.responder.respond(request, plan, choices, ordered, usage, shown):
                     answer_parts.append(chunk)
                     yield ResponseChunk(chunk)
                 if plan.missing:

@@ -30,6 +30,7 @@ from .replies import parse_json_reply
 from .request import ChatTurn, Request
 from .tasks import TASKS
 from .text import clip
+from .vision import PromptImage
 
 __all__ = ["DEMO_COUNT", "Planner", "parse_plan_text", "plan_messages"]
 
@@ -108,7 +109,8 @@ class Planner:
         self.demos = demos or FixedDemos(task_types=self.task_types)
         self.reply_tokens = min(2048, llm.context_tokens // 4)
 
-    async def plan(self, request: Request, usage: LLMUsage) -> Plan:
+    async def plan(self, request: Request, usage: LLMUsage, images: Sequence[PromptImage] = ()) -> Plan:
+        """``images`` go with the request to an LLM that sees images (named in the text as every file is)."""
         shots = await self.demos.select(request.text, DEMO_COUNT)
         budget = self.llm.context_tokens - self.reply_tokens
         schema = plan_schema(self.max_tasks, self.task_types)
@@ -128,6 +130,7 @@ class Planner:
             usage=usage,
             max_tokens=self.reply_tokens,
             cacheable_prefix=fixed,
+            images=images,
         )
         try:
             return await self._read(reply, request)
@@ -149,6 +152,7 @@ class Planner:
             exact_schema=exact,
             usage=usage,
             max_tokens=self.reply_tokens,
+            images=images,
         )
         try:
             return await self._read(reply, request)
@@ -163,7 +167,12 @@ class Planner:
             ) from err
 
     async def replan(
-        self, request: Request, plan: Plan, results: Mapping[int, TaskResult], usage: LLMUsage
+        self,
+        request: Request,
+        plan: Plan,
+        results: Mapping[int, TaskResult],
+        usage: LLMUsage,
+        images: Sequence[PromptImage] = (),
     ) -> Plan:
         """One more plan after tasks failed: the planning prompt, the plan that ran, and how each task ended.
         The reply holds new tasks only; they may use the outputs of the tasks that finished ok. Returns the
@@ -188,6 +197,7 @@ class Planner:
             schema=plan_schema(self.max_tasks, self.task_types),
             usage=usage,
             max_tokens=self.reply_tokens,
+            images=images,
         )
         raw = await parse_plan_text(reply)
         items = raw.get("tasks") if isinstance(raw, dict) else raw

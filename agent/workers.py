@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar
 
-__all__ = ["ProcessWorker", "WorkerCrashedError"]
+__all__ = ["ProcessWorker", "WorkerCrashedError", "loop_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -198,3 +198,18 @@ def _exchange(conn: Connection, fn: Callable[..., Any], args: tuple[Any, ...]) -
     conn.send((fn, args))
     reply: tuple[str, Any] = conn.recv()
     return reply
+
+
+_loop_workers: dict[tuple[asyncio.AbstractEventLoop, str], ProcessWorker] = {}
+
+
+async def loop_worker(name: str) -> ProcessWorker:
+    """The running loop's worker called ``name``, started on first use and kept (starting a child costs a
+    fraction of a second); the workers of loops that have closed are stopped here."""
+    for key in [key for key in _loop_workers if key[0].is_closed()]:
+        await _loop_workers.pop(key).aclose()
+    key = (asyncio.get_running_loop(), name)
+    worker = _loop_workers.get(key)
+    if worker is None:
+        worker = _loop_workers[key] = ProcessWorker(name)
+    return worker

@@ -48,7 +48,7 @@ from .logs import redact
 from .settings import Settings
 from .status import BackendStatus
 from .text import clip, valid_text
-from .vision import PromptImage
+from .vision import IMAGE_PROMPT_TOKENS, PromptImage
 
 __all__ = [
     "JSON_MODES",
@@ -313,7 +313,8 @@ class OpenAILLM:
             raise self._error(err, midway=opened) from err
         finally:
             if opened:
-                usage.add(*(reported or (estimate_message_tokens(messages), estimate_tokens("".join(parts)))))
+                estimated = estimate_message_tokens(messages) + IMAGE_PROMPT_TOKENS * len(images)
+                usage.add(*(reported or (estimated, estimate_tokens("".join(parts)))))
         if cap.cut:
             self._log_cut()
             yield cap.notice
@@ -437,7 +438,9 @@ class OpenAILLM:
         if completion.usage is not None:
             usage.add(completion.usage.prompt_tokens, completion.usage.completion_tokens)
         else:
-            usage.add(estimate_message_tokens(messages), estimate_tokens(text))
+            usage.add(
+                estimate_message_tokens(messages) + IMAGE_PROMPT_TOKENS * len(images), estimate_tokens(text)
+            )
         return text
 
     async def _create_json(

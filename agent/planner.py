@@ -30,7 +30,7 @@ from .replies import parse_json_reply
 from .request import ChatTurn, Request
 from .tasks import TASKS
 from .text import clip
-from .vision import PromptImage
+from .vision import IMAGE_PROMPT_TOKENS, PromptImage
 
 __all__ = ["DEMO_COUNT", "Planner", "parse_plan_text", "plan_messages"]
 
@@ -112,7 +112,7 @@ class Planner:
     async def plan(self, request: Request, usage: LLMUsage, images: Sequence[PromptImage] = ()) -> Plan:
         """``images`` go with the request to an LLM that sees images (named in the text as every file is)."""
         shots = await self.demos.select(request.text, DEMO_COUNT)
-        budget = self.llm.context_tokens - self.reply_tokens
+        budget = self.llm.context_tokens - self.reply_tokens - IMAGE_PROMPT_TOKENS * len(images)
         schema = plan_schema(self.max_tasks, self.task_types)
         # Made only if the backend asks for it, and once for both attempts.
         exact = cache(
@@ -189,7 +189,12 @@ class Planner:
         )
         ask = {"role": "user", "content": outcomes}
         shots = await self.demos.select(request.text, DEMO_COUNT)
-        budget = self.llm.context_tokens - self.reply_tokens - estimate_message_tokens([echo, ask])
+        budget = (
+            self.llm.context_tokens
+            - self.reply_tokens
+            - estimate_message_tokens([echo, ask])
+            - IMAGE_PROMPT_TOKENS * len(images)
+        )
         messages = plan_messages(request, shots, budget, max_tasks=self.max_tasks, task_types=self.task_types)
         # No exact schema: it numbers tasks from 0, and the new ones continue the plan's numbering.
         reply = await self.llm.complete_json(

@@ -18,7 +18,7 @@ from .plan import ModelChoice, Plan, TaskResult
 from .prompts import load_prompt, prompt_template
 from .request import Request
 from .text import clip
-from .vision import PromptImage
+from .vision import IMAGE_PROMPT_TOKENS, PromptImage
 
 __all__ = ["Responder", "workflow_json"]
 
@@ -88,13 +88,20 @@ class Responder:
         images: Sequence[PromptImage] = (),
     ) -> AsyncIterator[str]:
         """``images`` (the request's and the tasks') go to an LLM that sees images, named in the text."""
-        return self._stream(self.messages(request, plan, choices, results), usage, images)
+        return self._stream(self.messages(request, plan, choices, results, images=len(images)), usage, images)
 
     def messages(
-        self, request: Request, plan: Plan, choices: dict[int, ModelChoice], results: Sequence[TaskResult]
+        self,
+        request: Request,
+        plan: Plan,
+        choices: dict[int, ModelChoice],
+        results: Sequence[TaskResult],
+        *,
+        images: int = 0,
     ) -> list[dict[str, str]]:
-        """The prompt: system rules, the most recent chat turns that fit, then this turn with its results."""
-        budget = self.llm.context_tokens - self.reply_tokens
+        """The prompt: system rules, the most recent chat turns that fit, then this turn with its results
+        (leaving room for ``images`` image parts)."""
+        budget = self.llm.context_tokens - self.reply_tokens - IMAGE_PROMPT_TOKENS * images
         if plan:
             system = load_prompt("responder_system.txt")
             # Share half the budget between the task outputs; the chat log gets what is left.

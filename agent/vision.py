@@ -25,6 +25,7 @@ from .workers import WorkerCrashedError, loop_worker
 
 __all__ = [
     "DOWNSCALE_SECONDS",
+    "IMAGE_PROMPT_TOKENS",
     "MAX_PROMPT_IMAGES",
     "PROMPT_IMAGE_SIDE",
     "PromptImage",
@@ -39,6 +40,9 @@ MAX_PROMPT_IMAGES = 4
 PROMPT_IMAGE_SIDE = 768
 """Longest side, in pixels, of an image sent to the LLM (GPT-4o reads 768 px tiles; Qwen-VL and LLaVA less)."""
 DOWNSCALE_SECONDS = 20.0
+IMAGE_PROMPT_TOKENS = 800
+"""What one image part takes of the LLM's context, at most, roughly: GPT-4o counts 765 tokens for 768×576 at
+high detail, Qwen2-VL 540, LLaVA 576. Prompts keep this much room per image."""
 _JPEG_QUALITY = 85
 
 

@@ -10,8 +10,13 @@ from typing import Any
 
 from PIL import Image
 
+from agent.llm import OpenAILLM
+from agent.plan import Plan
+from agent.request import ChatTurn, Request
+from agent.responder import Responder
+from agent.settings import Settings
 from agent.uploads import check_upload
-from agent.vision import MAX_PROMPT_IMAGES, PROMPT_IMAGE_SIDE
+from agent.vision import IMAGE_PROMPT_TOKENS, MAX_PROMPT_IMAGES, PROMPT_IMAGE_SIDE
 from tests.fakes.agent_fakes import hf_tasks
 from tests.fakes.hf_server import FakeHF
 from tests.fakes.llm_server import IMAGE_TOKENS, FakeLLMServer, prompt_tokens
@@ -123,3 +128,20 @@ async def test_at_most_a_few_images_go_with_a_call(tmp_path: Path) -> None:
     assert [[name for name, *_ in images] for images in by_stage(llm)["plan"]] == [
         [f"img-{n}.png" for n in range(1, MAX_PROMPT_IMAGES + 1)]
     ]
+
+
+async def test_prompts_keep_room_for_their_images() -> None:
+    llm = OpenAILLM(Settings.from_mapping({"OPENAI_API_KEY": "k", "LLM_CONTEXT_TOKENS": "4096"}))
+    try:
+        history = tuple(
+            ChatTurn("user" if n % 2 == 0 else "assistant", f"turn {n} " + "x" * 400) for n in range(40)
+        )
+        request = Request("describe it", history=history)
+        responder = Responder(llm)
+        without = responder.messages(request, Plan(), {}, [])
+        with_images = responder.messages(request, Plan(), {}, [], images=MAX_PROMPT_IMAGES)
+        # The chat log gives way: the images' share of the context is about what it lost.
+        lost = sum(len(m["content"]) for m in without) - sum(len(m["content"]) for m in with_images)
+        assert lost // 4 >= (MAX_PROMPT_IMAGES - 1) * IMAGE_PROMPT_TOKENS
+    finally:
+        await llm.aclose()

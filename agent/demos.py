@@ -80,13 +80,13 @@ class Demonstration:
 
 
 class DemoSelector(Protocol):
-    """Chooses the demonstrations shown for a request (fixed, or retrieved by similarity).
+    """Chooses the demonstrations shown for a request (fixed, retrieved by similarity, or both).
 
-    ``fixed`` says whether every request gets the same ones: then they belong to the prompt's fixed prefix,
-    whose state a backend may keep.
+    ``fixed_count(k)`` says how many of the ``k`` come first and are the same for every request: they belong to
+    the prompt's fixed prefix, whose state a backend may keep.
     """
 
-    fixed: bool
+    def fixed_count(self, k: int) -> int: ...
 
     async def select(self, text: str, k: int) -> list[Demonstration]: ...
 
@@ -104,12 +104,13 @@ def _types(plan: Sequence[dict[str, Any]]) -> set[str]:
 class FixedDemos:
     """The first ``k`` demonstrations of the bank, whose head is ordered to cover the main plan shapes."""
 
-    fixed = True
-
     def __init__(
         self, bank: Sequence[Demonstration] | None = None, task_types: Collection[str] | None = None
     ) -> None:
         self.bank = runnable(load_demonstrations() if bank is None else bank, task_types)
+
+    def fixed_count(self, k: int) -> int:
+        return min(k, len(self.bank))
 
     async def select(self, text: str, k: int) -> list[Demonstration]:
         return self.bank[:k]
@@ -118,26 +119,37 @@ class FixedDemos:
 class EmbeddingDemoSelector:
     """``DemoSelector`` by cosine similarity of requests, skipping near-duplicates of demonstrations already
     chosen. The choice comes back in bank order, so two requests that share their first demonstrations share
-    a prompt prefix, which the embedded LLM's KV cache reuses."""
+    a prompt prefix, which the embedded LLM's KV cache reuses.
 
-    fixed = False
+    With ``head`` > 0 the first ``head`` demonstrations of the bank are always shown, first, and only the rest
+    are chosen by similarity: the head is then part of the fixed prompt prefix that a new process loads
+    instead of reading (the embedded LLM reads about 100 prompt tokens a second on 2 cores, and a
+    demonstration is about 100 tokens)."""
 
     def __init__(
         self,
         bank: Sequence[Demonstration] | None = None,
         encoder: SentenceEncoder | None = None,
         task_types: Collection[str] | None = None,
+        head: int = 0,
     ) -> None:
-        self.bank = runnable(load_demonstrations() if bank is None else bank, task_types)
+        shown = runnable(load_demonstrations() if bank is None else bank, task_types)
+        self.head = shown[:head]
+        self.bank = shown[head:]
         self.encoder = encoder or SentenceEncoder()
         self._vectors: NDArray[np.float32] | None = None
         self._lock = threading.Lock()
 
+    def fixed_count(self, k: int) -> int:
+        return min(k, len(self.head))
+
     async def select(self, text: str, k: int) -> list[Demonstration]:
+        head = self.head[:k]
+        k -= len(head)
         if k <= 0 or not self.bank:
-            return []
+            return head
         chosen = await self.encoder.run(self._select, text, k)
-        return [self.bank[i] for i in sorted(chosen)]
+        return [*head, *(self.bank[i] for i in sorted(chosen))]
 
     def _select(self, text: str, k: int) -> list[int]:
         with self._lock:

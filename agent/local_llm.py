@@ -69,6 +69,7 @@ _RAM_CACHE_BYTES = 2 << 30
 _TEXT_TEMPERATURE = 0.7
 _TEXT_REPEAT_PENALTY = 1.1  # llama.cpp's own long-time default; llama-cpp-python's is 1.0 (none)
 _LOOP_MIN_CHARS = 40  # a paragraph this long, written twice, is a loop
+PREFIX_STATES_KEPT = 4  # saved prompt-prefix states in data/models/states (about 70 MB each for Qwen)
 
 
 @dataclass(frozen=True)
@@ -611,10 +612,11 @@ class EmbeddedLLM:
         return tokens, path, digest
 
     def _save_prefix(self, llama: Llama, tokens: list[int], path: Path, digest: str) -> None:
-        from .prefix_state import save_prefix_state
+        from .prefix_state import prune_states, save_prefix_state
 
         try:
             saved = save_prefix_state(llama, tokens, path, model_sha256=digest)
+            prune_states(path.parent, keep=PREFIX_STATES_KEPT)
         except (OSError, ValueError, RuntimeError) as err:
             log.warning("could not save the state of the prompt prefix to %s: %s", path, err)
             return

@@ -121,8 +121,9 @@ class Planner:
             )
         )
         messages = plan_messages(request, shots, budget, max_tasks=self.max_tasks, task_types=self.task_types)
-        # The system message, and the demonstrations when every request gets the same: the fixed prefix.
-        fixed = len(messages) - 1 if self.demos.fixed else 1
+        # The fixed prefix: the system message and the demonstrations every request gets (those the budget kept).
+        shown = (len(messages) - 2) // 2
+        fixed = 1 + 2 * min(self.demos.fixed_count(DEMO_COUNT), shown)
         reply = await self.llm.complete_json(
             messages,
             schema=schema,

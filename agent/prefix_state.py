@@ -19,6 +19,7 @@ File layout: MAGIC, u32 header length, JSON header, n_tokens int32 token ids, th
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -41,6 +42,7 @@ __all__ = [
     "load_prefix_state",
     "model_digest",
     "prefix_state_path",
+    "prune_states",
     "save_prefix_state",
     "shared_prefix",
 ]
@@ -112,6 +114,19 @@ def prefix_state_path(directory: Path, model_sha256: str, tokens: Sequence[int])
     """One file per (model, llama-cpp-python, prefix): a changed prompt or model gets a new name."""
     key = hashlib.sha256(json.dumps(_key(model_sha256, tokens), sort_keys=True).encode()).hexdigest()
     return directory / f"prefix-{key[:24]}.llstate"
+
+
+def prune_states(directory: Path, keep: int) -> list[Path]:
+    """Remove all but the ``keep`` most recently used state files (a load touches its file); the removed.
+
+    Each prompt prefix (another set of runnable task types, fewer demonstrations for a long request) has a
+    file of its own, tens of megabytes for a 1.5B model; without a bound they would pile up."""
+    files = sorted(directory.glob("prefix-*.llstate"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    removed = []
+    for old in files[keep:]:
+        old.unlink(missing_ok=True)
+        removed.append(old)
+    return removed
 
 
 def chat_tokens(
@@ -245,6 +260,8 @@ def load_prefix_state(
     llama.input_ids[: len(expected)] = expected
     llama.n_tokens = len(expected)
     llama._requires_eval = True  # no logits were restored: generate evaluates at least one token
+    with contextlib.suppress(OSError):
+        os.utime(path)  # recently used: kept by prune_states
     return True
 
 

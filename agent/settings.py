@@ -60,7 +60,7 @@ class Settings:
     top_k: int = 5
     # Planner demonstrations: "retrieval" picks those closest to the request (needs the local extras),
     # "fixed" always shows the same ones (a stable prompt prefix, no sentence encoder to load).
-    demos: Literal["retrieval", "fixed"] = "retrieval"
+    demos: Literal["retrieval", "mixed", "fixed"] = "retrieval"
     task_timeout: float = 120.0
     task_retries: int = 2
     max_tasks: int = 12
@@ -154,8 +154,8 @@ class Settings:
             raise ConfigurationError("HUGGINGGPT_MODEL_SELECTION must be 'llm' or 'downloads'")
         if settings.llm_vision not in ("auto", "on", "off"):
             raise ConfigurationError("LLM_VISION must be 'auto', 'on' or 'off'")
-        if settings.demos not in ("retrieval", "fixed"):
-            raise ConfigurationError("HUGGINGGPT_DEMOS must be 'retrieval' or 'fixed'")
+        if settings.demos not in ("retrieval", "mixed", "fixed"):
+            raise ConfigurationError("HUGGINGGPT_DEMOS must be 'retrieval', 'mixed' or 'fixed'")
         if settings.top_k < 1:
             raise ConfigurationError("HUGGINGGPT_TOP_K must be at least 1")
         if settings.local_llm_threads < 0:

@@ -27,6 +27,9 @@ from storage import Storage
 
 from .conversations import Conversations
 
+MIXED_HEAD = 4
+"""With HUGGINGGPT_DEMOS=mixed: the demonstrations every request is shown first (the rest are retrieved)."""
+
 if TYPE_CHECKING:
     from agent.encoder import SentenceEncoder
 
@@ -70,8 +73,10 @@ class Runtime:
             all_backends = Backends([LLMTaskBackend(llm), *backends])
             # Plan only what can run here: the prompt, the schemas and the demonstrations follow.
             task_types = all_backends.runnable_task_types(catalog)
-            if demos is None and settings.demos == "retrieval":
-                demos = _demo_selector(encoder, task_types)
+            if demos is None and settings.demos != "fixed":
+                demos = _demo_selector(
+                    encoder, task_types, head=MIXED_HEAD if settings.demos == "mixed" else 0
+                )
             agent = Agent(llm, catalog, all_backends, settings.execution, demos=demos, task_types=task_types)
         except BaseException:
             await storage.close()
@@ -137,9 +142,11 @@ def _local_backend(
     return [LocalBackend(settings, llm, encoder=encoder)]
 
 
-def _demo_selector(encoder: SentenceEncoder | None, task_types: frozenset[str]) -> DemoSelector | None:
+def _demo_selector(
+    encoder: SentenceEncoder | None, task_types: frozenset[str], head: int
+) -> DemoSelector | None:
     if encoder is None:
         return None
     from agent.demos import EmbeddingDemoSelector
 
-    return EmbeddingDemoSelector(encoder=encoder, task_types=task_types)
+    return EmbeddingDemoSelector(encoder=encoder, task_types=task_types, head=head)

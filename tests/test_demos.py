@@ -58,3 +58,18 @@ async def test_retrieval_follows_the_request(selector: EmbeddingDemoSelector) ->
     assert positions == sorted(positions), "the choice keeps bank order, so prompts share prefixes"
     assert await selector.select("anything", 0) == []
     assert len(await selector.select("anything", 100)) == len(bank)
+
+
+@pytest.mark.local
+async def test_mixed_demonstrations_start_with_the_same_head_and_retrieve_the_rest(
+    selector: EmbeddingDemoSelector,
+) -> None:
+    mixed = EmbeddingDemoSelector(encoder=selector.encoder, head=4)
+    bank = list(load_demonstrations())
+    drawing = await mixed.select("Paint a picture of a dragon flying over mountains.", 8)
+    memo = await mixed.select("Please write down what the speaker says in this voice memo.", 8)
+    assert drawing[:4] == memo[:4] == bank[:4] and mixed.fixed_count(8) == 4
+    assert drawing[4:] != memo[4:] and not set(map(id, drawing[4:])) & set(map(id, bank[:4]))
+    assert "automatic-speech-recognition" in tasks_of(memo[4:])
+    assert await mixed.select("anything", 2) == bank[:2] and mixed.fixed_count(2) == 2
+    assert selector.fixed_count(8) == 0

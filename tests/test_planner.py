@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.demos import Demonstration, load_demonstrations
+from agent.demos import Demonstration, FixedDemos, load_demonstrations
 from agent.errors import PlanningError, PlanParseError, PlanValidationError
 from agent.events import LLMUsage
 from agent.grammar import GRAMMAR_MAX_REPEAT, grammar_safe
@@ -599,6 +599,9 @@ async def test_a_custom_demo_selector_chooses_the_demonstrations() -> None:
     asked: list[tuple[str, int]] = []
 
     class OneDemo:
+        def fixed_count(self, k: int) -> int:
+            return 0
+
         async def select(self, text: str, k: int) -> list[Demonstration]:
             asked.append((text, k))
             return [special]
@@ -653,3 +656,32 @@ async def test_planner_fits_its_prompt_to_the_llms_context() -> None:
     assert estimate_message_tokens(messages) + planner.reply_tokens <= 4096
     assert server.requests[0]["max_tokens"] == planner.reply_tokens
     assert "turn 29 " in messages[-1]["content"]
+
+
+async def test_the_fixed_demonstrations_are_offered_to_the_llm_as_a_cacheable_prefix() -> None:
+    """The planner tells the LLM how many leading messages every plan shares (the embedded LLM saves its state
+    after them): the system message and the demonstrations that do not depend on the request."""
+    offered: list[int] = []
+
+    class Recording(OpenAILLM):
+        async def complete_json(self, messages, **kwargs):  # type: ignore[no-untyped-def]
+            offered.append(kwargs["cacheable_prefix"])
+            return await super().complete_json(messages, **kwargs)
+
+    bank = list(load_demonstrations())
+
+    class Head:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def fixed_count(self, k: int) -> int:
+            return min(self.n, k)
+
+        async def select(self, text: str, k: int) -> list[Demonstration]:
+            return bank[:k]
+
+    async with FakeLLMServer(['{"tasks": []}'] * 3) as server:
+        llm = Recording(Settings(openai_base_url=server.base_url), max_retries=0)
+        for selector in (Head(0), Head(3), FixedDemos(bank)):
+            await Planner(llm, selector).plan(REQUEST, LLMUsage())
+    assert offered == [1, 1 + 2 * 3, 1 + 2 * DEMO_COUNT]

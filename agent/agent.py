@@ -91,10 +91,7 @@ class Agent:
         replan: Replan | None = None
 
         def finish(status: RunStatus, error: str | None = None) -> Done:
-            ordered = [
-                results.get(t.id) or TaskResult(t.id, t.task, None, "skipped", error="not run")
-                for t in plan.tasks
-            ]
+            ordered = [results.get(t.id) or TaskResult(t.id, t.task, None, "skipped", error="not run") for t in plan.tasks]
             answer = "".join(answer_parts).strip()
             if status == "failed" and error:
                 # An answer cut short must say so, not pass for a whole one.
@@ -212,6 +209,7 @@ class Agent:
             replaced = {i for i, r in results.items() if r.status != "ok" and i not in replan.added}
         statuses = {r.status for r in results.values() if r.id not in replaced}
         yield finish("ok" if statuses <= {"ok"} else "partial")
+
 
     def missing_note(self, missing: Sequence[str], *, alone: bool) -> str:
         """What cannot be done here and the setting that would enable it, e.g. "I can't draw an image from a

@@ -174,11 +174,7 @@ class _Run:
         except ResourceStoreError as err:
             return self._stop(planned, choice.model if choice else None, started, err)
         except AgentError as err:
-            self._end(
-                TaskResult(
-                    planned.id, planned.task, choice.model if choice else None, "failed", error=str(err)
-                )
-            )
+            self._end(TaskResult(planned.id, planned.task, choice.model if choice else None, "failed", error=str(err)))
             return failed
         io = self._io(planned)
         attempts = _Attempts()

@@ -77,6 +77,7 @@ _RETRYABLE_STATUS = frozenset({408, 409, 429})
 _OPENAI_HOST = "api.openai.com"
 _ERROR_DETAIL_CHARS = 200
 _PROBE_TOKENS = 5
+_PROBE_SECONDS = 30.0  # the probe delays a run's first plan: a server that sits on it is taken as text-only
 # Refusals by the transport bounds: asking again would be refused the same way.
 _REFUSED = (ResponseTooLargeError, RedirectRefusedError, httpx2.TooManyRedirects, httpx2.DecodingError)
 _FAILURES = (openai.OpenAIError, ValueError, TimeoutError, httpx2.HTTPError)
@@ -331,11 +332,12 @@ class OpenAILLM:
 
     async def _probe_vision(self, usage: LLMUsage) -> bool | None:
         """One small call with an 8-pixel image: True if the server answers it, False if it refuses it
-        (HTTP 4xx, or 500 as llama.cpp without a projector does), None (ask again later) if it is down."""
-        probe = PromptImage("probe.png", _probe_jpeg(), 8, 8)
+        (HTTP 4xx, or 500 as llama.cpp without a projector does) or sits on it, None (ask again later) if it
+        is down or busy."""
+        probe = PromptImage("probe.jpg", _probe_jpeg(), 8, 8)
         messages = [{"role": "user", "content": "What colour is this picture? One word."}]
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(min(_PROBE_SECONDS, self._timeout)):
                 completion = await self._client.chat.completions.create(
                     model=self.model, messages=_wire(messages, (probe,)), **self._limit(_PROBE_TOKENS)
                 )
@@ -349,6 +351,13 @@ class OpenAILLM:
                 return None
             log.info(
                 "LLM server at %s does not take images (HTTP %s): LLM_VISION off", self.host, err.status_code
+            )
+            return False
+        except TimeoutError:
+            log.info(
+                "LLM server at %s did not answer the image probe within %g s: LLM_VISION off",
+                self.host,
+                min(_PROBE_SECONDS, self._timeout),
             )
             return False
         except _FAILURES as err:

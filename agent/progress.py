@@ -78,9 +78,7 @@ class RunProgress:
             seconds = result.seconds if result.status != "skipped" else None
             self._set(result.id, result.status, model=result.model, seconds=seconds, note=note)
         elif isinstance(event, Done):
-            self.stage = {"ok": "done", "partial": "done, with failures", "failed": "failed"}[
-                event.result.status
-            ]
+            self.stage = {"ok": "done", "partial": "done, with failures", "failed": "failed"}[event.result.status]
         else:
             return False
         if self.tasks and all(t.state not in ("waiting", "running") for t in self.tasks.values()):

@@ -19,7 +19,7 @@ from agent.uploads import check_upload
 from agent.vision import IMAGE_PROMPT_TOKENS, MAX_PROMPT_IMAGES, PROMPT_IMAGE_SIDE
 from tests.fakes.agent_fakes import hf_tasks
 from tests.fakes.hf_server import FakeHF
-from tests.fakes.llm_server import IMAGE_TOKENS, FakeLLMServer, prompt_tokens
+from tests.fakes.llm_server import IMAGE_TOKENS, FakeLLMServer, Reply, prompt_tokens
 from tests.fakes.reliability import plan_json, run_turn, stage, stage_script, start_runtime
 
 DETECT = plan_json({"id": 0, "task": "object-detection", "dep": [], "args": {"image": "img-1.png"}})
@@ -57,7 +57,7 @@ async def test_a_vision_llm_gets_the_images_downscaled_and_named_and_auto_probes
         finally:
             await rt.close()
     seen = by_stage(llm)
-    assert seen["probe"] == [[("probe.png", 8, 8)]]  # once for the process, before the first plan
+    assert seen["probe"] == [[("probe.jpg", 8, 8)]]  # once for the process, before the first plan
     side = PROMPT_IMAGE_SIDE
     # The planner sees the picture downscaled (768 px at most), named as in the prompt's file list.
     assert seen["plan"][0] == [("img-1.png", side, side * 3 // 4)]
@@ -145,3 +145,20 @@ async def test_prompts_keep_room_for_their_images() -> None:
         assert lost // 4 >= (MAX_PROMPT_IMAGES - 1) * IMAGE_PROMPT_TOKENS
     finally:
         await llm.aclose()
+
+
+async def test_a_server_that_sits_on_the_probe_is_taken_as_text_only(tmp_path: Path) -> None:
+    script = stage_script([DETECT], ["A square."], task=Reply("red", delay=3))
+    async with FakeHF(MODELS) as hf, FakeLLMServer(script, vision=True) as llm:
+        rt = await start_runtime(
+            llm.base_url, hf.base_url, tmp_path / "data", LLM_VISION="auto", LLM_TIMEOUT="1"
+        )
+        try:
+            conversation = (await rt.conversations.open("cli")).id
+            first = await run_turn(rt, conversation, "what is in it?", [await photo("a.png", (64, 48))])
+            second = await run_turn(rt, conversation, "and this?", [await photo("b.png", (64, 48))])
+        finally:
+            await rt.close()
+    assert first.result.status == second.result.status == "ok"
+    assert sum(is_probe(b) for b in llm.requests) == 1  # not asked again
+    assert [len(i) for i in llm.images] == [1, 0, 0, 0, 0]

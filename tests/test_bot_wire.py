@@ -43,7 +43,7 @@ def test_the_bot_process_over_the_wire(tmp_path: Path) -> None:
     bot = subprocess.Popen([str(HUGGINGGPT), "bot", "--sync-commands"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         server.wait_for(lambda f: f.identified and f.requests_to("PUT", r"/commands$"), timeout=60)
-        assert {c["name"] for c in fake.requests_to("PUT", r"/commands$")[0].json} == {"ask", "models", "status", "reset", "help"}
+        assert {c["name"] for c in fake.requests_to("PUT", r"/commands$")[0].json} == {"ask", "models", "status", "reset", "help", "Ask HuggingGPT"}
 
         # A mention with a PNG: one thread, a status message (its first POST gets a 429), edits (one gets a
         # 502), the answer with the files as multipart.

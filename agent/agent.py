@@ -23,6 +23,8 @@ from .events import (
     LLMUsage,
     ModelsSelected,
     PlanReady,
+    Replan,
+    Replanning,
     ResponseChunk,
     RunResult,
     RunStatus,
@@ -37,6 +39,7 @@ from .resources import Resource, ResourceStore
 from .responder import Responder
 from .selector import Selector
 from .tasks import TASKS
+from .vision import PromptImage, prompt_images
 
 __all__ = ["Agent"]
 
@@ -85,6 +88,7 @@ class Agent:
         results: dict[int, TaskResult] = {}
         files: list[Resource] = []
         answer_parts: list[str] = []
+        replan: Replan | None = None
 
         def finish(status: RunStatus, error: str | None = None) -> Done:
             ordered = [results.get(t.id) or TaskResult(t.id, t.task, None, "skipped", error="not run") for t in plan.tasks]
@@ -104,11 +108,34 @@ class Agent:
                     llm=usage,
                     seconds=self._clock() - started,
                     error=error,
+                    replan=replan,
                 )
             )
 
+        made: dict[str, PromptImage] = {}
+
+        async def images(*resources: Resource) -> tuple[PromptImage, ...]:
+            """The images among ``resources`` (first ones first), for an LLM that sees them (asked once)."""
+            if not any(r.kind == "image" for r in resources) or not await self.llm.sees_images(usage):
+                return ()
+            return await prompt_images(resources, store.read, made=made)
+
+        attached = [r for r in request.resources if r.name in request.attachments]
+        earlier = [r for r in reversed(request.resources) if r.name not in request.attachments]
+
+        async def execute() -> AsyncIterator[Event]:
+            """Run the tasks of ``plan`` that have no result yet, keeping their results and files."""
+            async for event in self.executor.execute(
+                plan, choices, request, store, usage, done=dict(results)
+            ):
+                if isinstance(event, TaskEnded):
+                    results[event.result.id] = event.result
+                    if event.result.output is not None:
+                        files.extend(event.result.output.resources)
+                yield event
+
         try:
-            plan = await self.planner.plan(request, usage)
+            plan = await self.planner.plan(request, usage, await images(*attached, *earlier))
             yield PlanReady(plan)
             if not plan and plan.missing:
                 # Nothing here can do it: say what is missing and what would enable it, without pretending.
@@ -127,15 +154,37 @@ class Agent:
                     answer_parts.append(_describe_dry_run(plan, choices))
                     yield finish("ok")
                     return
-                async for event in self.executor.execute(plan, choices, request, store, usage):
-                    if isinstance(event, TaskEnded):
-                        results[event.result.id] = event.result
-                        if event.result.output is not None:
-                            files.extend(event.result.output.resources)
+                async for event in execute():
                     yield event
+                failed = tuple(t.id for t in plan.tasks if results[t.id].status == "failed")
+                if failed:
+                    # At most once a run: the new tasks' failures are answered as they are.
+                    yield Replanning(failed)
+                    try:
+                        shown = await images(*attached, *earlier)
+                        whole = await self.planner.replan(request, plan, results, usage, shown)
+                    except AgentError as err:
+                        log.info("run %s: the replan made no plan: %s", run_id, err)
+                        replan = Replan(failed, error=str(err))
+                    else:
+                        added = whole.tasks[len(plan.tasks) :]
+                        replan = Replan(failed, tuple(t.id for t in added))
+                        if added:
+                            plan = whole
+                            yield PlanReady(plan)
+                            # Chosen without the LLM: a replan costs one LLM call, not two.
+                            new = {t.id for t in added}
+                            choices = {
+                                **choices,
+                                **await self.selector.select(request, plan, usage, only=new),
+                            }
+                            yield ModelsSelected(choices)
+                            async for event in execute():
+                                yield event
             ordered = [results[t.id] for t in plan.tasks if t.id in results]
+            shown = await images(*attached, *reversed(files), *earlier)
             try:
-                async for chunk in self.responder.respond(request, plan, choices, ordered, usage):
+                async for chunk in self.responder.respond(request, plan, choices, ordered, usage, shown):
                     answer_parts.append(chunk)
                     yield ResponseChunk(chunk)
                 if plan.missing:
@@ -154,7 +203,11 @@ class Agent:
             log.warning("run %s failed: %s", run_id, err, exc_info=log.isEnabledFor(logging.DEBUG))
             yield finish("failed", str(err))
             return
-        statuses = {r.status for r in results.values()}
+        # The tasks a replan replaced (failed, or skipped for a failure) do not count against the run.
+        replaced = set()
+        if replan is not None and replan.added:
+            replaced = {i for i, r in results.items() if r.status != "ok" and i not in replan.added}
+        statuses = {r.status for r in results.values() if r.id not in replaced}
         yield finish("ok" if statuses <= {"ok"} else "partial")
 
 

@@ -18,6 +18,8 @@ __all__ = [
     "LLMUsage",
     "ModelsSelected",
     "PlanReady",
+    "Replan",
+    "Replanning",
     "ResponseChunk",
     "RunResult",
     "RunStatus",
@@ -45,6 +47,19 @@ class LLMUsage:
         return {"calls": self.calls, "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
 
 
+@dataclass(frozen=True)
+class Replan:
+    """The run's one replan: the tasks whose failure caused it, the tasks the new plan added (none when the
+    planner had nothing else to try), and why it made no plan if it failed itself."""
+
+    after: tuple[int, ...]
+    added: tuple[int, ...] = ()
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"after": list(self.after), "added": list(self.added), "error": self.error}
+
+
 @dataclass
 class RunResult:
     """Everything a run produced; ``to_trace`` is the ``ask --json`` contract."""
@@ -59,6 +74,7 @@ class RunResult:
     llm: LLMUsage
     seconds: float
     error: str | None = None
+    replan: Replan | None = None
 
     def to_trace(self, conversation: str, file_paths: list[str]) -> dict[str, Any]:
         """The ``ask --json`` trace, but for ``backends``, which the front end adds from the runtime."""
@@ -72,12 +88,21 @@ class RunResult:
             "files": file_paths,
             "llm": self.llm.to_json(),
             "seconds": round(self.seconds, 3),
+            "replan": self.replan.to_json() if self.replan else None,
         }
 
 
 @dataclass(frozen=True)
 class PlanReady:
     plan: Plan
+
+
+@dataclass(frozen=True)
+class Replanning:
+    """Tasks failed on every model they could run on: the planner is asked, once, to plan around them. A
+    ``PlanReady`` with the whole plan (the tasks that ran and the new ones) and a ``ModelsSelected`` follow."""
+
+    failed: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -109,4 +134,4 @@ class Done:
     result: RunResult
 
 
-Event = PlanReady | ModelsSelected | TaskStarted | TaskEnded | ResponseChunk | Done
+Event = PlanReady | Replanning | ModelsSelected | TaskStarted | TaskEnded | ResponseChunk | Done

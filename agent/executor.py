@@ -15,7 +15,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from .backends import Backend, Backends, TaskInput, TaskIO
@@ -86,18 +86,29 @@ class Executor:
         request: Request,
         store: ResourceStore,
         usage: LLMUsage,
+        *,
+        done: Mapping[int, TaskResult] | None = None,
     ) -> AsyncIterator[Event]:
         """Yield ``TaskStarted`` (again on each fallback model) and exactly one ``TaskEnded`` per task, as
         they happen. Closing or cancelling the iteration cancels every running task. A
-        ``ResourceStoreError`` in any task is raised here, after cancelling the others."""
+        ``ResourceStoreError`` in any task is raised here, after cancelling the others.
+
+        ``done`` holds the results of tasks of ``plan`` that already ran (before a replan): they are not run
+        again, and their outputs feed the tasks that depend on them."""
+        done = done or {}
         events: asyncio.Queue[Event] = asyncio.Queue()
         outcomes: dict[int, asyncio.Future[_Outcome]] = {
             t.id: asyncio.get_running_loop().create_future() for t in plan.tasks
         }
+        for task_id, result in done.items():
+            reason = result.error or f"task {task_id} ({result.task}) {result.status}"
+            outcomes[task_id].set_result(
+                _Outcome(result.output, reason) if result.status == "ok" else _Outcome(reason=reason)
+            )
         run = _Run(self, choices, request, store, usage, events, outcomes)
-        workers = [asyncio.create_task(run.task(t)) for t in plan.tasks]
+        workers = [asyncio.create_task(run.task(t)) for t in plan.tasks if t.id not in done]
         try:
-            remaining = len(plan.tasks)
+            remaining = len(workers)
             while remaining:
                 event = await events.get()
                 if isinstance(event, TaskEnded):

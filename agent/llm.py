@@ -18,10 +18,12 @@ framing is ~200 bytes a token), and redirects are followed within the server onl
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from itertools import pairwise
 from typing import Any, Literal, Protocol, TypedDict, TypeVar, cast
 from urllib.parse import urlsplit
@@ -30,6 +32,7 @@ import httpx2
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 from openai.types.chat.completion_create_params import ResponseFormat
+from PIL import Image
 
 from .errors import LLMError, LLMTimeoutError
 from .events import LLMUsage
@@ -45,6 +48,7 @@ from .logs import redact
 from .settings import Settings
 from .status import BackendStatus
 from .text import clip, valid_text
+from .vision import IMAGE_PROMPT_TOKENS, PromptImage
 
 __all__ = [
     "JSON_MODES",
@@ -72,6 +76,8 @@ _MIN_BODY_BYTES = 1 << 20
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
 _OPENAI_HOST = "api.openai.com"
 _ERROR_DETAIL_CHARS = 200
+_PROBE_TOKENS = 5
+_PROBE_SECONDS = 30.0  # the probe delays a run's first plan: a server that sits on it is taken as text-only
 # Refusals by the transport bounds: asking again would be refused the same way.
 _REFUSED = (ResponseTooLargeError, RedirectRefusedError, httpx2.TooManyRedirects, httpx2.DecodingError)
 _FAILURES = (openai.OpenAIError, ValueError, TimeoutError, httpx2.HTTPError)
@@ -96,6 +102,7 @@ class LLM(Protocol):
         max_tokens: int | None = None,
         exact_schema: Callable[[], dict[str, Any]] | None = None,
         cacheable_prefix: int = 0,
+        images: Sequence[PromptImage] = (),
     ) -> str:
         """The raw reply text, constrained to ``schema`` when the backend can; callers still parse leniently.
 
@@ -104,12 +111,23 @@ class LLM(Protocol):
         use its schema instead; the others never call it (making one costs about a millisecond).
         ``cacheable_prefix`` says that the first N messages are the same for many calls (the planner's fixed
         prompt): a backend that can keep its state after them across restarts may do so.
+        ``images`` go with the last message when the LLM sees images (``sees_images``); others ignore them.
         """
         ...
 
     def stream(
-        self, messages: list[dict[str, str]], *, usage: LLMUsage, max_tokens: int | None = None
+        self,
+        messages: list[dict[str, str]],
+        *,
+        usage: LLMUsage,
+        max_tokens: int | None = None,
+        images: Sequence[PromptImage] = (),
     ) -> AsyncIterator[str]: ...
+
+    async def sees_images(self, usage: LLMUsage) -> bool:
+        """Whether images sent with a call reach the model (``LLM_VISION``; ``auto`` asks the server once,
+        and that call counts in ``usage``). Never raises."""
+        ...
 
     async def status(self) -> BackendStatus:
         """Whether the LLM is reachable; never raises."""
@@ -194,6 +212,9 @@ class OpenAILLM:
         self._is_openai = url.hostname == _OPENAI_HOST
         # None until a JSON call succeeds: then the mode that worked.
         self.json_mode: JsonMode | None = json_mode or ("json_schema" if self._is_openai else None)
+        # None until the probe answered (LLM_VISION=auto): then whether the server takes images.
+        self.vision: bool | None = {"on": True, "off": False}.get(settings.llm_vision)
+        self._probing = asyncio.Lock()
 
     async def complete(
         self, messages: list[dict[str, str]], *, usage: LLMUsage, max_tokens: int | None = None
@@ -218,8 +239,10 @@ class OpenAILLM:
         max_tokens: int | None = None,
         exact_schema: Callable[[], dict[str, Any]] | None = None,
         cacheable_prefix: int = 0,
+        images: Sequence[PromptImage] = (),
     ) -> str:
         modes = (self.json_mode,) if self.json_mode else JSON_MODES
+        images = images if self.vision else ()
 
         def schema_for(mode: JsonMode) -> dict[str, Any]:
             # Only llama.cpp's json_object mode compiles a grammar; OpenAI's structured outputs take a
@@ -230,21 +253,27 @@ class OpenAILLM:
             for mode, fallback in pairwise(modes):
                 try:
                     return await self._create_json(
-                        messages, mode, schema_for(mode), usage=usage, max_tokens=max_tokens
+                        messages, mode, schema_for(mode), usage=usage, max_tokens=max_tokens, images=images
                     )
                 except openai.APIStatusError as err:
                     if not _refused_format(err):
                         raise
                     log.info("LLM server at %s refused JSON mode %s; trying %s", self.host, mode, fallback)
             return await self._create_json(
-                messages, modes[-1], schema_for(modes[-1]), usage=usage, max_tokens=max_tokens
+                messages, modes[-1], schema_for(modes[-1]), usage=usage, max_tokens=max_tokens, images=images
             )
         except _FAILURES as err:
             raise self._error(err) from err
 
     async def stream(
-        self, messages: list[dict[str, str]], *, usage: LLMUsage, max_tokens: int | None = None
+        self,
+        messages: list[dict[str, str]],
+        *,
+        usage: LLMUsage,
+        max_tokens: int | None = None,
+        images: Sequence[PromptImage] = (),
     ) -> AsyncIterator[str]:
+        images = images if self.vision else ()
         parts: list[str] = []
         reported: tuple[int, int] | None = None
         cap = AnswerCap(self.max_answer_chars)
@@ -257,7 +286,7 @@ class OpenAILLM:
             deadline = attempt_deadline
             return await self._client.chat.completions.create(
                 model=self.model,
-                messages=_wire(messages),
+                messages=_wire(messages, images),
                 stream=True,
                 stream_options={"include_usage": True},
                 **self._limit(max_tokens),
@@ -285,12 +314,63 @@ class OpenAILLM:
             raise self._error(err, midway=opened) from err
         finally:
             if opened:
-                usage.add(*(reported or (estimate_message_tokens(messages), estimate_tokens("".join(parts)))))
+                estimated = estimate_message_tokens(messages) + IMAGE_PROMPT_TOKENS * len(images)
+                usage.add(*(reported or (estimated, estimate_tokens("".join(parts)))))
         if cap.cut:
             self._log_cut()
             yield cap.notice
         elif not finished:
             raise LLMError(f"the answer from the LLM server at {self.host} stopped midway; try again")
+
+    async def sees_images(self, usage: LLMUsage) -> bool:
+        if self.vision is not None:
+            return self.vision
+        async with self._probing:  # one probe, whoever asks at the same time
+            if self.vision is None:
+                self.vision = await self._probe_vision(usage)
+        return bool(self.vision)
+
+    async def _probe_vision(self, usage: LLMUsage) -> bool | None:
+        """One small call with an 8-pixel image: True if the server answers it, False if it refuses it
+        (HTTP 4xx, or 500 as llama.cpp without a projector does) or sits on it, None (ask again later) if it
+        is down or busy."""
+        probe = PromptImage("probe.jpg", _probe_jpeg(), 8, 8)
+        messages = [{"role": "user", "content": "What colour is this picture? One word."}]
+        try:
+            async with asyncio.timeout(min(_PROBE_SECONDS, self._timeout)):
+                completion = await self._client.chat.completions.create(
+                    model=self.model, messages=_wire(messages, (probe,)), **self._limit(_PROBE_TOKENS)
+                )
+        except openai.APIStatusError as err:
+            if err.status_code in _RETRYABLE_STATUS or err.status_code > 500:
+                log.info(
+                    "LLM server at %s: the image probe failed (%s); images not sent",
+                    self.host,
+                    err.status_code,
+                )
+                return None
+            log.info(
+                "LLM server at %s does not take images (HTTP %s): LLM_VISION off", self.host, err.status_code
+            )
+            return False
+        except TimeoutError:
+            log.info(
+                "LLM server at %s did not answer the image probe within %g s: LLM_VISION off",
+                self.host,
+                min(_PROBE_SECONDS, self._timeout),
+            )
+            return False
+        except _FAILURES as err:
+            log.info(
+                "LLM server at %s: the image probe failed (%s); images not sent", self.host, self._error(err)
+            )
+            return None
+        if completion.usage is not None:
+            usage.add(completion.usage.prompt_tokens, completion.usage.completion_tokens)
+        else:
+            usage.add(estimate_message_tokens(messages), _PROBE_TOKENS)
+        log.info("LLM server at %s takes images: LLM_VISION on", self.host)
+        return True
 
     async def status(self) -> BackendStatus:
         try:
@@ -351,11 +431,12 @@ class OpenAILLM:
         usage: LLMUsage,
         max_tokens: int | None,
         response_format: dict[str, Any] | None = None,
+        images: Sequence[PromptImage] = (),
     ) -> str:
         completion = await self._attempts(
             lambda _deadline: self._client.chat.completions.create(
                 model=self.model,
-                messages=_wire(messages),
+                messages=_wire(messages, images),
                 response_format=cast("ResponseFormat", response_format) if response_format else openai.omit,
                 **self._limit(max_tokens),
             )
@@ -366,7 +447,9 @@ class OpenAILLM:
         if completion.usage is not None:
             usage.add(completion.usage.prompt_tokens, completion.usage.completion_tokens)
         else:
-            usage.add(estimate_message_tokens(messages), estimate_tokens(text))
+            usage.add(
+                estimate_message_tokens(messages) + IMAGE_PROMPT_TOKENS * len(images), estimate_tokens(text)
+            )
         return text
 
     async def _create_json(
@@ -377,12 +460,14 @@ class OpenAILLM:
         *,
         usage: LLMUsage,
         max_tokens: int | None,
+        images: Sequence[PromptImage] = (),
     ) -> str:
         text = await self._create(
             _with_schema_hint(messages, schema) if mode == "prompt" else messages,
             usage=usage,
             max_tokens=max_tokens,
             response_format=_response_format(mode, schema),
+            images=images,
         )
         self.json_mode = mode
         return text
@@ -471,8 +556,26 @@ class _Limit(TypedDict, total=False):
     max_completion_tokens: int
 
 
-def _wire(messages: list[dict[str, str]]) -> list[ChatCompletionMessageParam]:
-    return cast("list[ChatCompletionMessageParam]", messages)
+def _wire(
+    messages: list[dict[str, str]], images: Sequence[PromptImage] = ()
+) -> list[ChatCompletionMessageParam]:
+    """The messages as the API takes them; ``images`` go into the last one as image parts, each after a
+    text part with its name, so the LLM can tie what it sees to the file names in the prompt."""
+    wired: list[dict[str, Any]] = list(messages)
+    if images and wired:
+        parts: list[dict[str, Any]] = [{"type": "text", "text": wired[-1]["content"]}]
+        for image in images:
+            parts.append({"type": "text", "text": f"Image {image.name}:"})
+            parts.append({"type": "image_url", "image_url": {"url": image.data_url}})
+        wired[-1] = {**wired[-1], "content": parts}
+    return cast("list[ChatCompletionMessageParam]", wired)
+
+
+@cache
+def _probe_jpeg() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (220, 30, 30)).save(out, format="JPEG")
+    return out.getvalue()
 
 
 def _response_format(mode: JsonMode, schema: dict[str, Any]) -> dict[str, Any] | None:

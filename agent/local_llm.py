@@ -37,6 +37,7 @@ from .events import LLMUsage
 from .grammar import grammar_safe
 from .llm import AnswerCap
 from .settings import Settings
+from .vision import PromptImage
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -388,6 +389,10 @@ class EmbeddedLLM:
         ahead = self._in_flight - 1
         return f"queued behind {ahead} other request{'s' if ahead > 1 else ''}" if ahead > 0 else None
 
+    async def sees_images(self, usage: LLMUsage) -> bool:
+        """The embedded models read text only: images are never sent, and named in the text as always."""
+        return False
+
     async def load(self) -> Llama:
         """Resolve and load the weights now (otherwise they load on first use)."""
         if self._llama is not None:
@@ -408,6 +413,7 @@ class EmbeddedLLM:
         max_tokens: int | None = None,
         exact_schema: Callable[[], dict[str, Any]] | None = None,
         cacheable_prefix: int = 0,
+        images: Sequence[PromptImage] = (),
     ) -> str:
         response_format = {
             "type": "json_object",
@@ -416,7 +422,12 @@ class EmbeddedLLM:
         return await self._complete(messages, usage, max_tokens, 0.0, response_format, cacheable_prefix)
 
     async def stream(
-        self, messages: list[dict[str, str]], *, usage: LLMUsage, max_tokens: int | None = None
+        self,
+        messages: list[dict[str, str]],
+        *,
+        usage: LLMUsage,
+        max_tokens: int | None = None,
+        images: Sequence[PromptImage] = (),
     ) -> AsyncIterator[str]:
         llama = await self.load()
         loop = asyncio.get_running_loop()

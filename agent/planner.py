@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from functools import cache, partial
 from typing import Any
 
@@ -23,13 +23,14 @@ from .errors import PlanningError, PlanParseError, PlanValidationError
 from .events import LLMUsage
 from .grammar import GRAMMAR_MAX_REPEAT
 from .llm import LLM, estimate_message_tokens, estimate_tokens
-from .plan import Plan
+from .plan import Plan, TaskResult
 from .plan_schema import exact_plan_schema, plan_schema
 from .prompts import prompt_template
 from .replies import parse_json_reply
 from .request import ChatTurn, Request
 from .tasks import TASKS
 from .text import clip
+from .vision import IMAGE_PROMPT_TOKENS, PromptImage
 
 __all__ = ["DEMO_COUNT", "Planner", "parse_plan_text", "plan_messages"]
 
@@ -108,9 +109,10 @@ class Planner:
         self.demos = demos or FixedDemos(task_types=self.task_types)
         self.reply_tokens = min(2048, llm.context_tokens // 4)
 
-    async def plan(self, request: Request, usage: LLMUsage) -> Plan:
+    async def plan(self, request: Request, usage: LLMUsage, images: Sequence[PromptImage] = ()) -> Plan:
+        """``images`` go with the request to an LLM that sees images (named in the text as every file is)."""
         shots = await self.demos.select(request.text, DEMO_COUNT)
-        budget = self.llm.context_tokens - self.reply_tokens
+        budget = self.llm.context_tokens - self.reply_tokens - IMAGE_PROMPT_TOKENS * len(images)
         schema = plan_schema(self.max_tasks, self.task_types)
         # Made only if the backend asks for it, and once for both attempts.
         exact = cache(
@@ -129,6 +131,7 @@ class Planner:
             usage=usage,
             max_tokens=self.reply_tokens,
             cacheable_prefix=fixed,
+            images=images,
         )
         try:
             return await self._read(reply, request)
@@ -150,6 +153,7 @@ class Planner:
             exact_schema=exact,
             usage=usage,
             max_tokens=self.reply_tokens,
+            images=images,
         )
         try:
             return await self._read(reply, request)
@@ -162,6 +166,55 @@ class Planner:
             raise PlanValidationError(
                 f"the LLM's plan broke a rule, even when asked again ({err}); try rephrasing the request"
             ) from err
+
+    async def replan(
+        self,
+        request: Request,
+        plan: Plan,
+        results: Mapping[int, TaskResult],
+        usage: LLMUsage,
+        images: Sequence[PromptImage] = (),
+    ) -> Plan:
+        """One more plan after tasks failed: the planning prompt, the plan that ran, and how each task ended.
+        The reply holds new tasks only; they may use the outputs of the tasks that finished ok. Returns the
+        whole plan (every task of ``plan``, then the new ones). One LLM call, no re-prompt: a reply that
+        breaks a rule raises ``PlanningError`` and the run answers from what it has."""
+        kept = [t for t in plan.tasks if results[t.id].status == "ok"]
+        next_id = max(t.id for t in plan.tasks) + 1
+        echo = {
+            "role": "assistant",
+            "content": clip(json.dumps({"tasks": plan.to_json()}), _RETRY_ECHO_CHARS),
+        }
+        outcomes = prompt_template("planner_replan.txt").substitute(
+            outcomes="\n".join(_render_outcome(results[t.id]) for t in plan.tasks), next_id=next_id
+        )
+        ask = {"role": "user", "content": outcomes}
+        shots = await self.demos.select(request.text, DEMO_COUNT)
+        budget = (
+            self.llm.context_tokens
+            - self.reply_tokens
+            - estimate_message_tokens([echo, ask])
+            - IMAGE_PROMPT_TOKENS * len(images)
+        )
+        messages = plan_messages(request, shots, budget, max_tasks=self.max_tasks, task_types=self.task_types)
+        # No exact schema: it numbers tasks from 0, and the new ones continue the plan's numbering.
+        reply = await self.llm.complete_json(
+            [*messages, echo, ask],
+            schema=plan_schema(self.max_tasks, self.task_types),
+            usage=usage,
+            max_tokens=self.reply_tokens,
+            images=images,
+        )
+        raw = await parse_plan_text(reply)
+        items = raw.get("tasks") if isinstance(raw, dict) else raw
+        if not isinstance(items, list):
+            raise PlanValidationError('the new plan is not a list of tasks (expected {"tasks": [...]})')
+        # Checked as one plan with the tasks that finished ok: a new task may depend on those only.
+        whole = Plan.from_raw(
+            [t.to_json() for t in kept] + items, request.resources, self.max_tasks, self.task_types
+        )
+        done = {t.id for t in kept}
+        return Plan(plan.tasks + tuple(t for t in whole.tasks if t.id not in done), plan.missing)
 
     async def _read(self, reply: str, request: Request) -> Plan:
         return Plan.from_raw(await parse_plan_text(reply), request.resources, self.max_tasks, self.task_types)
@@ -190,6 +243,15 @@ def _render_request(request: Request, turns: Sequence[ChatTurn]) -> str:
     history = "\n".join(_render_turn(t) for t in turns) or "(none)"
     return prompt_template("planner_request.txt").substitute(
         history=history, files=_render_files(request), text=request.text
+    )
+
+
+def _render_outcome(result: TaskResult) -> str:
+    if result.status == "ok":
+        shown = result.output.to_json() if result.output else {}
+        return f"- task {result.id} ({result.task}) finished ok: {clip(json.dumps(shown, ensure_ascii=False), 300)}"
+    return (
+        f"- task {result.id} ({result.task}) {result.status}: {clip(result.error or 'no reason given', 300)}"
     )
 
 

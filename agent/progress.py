@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .events import Done, Event, ModelsSelected, PlanReady, TaskEnded, TaskStarted
+from .events import Done, Event, ModelsSelected, PlanReady, Replanning, TaskEnded, TaskStarted
 from .plan import Plan, TaskStatus
 
 __all__ = ["LLM_STAGES", "RunProgress", "TaskState"]
@@ -31,7 +31,7 @@ class TaskState:
 
 
 # Stages in which a run waits for the controller LLM (where what the LLM is busy with is worth showing).
-LLM_STAGES = frozenset({"planning", "choosing models", "answering"})
+LLM_STAGES = frozenset({"planning", "replanning", "choosing models", "answering"})
 
 
 @dataclass
@@ -43,6 +43,7 @@ class RunProgress:
     tasks: dict[int, TaskState] = field(default_factory=dict)
     stage: str = "planning"
     busy: str | None = None
+    replanned: str | None = None
 
     @property
     def headline(self) -> str:
@@ -52,12 +53,21 @@ class RunProgress:
     def apply(self, event: Event) -> bool:
         """Update from ``event``; True if what is shown changed."""
         if isinstance(event, PlanReady):
+            # After a replan the plan keeps the tasks that ran, and their states.
             self.plan = event.plan
-            self.tasks = {t.id: TaskState(t.id, t.task, t.dep) for t in event.plan.tasks}
+            self.tasks = {
+                t.id: self.tasks.get(t.id) or TaskState(t.id, t.task, t.dep) for t in event.plan.tasks
+            }
             self.stage = "choosing models" if event.plan else "answering"
+        elif isinstance(event, Replanning):
+            self.stage = "replanning"
+            failed = ", ".join(map(str, event.failed))
+            self.replanned = (
+                f"replanned once, after task{'s' if len(event.failed) > 1 else ''} {failed} failed"
+            )
         elif isinstance(event, ModelsSelected):
             for task_id, choice in event.choices.items():
-                if task_id in self.tasks:
+                if task_id in self.tasks and self.tasks[task_id].state == "waiting":
                     self.tasks[task_id].model = choice.model or None
             self.stage = "running"
         elif isinstance(event, TaskStarted):
@@ -101,4 +111,6 @@ class RunProgress:
             secs = f" · {t.seconds:.1f}s" if t.seconds is not None else ""
             note = f" — {t.note}" if t.note and t.state in ("failed", "skipped") else ""
             out.append(f"{mark} {t.id} {t.task}{after}{model}{secs}{note}")
+        if self.replanned:
+            out.append(f"🔁 {self.replanned}" if icons else f"[replan] {self.replanned}")
         return out

@@ -20,7 +20,7 @@ from typing import Any
 import json_repair
 
 from .errors import PlanParseError
-from .workers import ProcessWorker, WorkerCrashedError
+from .workers import WorkerCrashedError, loop_worker
 
 __all__ = ["MAX_JSON_REPLY_CHARS", "REPAIR_SECONDS", "parse_json_reply"]
 
@@ -28,8 +28,6 @@ MAX_JSON_REPLY_CHARS = 32_000
 """Longest reply read as JSON: four times the 2,048-token replies the planner asks for."""
 REPAIR_SECONDS = 5.0
 """Time limit of one lenient repair (a broken 8,000-character plan takes milliseconds)."""
-
-_workers: dict[asyncio.AbstractEventLoop, ProcessWorker] = {}
 
 
 async def parse_json_reply(text: str, *, repair_seconds: float = REPAIR_SECONDS) -> Any:
@@ -50,7 +48,7 @@ async def parse_json_reply(text: str, *, repair_seconds: float = REPAIR_SECONDS)
         return json.JSONDecoder().raw_decode(body)[0]
     except (ValueError, RecursionError):
         pass
-    worker = await _worker()
+    worker = await loop_worker("json-repair")
     try:
         async with asyncio.timeout(repair_seconds):
             return await worker.run(_repair, body)
@@ -103,14 +101,3 @@ def _repair(body: str) -> Any:
     if isinstance(value, list) and len(value) > 1 and isinstance(value[0], dict if body[0] == "{" else list):
         return value[0]
     return value
-
-
-async def _worker() -> ProcessWorker:
-    """This loop's repair worker; the workers of closed loops are stopped."""
-    for loop in [loop for loop in _workers if loop.is_closed()]:
-        await _workers.pop(loop).aclose()
-    loop = asyncio.get_running_loop()
-    worker = _workers.get(loop)
-    if worker is None:
-        worker = _workers[loop] = ProcessWorker("json-repair")
-    return worker

@@ -18,6 +18,7 @@ from .plan import ModelChoice, Plan, TaskResult
 from .prompts import load_prompt, prompt_template
 from .request import Request
 from .text import clip
+from .vision import IMAGE_PROMPT_TOKENS, PromptImage
 
 __all__ = ["Responder", "workflow_json"]
 
@@ -84,14 +85,23 @@ class Responder:
         choices: dict[int, ModelChoice],
         results: list[TaskResult],
         usage: LLMUsage,
+        images: Sequence[PromptImage] = (),
     ) -> AsyncIterator[str]:
-        return self._stream(self.messages(request, plan, choices, results), usage)
+        """``images`` (the request's and the tasks') go to an LLM that sees images, named in the text."""
+        return self._stream(self.messages(request, plan, choices, results, images=len(images)), usage, images)
 
     def messages(
-        self, request: Request, plan: Plan, choices: dict[int, ModelChoice], results: Sequence[TaskResult]
+        self,
+        request: Request,
+        plan: Plan,
+        choices: dict[int, ModelChoice],
+        results: Sequence[TaskResult],
+        *,
+        images: int = 0,
     ) -> list[dict[str, str]]:
-        """The prompt: system rules, the most recent chat turns that fit, then this turn with its results."""
-        budget = self.llm.context_tokens - self.reply_tokens
+        """The prompt: system rules, the most recent chat turns that fit, then this turn with its results
+        (leaving room for ``images`` image parts)."""
+        budget = self.llm.context_tokens - self.reply_tokens - IMAGE_PROMPT_TOKENS * images
         if plan:
             system = load_prompt("responder_system.txt")
             # Share half the budget between the task outputs; the chat log gets what is left.
@@ -127,10 +137,14 @@ class Responder:
             used += cost
         return [*head, *_alternating([*reversed(turns), *tail])]
 
-    async def _stream(self, messages: list[dict[str, str]], usage: LLMUsage) -> AsyncIterator[str]:
+    async def _stream(
+        self, messages: list[dict[str, str]], usage: LLMUsage, images: Sequence[PromptImage]
+    ) -> AsyncIterator[str]:
         said = False
         try:
-            async for chunk in self.llm.stream(messages, usage=usage, max_tokens=self.reply_tokens):
+            async for chunk in self.llm.stream(
+                messages, usage=usage, max_tokens=self.reply_tokens, images=images
+            ):
                 said = said or bool(chunk.strip())
                 yield chunk
         except LLMError as err:

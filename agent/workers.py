@@ -34,7 +34,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["ProcessWorker", "ProgramResult", "WorkerCrashedError", "run_program"]
+__all__ = ["ProcessWorker", "ProgramResult", "WorkerCrashedError", "loop_worker", "run_program"]
 
 log = logging.getLogger(__name__)
 
@@ -285,3 +285,18 @@ async def _feed(pipe: asyncio.StreamWriter, data: bytes) -> None:
         pass  # the program stopped reading: it had what it needed (ffprobe, ffmpeg -t)
     finally:
         pipe.close()
+
+
+_loop_workers: dict[tuple[asyncio.AbstractEventLoop, str], ProcessWorker] = {}
+
+
+async def loop_worker(name: str) -> ProcessWorker:
+    """The running loop's worker called ``name``, started on first use and kept (starting a child costs a
+    fraction of a second); the workers of loops that have closed are stopped here."""
+    for key in [key for key in _loop_workers if key[0].is_closed()]:
+        await _loop_workers.pop(key).aclose()
+    key = (asyncio.get_running_loop(), name)
+    worker = _loop_workers.get(key)
+    if worker is None:
+        worker = _loop_workers[key] = ProcessWorker(name)
+    return worker

@@ -28,6 +28,7 @@ from agent.llm import LLM
 from agent.plan import TaskOutput
 from agent.request import Request
 from agent.resources import MemoryResourceStore
+from agent.vision import PromptImage
 from app.conversations import Conversations
 
 from .common import Result, Target, percentile, run_main
@@ -93,9 +94,14 @@ class TimedLLM:
             return await self._llm.complete_json(messages, **kwargs)
 
     async def stream(
-        self, messages: list[dict[str, str]], *, usage: LLMUsage, max_tokens: int | None = None
+        self,
+        messages: list[dict[str, str]],
+        *,
+        usage: LLMUsage,
+        max_tokens: int | None = None,
+        images: Sequence[PromptImage] = (),
     ) -> AsyncIterator[str]:
-        chunks = aiter(self._llm.stream(messages, usage=usage, max_tokens=max_tokens))
+        chunks = aiter(self._llm.stream(messages, usage=usage, max_tokens=max_tokens, images=images))
         while True:
             with self._meter.span():
                 try:
@@ -103,6 +109,9 @@ class TimedLLM:
                 except StopAsyncIteration:
                     return
             yield chunk
+
+    async def sees_images(self, usage: LLMUsage) -> bool:
+        return await self._llm.sees_images(usage)
 
     async def status(self) -> BackendStatus:
         return await self._llm.status()

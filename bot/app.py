@@ -7,8 +7,9 @@ The whole flow, in order:
 - ``setup_hook``: add the slash commands, and sync them with Discord only when asked (``--sync-commands``).
 - ``on_ready``: report in their threads the runs a restart interrupted.
 - ``on_message``: a mention in an allowed channel opens a public thread on that message and starts a
-  conversation there (platform ``discord``, external id = thread id, owner = author id); in a thread that has
-  a conversation, every message continues it without a mention. ``/ask`` takes the same path
+  conversation there (platform ``discord``, external id = thread id, owner = author id); a mention in a forum
+  post starts the conversation in that post; in a thread that has a conversation, every message continues it
+  without a mention. ``/ask`` and the message command "Ask HuggingGPT" take the same path
   (``start_or_continue``). Each request holds its thread's turn from the moment it arrives (so ``/reset`` cannot
   pull the conversation away under it), downloads its attachments when its turn starts (a queued request
   holds no files), runs in ``turn.run_in_thread``, and failures become a short message in the thread
@@ -47,7 +48,7 @@ from .commands import SlashCommands
 from .config import DiscordConfig
 from .controls import NOT_YOURS, CancelButton, RetryButton, controls
 from .identify import FileIdentifyGate, IdentifyGate
-from .limits import AccessPolicy, RateLimiter, ThreadQueue
+from .limits import AccessPolicy, RateLimiter, ThreadQueue, is_forum_post
 from .quotas import QuotaPolicy, day_start, refusal
 from .text import request_text, thread_name
 from .turn import ThreadRequest, post_message, run_in_thread
@@ -206,10 +207,12 @@ class HuggingGPTBot(commands.Bot):
         if not self.allowed(message.guild, channel, message.author):
             return
         conversation = await self.conversation_of(channel) if isinstance(channel, discord.Thread) else None
-        if in_thread and conversation is None:
+        if in_thread and conversation is None and not (mentioned and is_forum_post(channel)):
             if mentioned:
                 await post_message(
-                    channel, "Mention me in a text channel to start a conversation in a new thread."
+                    channel,
+                    "Mention me in a text channel to start a conversation in a new thread, "
+                    "or in a forum post.",
                 )
             return
         if not isinstance(channel, discord.Thread | discord.TextChannel):
@@ -337,11 +340,14 @@ class HuggingGPTBot(commands.Bot):
         owner_id: int,
         conversation: Conversation | None,
     ) -> tuple[discord.Thread, str] | None:
-        """Where a request goes, for mentions and ``/ask`` alike: ``conversation``, held in the thread the
-        request was made in, or else a new thread opened on ``anchor`` (a message in a text channel) with a
-        new conversation. None if Discord refuses the thread (the user has been told why)."""
+        """Where a request goes, for mentions, ``/ask`` and "Ask HuggingGPT" alike: ``conversation``, held in
+        the thread the request was made in; else, in a forum post, a new conversation in that post; else a new
+        thread opened on ``anchor`` (a message in a text channel) with a new conversation. None if Discord
+        refuses the thread or the conversation cannot be stored (the user has been told why)."""
         if isinstance(channel, discord.Thread):
-            return (channel, conversation.id) if conversation is not None else None
+            if conversation is not None:
+                return channel, conversation.id
+            return await self._open_in(channel, owner_id) if is_forum_post(channel) else None
         try:
             thread = await channel.create_thread(
                 name=thread_name(text), message=anchor, auto_archive_duration=THREAD_ARCHIVE_MINUTES
@@ -354,13 +360,17 @@ class HuggingGPTBot(commands.Bot):
                 notice = f"❌ Discord would not open a thread here (HTTP {err.status}); please try again in a moment."
             await post_message(channel, notice)
             return None
+        return await self._open_in(thread, owner_id)
+
+    async def _open_in(self, thread: discord.Thread, owner_id: int) -> tuple[discord.Thread, str] | None:
+        """A new conversation held in ``thread`` (one the bot opened, or a forum post)."""
         try:
             conversation = await self.conversations.open(
                 PLATFORM,
                 external_id=str(thread.id),
                 owner=str(owner_id),
                 title=thread.name,
-                guild_id=str(channel.guild.id),
+                guild_id=str(thread.guild.id),
             )
         except AgentError as err:
             log.error("could not store the conversation of thread %s: %s", thread.id, err)

@@ -1,4 +1,5 @@
-"""Slash commands: ``/ask``, ``/models``, ``/status``, ``/reset``, ``/help``.
+"""Slash commands: ``/ask``, ``/models``, ``/status``, ``/reset``, ``/help``; the message command "Ask
+HuggingGPT", which takes a message's text and files as the request.
 
 They are registered with Discord only by ``hugginggpt bot --sync-commands`` (syncing on every start would hit
 Discord's rate limits for no reason). Every command but ``/help`` follows the allow-lists: one
@@ -17,12 +18,15 @@ from agent.tasks import TASKS
 from agent.text import clip
 
 from .attachments import IncomingFile
-from .text import MESSAGE_LIMIT
+from .limits import is_forum_post
+from .text import MESSAGE_LIMIT, request_text
 
 if TYPE_CHECKING:
     from .app import HuggingGPTBot
 
-__all__ = ["HELP_TEXT", "HELP_TEXT_MENTIONS_ONLY", "SlashCommands"]
+__all__ = ["ASK_MENU", "HELP_TEXT", "HELP_TEXT_MENTIONS_ONLY", "SlashCommands"]
+
+ASK_MENU = "Ask HuggingGPT"
 
 _MODELS_SHOWN = 10
 _ECHO_LIMIT = 1500
@@ -31,7 +35,8 @@ HELP_TEXT = """\
 **HuggingGPT** plans your request with a language model, runs Hugging Face models for each step, and answers.
 - Mention me in a channel with a request (and images, audio or video attached): I open a thread and work there.
 - In that thread, just keep talking: I remember the conversation and the files in it.
-- `/ask prompt [attachment]` does the same as a mention.
+- `/ask prompt [attachment]` does the same as a mention; in a forum post I answer in the post.
+- Right-click a message → Apps → **Ask HuggingGPT**: that message (its text and files) is the request.
 - `/models task` lists the models I would pick from for a task. `/status` shows what I can reach.
 - `/reset` in a thread forgets its conversation (the person who started it, or an administrator).
 - ⏹️ Cancel on my status message stops a request; 🔁 Retry on an answer runs it again (who asked, or an admin).
@@ -47,6 +52,19 @@ HELP_TEXT_MENTIONS_ONLY = HELP_TEXT.replace(
 class SlashCommands(commands.Cog):
     def __init__(self, bot: HuggingGPTBot) -> None:
         self.bot = bot
+        # discord.py takes no context menu from a cog's decorators: it is added to the tree with the cog.
+        self.ask_menu = app_commands.ContextMenu(name=ASK_MENU, callback=self._ask_about_message)
+        self.ask_menu.guild_only = True
+        self.ask_menu.add_check(self._allowed)
+
+    async def cog_load(self) -> None:
+        self.bot.tree.add_command(self.ask_menu)
+
+    async def cog_unload(self) -> None:
+        self.bot.tree.remove_command(self.ask_menu.name, type=self.ask_menu.type)
+
+    async def _allowed(self, interaction: discord.Interaction) -> bool:
+        return self.bot.allowed(interaction.guild, interaction.channel, interaction.user)
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
         """The allow-lists, for every command but ``/help`` (a refusal becomes a ``CheckFailure``)."""
@@ -63,13 +81,48 @@ class SlashCommands(commands.Cog):
         prompt: app_commands.Range[str, 1, 4000],
         attachment: discord.Attachment | None = None,
     ) -> None:
+        files = [IncomingFile(attachment.filename, attachment.url, attachment.size)] if attachment else []
+        await self._ask(
+            interaction, prompt, files, "Use /ask in a text channel, a forum post or one of my threads."
+        )
+
+    async def _ask_about_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
+        """The message command "Ask HuggingGPT": that message's text and files are the request."""
+        me = self.bot.user
+        text = request_text(message.content, me.id) if me else message.content.strip()
+        files = [IncomingFile(a.filename, a.url, a.size) for a in message.attachments]
+        if not text and not files:
+            await interaction.response.send_message(
+                "That message has no text or files to ask about.", ephemeral=True
+            )
+            return
+        shown = clip(text, _ECHO_LIMIT) if text else "(no text)"
+        if files:
+            shown += f" [{len(files)} file{'s' if len(files) > 1 else ''}]"
+        await self._ask(
+            interaction,
+            text,
+            files,
+            "Use Ask HuggingGPT in a text channel, a forum post or one of my threads.",
+            echo=f"**{interaction.user.display_name}** asked about {message.jump_url}: {shown}",
+        )
+
+    async def _ask(
+        self,
+        interaction: discord.Interaction,
+        text: str,
+        files: list[IncomingFile],
+        elsewhere: str,
+        *,
+        echo: str | None = None,
+    ) -> None:
+        """/ask and "Ask HuggingGPT": echo the request, then the same path as a mention."""
         bot = self.bot
         channel = interaction.channel
         conversation = await bot.conversation_of(channel) if isinstance(channel, discord.Thread) else None
-        if not isinstance(channel, discord.TextChannel) and conversation is None:
-            await interaction.response.send_message(
-                "Use /ask in a text channel or in one of my threads.", ephemeral=True
-            )
+        place = isinstance(channel, discord.TextChannel) or is_forum_post(channel)
+        if conversation is None and not place:
+            await interaction.response.send_message(elsewhere, ephemeral=True)
             return
         wait = bot.rate_limiter.acquire(interaction.user.id)
         refused = f"⏳ Slow down: try again in {wait:.0f} s." if wait else await bot.quota_refusal(interaction.user)
@@ -77,16 +130,13 @@ class SlashCommands(commands.Cog):
             await interaction.response.send_message(refused, ephemeral=True)
             return
         await interaction.response.defer(thinking=True)
-        echo = await interaction.followup.send(_echo(interaction.user, prompt), wait=True)
+        anchor = await interaction.followup.send(echo or _echo(interaction.user, text), wait=True)
         assert isinstance(channel, discord.Thread | discord.TextChannel)
-        target = await bot.start_or_continue(channel, echo, prompt, interaction.user.id, conversation)
+        target = await bot.start_or_continue(channel, anchor, text, interaction.user.id, conversation)
         if target is None:
             return
         thread, conversation_id = target
-        files = [IncomingFile(attachment.filename, attachment.url, attachment.size)] if attachment else []
-        await bot.serve(
-            thread, conversation_id, prompt, files, author_id=interaction.user.id, message_id=None
-        )
+        await bot.serve(thread, conversation_id, text, files, author_id=interaction.user.id, message_id=None)
 
     @app_commands.command(
         name="models", description="The models HuggingGPT picks from for a task, best first."

@@ -1,4 +1,5 @@
-"""Who may use the bot where, and how much: allow-lists, a per-user rate limit, one run at a time per thread."""
+"""Who may use the bot where, and how much: allow-lists, the channels it answers in, a per-user rate limit,
+one run at a time per thread."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-__all__ = ["AccessPolicy", "RateLimiter", "ThreadQueue"]
+import discord
+
+__all__ = ["AccessPolicy", "RateLimiter", "ThreadQueue", "is_forum_post"]
 
 
 @dataclass(frozen=True)
@@ -80,3 +83,9 @@ class ThreadQueue:
             if not self._holders[thread_id]:
                 del self._holders[thread_id]
                 del self._locks[thread_id]
+
+
+def is_forum_post(channel: object) -> bool:
+    """Whether ``channel`` is a post of a forum channel: a thread its author opened, where the bot answers in
+    place (it cannot open a thread inside a thread)."""
+    return isinstance(channel, discord.Thread) and isinstance(channel.parent, discord.ForumChannel)

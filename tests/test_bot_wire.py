@@ -28,32 +28,58 @@ HUGGINGGPT = Path(sys.executable).with_name("hugginggpt")
 
 def test_the_bot_process_over_the_wire(tmp_path: Path) -> None:
     script = planning_script(
-        [plan(("image-to-image", {"image": "img-1.png", "text": "blue"}), ("text-to-speech", {"text": "hi"})),
-         Reply(text='{"tasks": []}', delay=60)],
+        [
+            plan(
+                ("image-to-image", {"image": "img-1.png", "text": "blue"}), ("text-to-speech", {"text": "hi"})
+            ),
+            Reply(text='{"tasks": []}', delay=60),
+        ],
         ["Here you are, @everyone."],
     )
     llm = llm_server.start_in_thread(script)
     hf = hf_server.start_in_thread(hf_tasks("image-to-image", "text-to-speech"))
     server = discord_server.start_in_thread()
     fake = server.fake
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "HF_", "HUGGINGGPT_", "DISCORD_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "HF_", "HUGGINGGPT_", "DISCORD_"))
+    }
     env |= agent_settings(llm.base_url, hf.base_url, tmp_path / "data")
-    env |= {"DISCORD_TOKEN": "test-token", "DISCORD_API_BASE": server.api_base, "DISCORD_GATEWAY_URL": server.gateway_url}
+    env |= {
+        "DISCORD_TOKEN": "test-token",
+        "DISCORD_API_BASE": server.api_base,
+        "DISCORD_GATEWAY_URL": server.gateway_url,
+    }
     log = (tmp_path / "bot.log").open("w+")
-    bot = subprocess.Popen([str(HUGGINGGPT), "bot", "--sync-commands"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    bot = subprocess.Popen(
+        [str(HUGGINGGPT), "bot", "--sync-commands"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         server.wait_for(lambda f: f.identified and f.requests_to("PUT", r"/commands$"), timeout=60)
-        assert {c["name"] for c in fake.requests_to("PUT", r"/commands$")[0].json} == {"ask", "models", "status", "reset", "help", "config", "usage"}
+        assert {c["name"] for c in fake.requests_to("PUT", r"/commands$")[0].json} == {
+            "ask",
+            "models",
+            "status",
+            "reset",
+            "help",
+            "config",
+            "usage",
+            "Ask HuggingGPT",
+        }
 
         # A mention with a PNG: one thread, a status message (its first POST gets a 429), edits (one gets a
         # 502), the answer with the files as multipart.
         fake.fail_next("POST", r"/channels/\d+/messages$", status=429, retry_after=0.1)
         fake.fail_next("PATCH", r"/messages/\d+$", status=502)
-        mention = server.call(fake.user_message, f"<@{BOT_ID}> make it blue and say hi",
-                              attachments=[("cat.png", png_bytes(), "image/png")])
+        mention = server.call(
+            fake.user_message,
+            f"<@{BOT_ID}> make it blue and say hi",
+            attachments=[("cat.png", png_bytes(), "image/png")],
+        )
         thread = f"/channels/{mention['id']}/messages"
         # The answer is posted at once; the final status edit follows when the edit interval allows.
-        server.wait_for(lambda f: any(r.files for r in f.requests_to("POST", thread + "$", status=200)), timeout=60)
+        server.wait_for(
+            lambda f: any(r.files for r in f.requests_to("POST", thread + "$", status=200)), timeout=60
+        )
         server.wait_for(
             lambda f: any(
                 (r.json or {}).get("content", "").startswith("**HuggingGPT** · done")
@@ -78,7 +104,12 @@ def test_the_bot_process_over_the_wire(tmp_path: Path) -> None:
         server.call(fake.user_message, "and now something slow", channel_id=int(mention["id"]))
         server.wait_for(lambda f: len(llm.requests) == 3, timeout=30)
         server.call(fake.user_message, "and then this", channel_id=int(mention["id"]))
-        server.wait_for(lambda f: any("queued" in (r.json or {}).get("content", "") for r in f.requests_to("POST", thread)), timeout=30)
+        server.wait_for(
+            lambda f: any(
+                "queued" in (r.json or {}).get("content", "") for r in f.requests_to("POST", thread)
+            ),
+            timeout=30,
+        )
         bot.send_signal(signal.SIGTERM)
         assert bot.wait(timeout=30) == 0
         stopped = fake.requests_to("PATCH", thread, status=200)[-1].json["content"]

@@ -237,6 +237,7 @@ def test_text_that_is_not_utf8_is_stored_and_printed_with_replacement_characters
     monkeypatch.setenv("HF_INFERENCE_BASE_URL", hf.base_url)
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     monkeypatch.setenv("HUGGINGGPT_MODEL_SELECTION", "downloads")
+    monkeypatch.setenv("LLM_VISION", "off")  # no image probe before the plan
     image = tmp_path / os.fsdecode(b"caf\xe9.png")  # a file name that is not UTF-8 either
     image.write_bytes(png_bytes())
     # What Python makes of a command line typed in Latin-1: undecodable bytes become lone surrogates.

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.errors import PlanParseError
-from agent.replies import MAX_JSON_REPLY_CHARS, REPAIR_SECONDS, _workers, parse_json_reply
+from agent.replies import MAX_JSON_REPLY_CHARS, REPAIR_SECONDS, parse_json_reply
+from agent.workers import _loop_workers
 
 # json_repair's quadratic case: 4 KB of it take ~2.6 s on this machine, 8 KB ~10 s.
 QUADRATIC = '{"a": ' + "b}]}{" * 1600
@@ -56,7 +57,7 @@ async def test_the_repair_runs_off_the_loop_and_is_killed_at_its_time_limit() ->
     with pytest.raises(PlanParseError, match=rf"could not be repaired within {REPAIR_SECONDS:g} s"):
         await parsing
     seconds = time.monotonic() - started
-    worker = _workers[asyncio.get_running_loop()]
+    worker = _loop_workers[(asyncio.get_running_loop(), "json-repair")]
     assert not worker.alive  # killed: its CPU time stopped with it
     print(f"\nrefused after {seconds:.2f} s; the loop's longest wait meanwhile {longest * 1000:.0f} ms")
     # The next repair starts a fresh child and works.
@@ -66,14 +67,14 @@ async def test_the_repair_runs_off_the_loop_and_is_killed_at_its_time_limit() ->
 
 async def test_repairs_of_different_loops_use_their_own_child_and_closed_loops_lose_theirs() -> None:
     await parse_json_reply("{'single': 'quotes'}")
-    mine = _workers[asyncio.get_running_loop()]
+    mine = _loop_workers[(asyncio.get_running_loop(), "json-repair")]
 
     def other_loop() -> object:
         return asyncio.run(parse_json_reply("{'other': 'loop'}"))
 
     assert await asyncio.to_thread(other_loop) == {"other": "loop"}
     assert await parse_json_reply("[1, 2,") == [1, 2]  # stops the closed loop's worker
-    assert list(_workers.values()) == [mine]
+    assert [w for (_, name), w in _loop_workers.items() if name == "json-repair"] == [mine]
 
 
 JSONISH = st.text(alphabet=st.sampled_from(list('{}[]":,ab1 \n<>/thinkx`')), max_size=300)

@@ -56,6 +56,7 @@ def test_allow_lists_parse_commas_and_spaces() -> None:
         ("HUGGINGGPT_TOP_K", "many"),
         ("HUGGINGGPT_TOP_K", "0"),
         ("HUGGINGGPT_MODEL_SELECTION", "random"),
+        ("LLM_VISION", "maybe"),
         ("LOCAL_LLM_THREADS", "-1"),
         ("LOCAL_LLM_THREADS", "two"),
         ("HUGGINGGPT_MAX_MEDIA_SECONDS", "0"),

@@ -53,5 +53,7 @@ def agent_settings(llm_url: str, hf_url: str, data_dir: Path, **extra: str) -> d
         "HUGGINGGPT_MODEL_SELECTION": "downloads",
         # Fixed demonstrations: no sentence encoder to load (seconds) in tests that are not about planning.
         "HUGGINGGPT_DEMOS": "fixed",
+        # No image probe among the LLM calls (images to the LLM are tested in test_vision.py).
+        "LLM_VISION": "off",
         **extra,
     }

@@ -391,7 +391,8 @@ class FakeDiscord:
     async def _sync_commands(self, request: web.Request) -> web.Response:
         commands = [
             {**c, "id": str(next(self._ids)), "application_id": str(APPLICATION_ID), "version": "1",
-             "default_member_permissions": None, "type": c.get("type", 1)}
+             "default_member_permissions": None, "type": c.get("type", 1),
+             "description": c.get("description", "")}  # Discord sends "" for context menus
             for c in request[_PAYLOAD] or []
         ]
         return _json(commands)

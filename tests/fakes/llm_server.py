@@ -22,6 +22,12 @@ Endpoints: ``POST /v1/chat/completions`` (also ``/chat/completions``) with and w
 ``reject_status`` (400 by default, as vLLM and OpenAI do; llama-cpp-python's server answers 500 with a
 pydantic validation error, reproduced word for word). An exhausted script answers HTTP 500 ``fake LLM server: script exhausted``.
 
+Images: every request's image parts are decoded and appended to ``images`` (one list per request, also for
+requests without any: ``ImagePart`` with the name the text part before it gives, the size in pixels and
+bytes). A server made with ``vision=False`` (the default, as a text-only model behind vLLM or llama.cpp
+without a projector) refuses a request with image parts with HTTP 400, without consuming the script; usage
+counts ``IMAGE_TOKENS`` for each image part.
+
 Misbehaviours a hostile or broken server shows: ``Reply(trickle=s)`` sends the answer in small pieces ``s``
 seconds apart (a streamed chunk, or 16 bytes of a plain body, at a time); ``Reply(endless=True)`` never stops
 sending (words, or body bytes); ``Reply(keepalive=s)`` streams nothing but SSE comments, every ``s`` seconds,
@@ -32,7 +38,9 @@ these, so a test can see how much a client read before it stopped.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import io
 import json
 import re
 import threading
@@ -41,13 +49,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from PIL import Image
 
 __all__ = [
+    "IMAGE_TOKENS",
     "FakeLLMServer",
+    "ImagePart",
     "Reply",
     "Script",
     "ThreadedServer",
     "completion_tokens",
+    "image_parts",
     "prompt_tokens",
     "start_in_thread",
 ]
@@ -93,9 +105,55 @@ class Reply:
 Script = Sequence[str | Reply] | Callable[[dict[str, Any]], str | Reply]
 
 
+IMAGE_TOKENS = 85
+"""Prompt tokens the fake counts for an image part (what OpenAI counts for a low-detail image)."""
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """An image part as the fake received it: the name given just before it, its format and size."""
+
+    name: str
+    mime: str
+    width: int
+    height: int
+    bytes: int
+
+
 def prompt_tokens(messages: Sequence[dict[str, Any]]) -> int:
-    """What the fake server reports as prompt tokens: ~4 characters a token plus 4 per message."""
-    return 3 + sum(4 + len(str(m.get("content") or "")) // 4 for m in messages)
+    """What the fake server reports as prompt tokens: ~4 characters a token plus 4 per message, and
+    ``IMAGE_TOKENS`` per image part."""
+    total = 3
+    for m in messages:
+        content = m.get("content") or ""
+        if isinstance(content, list):
+            text = "".join(str(p.get("text") or "") for p in content if isinstance(p, dict))
+            total += IMAGE_TOKENS * sum(isinstance(p, dict) and p.get("type") == "image_url" for p in content)
+        else:
+            text = str(content)
+        total += 4 + len(text) // 4
+    return total
+
+
+def image_parts(body: dict[str, Any]) -> list[ImagePart]:
+    """The image parts of a chat request, decoded (a part that is not a data URL of an image fails the test)."""
+    found = []
+    for message in body.get("messages") or []:
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        name = ""
+        for part in content:
+            if part.get("type") == "text":
+                name = str(part.get("text", "")).removeprefix("Image ").removesuffix(":")
+            elif part.get("type") == "image_url":
+                url = part["image_url"]["url"]
+                head, _, data = url.partition(",")
+                assert head.startswith("data:image/") and head.endswith(";base64"), head[:40]
+                raw = base64.b64decode(data)
+                with Image.open(io.BytesIO(raw)) as image:
+                    found.append(ImagePart(name, head[5:-7], image.width, image.height, len(raw)))
+    return found
 
 
 def completion_tokens(text: str) -> int:
@@ -112,8 +170,11 @@ class FakeLLMServer:
         reject_formats: Collection[str] = (),
         reject_status: int = 400,
         model: str = "fake-model",
+        vision: bool = False,
     ) -> None:
         self._script = script
+        self.vision = vision
+        self.images: list[list[ImagePart]] = []
         self._next = 0
         self.reject_formats = frozenset(reject_formats)
         self.reject_status = reject_status
@@ -167,6 +228,14 @@ class FakeLLMServer:
         body = await request.json()
         self.requests.append(body)
         self.headers.append(dict(request.headers))
+        images = image_parts(body)
+        self.images.append(images)
+        if images and not self.vision:
+            return web.Response(
+                status=400,
+                body=Reply.error(400, "image input is not supported by this model").body,
+                content_type="application/json",
+            )
         fmt = (body.get("response_format") or {}).get("type")
         if fmt in self.reject_formats:
             if self.reject_status == 500:  # llama-cpp-python 0.3's server
@@ -325,9 +394,11 @@ class ThreadedServer:
         return self.server.requests
 
 
-def start_in_thread(script: Script, *, reject_formats: Collection[str] = ()) -> ThreadedServer:
+def start_in_thread(
+    script: Script, *, reject_formats: Collection[str] = (), vision: bool = False
+) -> ThreadedServer:
     """Serve ``script`` from a background thread, for code that runs its own loop or another process."""
-    server = FakeLLMServer(script, reject_formats=reject_formats)
+    server = FakeLLMServer(script, reject_formats=reject_formats, vision=vision)
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     done: asyncio.Future[None] = loop.create_future()

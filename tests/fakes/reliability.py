@@ -94,6 +94,7 @@ async def start_runtime(llm_url: str, hf_url: str, data_dir: Path, **env: str) -
         "HUGGINGGPT_DATA_DIR": str(data_dir),
         "HUGGINGGPT_MODEL_SELECTION": "downloads",
         "HUGGINGGPT_DEMOS": "fixed",  # no sentence encoder to load in every test
+        "LLM_VISION": "off",  # no image probe in the LLM calls of tests not about images (test_vision.py)
         "HUGGINGGPT_TASK_TIMEOUT": "5",
         **env,
     }

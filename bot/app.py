@@ -47,7 +47,7 @@ from .budget import RestBudget
 from .commands import SlashCommands
 from .config import DiscordConfig
 from .controls import NOT_YOURS, CancelButton, RetryButton, controls
-from .identify import FileIdentifyGate, IdentifyGate
+from .identify import FileIdentifyGate, IdentifyGate, PostgresIdentifyGate
 from .limits import AccessPolicy, RateLimiter, ThreadQueue, is_forum_post
 from .quotas import QuotaPolicy, day_start, refusal
 from .text import request_text, thread_name
@@ -510,7 +510,12 @@ async def serve(runtime: Runtime, settings: Settings, *, sync_commands: bool) ->
     discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False  # no voice: silence the warnings
     bot: HuggingGPTBot
     if config.shard_count:
-        gate = FileIdentifyGate(settings.data_dir / "identify")
+        # Clusters on several machines share a PostgreSQL database; on one machine a lock file will do.
+        gate: IdentifyGate = (
+            PostgresIdentifyGate(re.sub(r"^postgresql\+\w+://", "postgresql://", settings.database_url))
+            if settings.database_url
+            else FileIdentifyGate(settings.data_dir / "identify")
+        )
         bot = ShardedHuggingGPTBot(runtime, config, identify_gate=gate, sync_commands=sync_commands)
         log.info(
             "cluster %d of %d: shards %s of %d",

@@ -65,7 +65,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """serve-models with a 1 MiB body limit, one request per model at a time and no queue."""
+    """serve-models with a 1 MiB body limit, 5 s of audio, one request per model at a time and no queue."""
     _installed(WHISPER, YOLO)
     port = unused_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HUGGINGGPT_", "SERVE_MODELS_"))}
@@ -73,6 +73,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         HUGGINGGPT_MAX_ATTACHMENT_MB=str(LIMIT_MB),
         SERVE_MODELS_CONCURRENCY="1",
         SERVE_MODELS_QUEUE="0",
+        HUGGINGGPT_MAX_MEDIA_SECONDS="5",
         HUGGINGGPT_DATA_DIR=str(tmp_path_factory.mktemp("serve") / "data"),
     )
     process = subprocess.Popen(
@@ -205,7 +206,7 @@ async def test_bad_requests_are_answered_plainly(server: Server) -> None:
             assert reply.status == 404 and "not served here" in (await reply.json())["error"]
         async with session.post(f"{server.url}/models/{WHISPER}", data=png(stop_sign(64))) as reply:
             assert reply.status == 400
-            assert "cannot be decoded" in (await reply.json())["error"]
+            assert "holds no audio" in (await reply.json())["error"]
         async with session.post(f"{server.url}/models/{YOLO}", data=b"not an image at all") as reply:
             assert reply.status == 400
 
@@ -319,3 +320,12 @@ async def test_the_other_served_models_answer_in_the_shapes_the_hf_backend_reads
         assert edges.resources[0].mime == "image/png"
     finally:
         await backend.aclose()
+
+
+async def test_audio_longer_than_the_media_limit_is_refused(server: Server, tmp_path: Path) -> None:
+    """The server's Whisper stops decoding at HUGGINGGPT_MAX_MEDIA_SECONDS (5 s here), as in the bot."""
+    speech = _speech(tmp_path, " ".join(["The quick brown fox jumps over the lazy dog."] * 4)).read_bytes()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{server.url}/models/{WHISPER}", data=speech) as reply:
+            assert reply.status == 400
+            assert "longer than the 5 s limit" in (await reply.json())["error"]

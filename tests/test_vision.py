@@ -15,7 +15,7 @@ from agent.plan import Plan
 from agent.request import ChatTurn, Request
 from agent.responder import Responder
 from agent.settings import Settings
-from agent.uploads import check_upload
+from agent.uploads import UploadLimits, check_uploads
 from agent.vision import IMAGE_PROMPT_TOKENS, MAX_PROMPT_IMAGES, PROMPT_IMAGE_SIDE
 from tests.fakes.agent_fakes import hf_tasks
 from tests.fakes.hf_server import FakeHF
@@ -29,7 +29,11 @@ MODELS = hf_tasks("object-detection")
 async def photo(name: str, size: tuple[int, int] = (2000, 1500)):  # type: ignore[no-untyped-def]
     out = io.BytesIO()
     Image.new("RGB", size, (40, 120, 200)).save(out, format="PNG")
-    return await check_upload(name, out.getvalue(), max_bytes=50 * 1024 * 1024)
+    uploads, refused = await check_uploads(
+        [(name, out.getvalue())], UploadLimits(50 * 1024 * 1024, 600.0, 4096)
+    )
+    assert not refused
+    return uploads[0]
 
 
 def is_probe(body: dict[str, Any]) -> bool:

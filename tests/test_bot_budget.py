@@ -105,7 +105,8 @@ def test_fifty_concurrent_runs_keep_the_bot_under_its_rest_budget(tmp_path: Path
     # printed above); the fake timestamps them when its loop gets to them, and on a loaded machine either
     # process can stall for a moment and let a few go together, so a one-second window at the fake can catch
     # up to half a second's more. Without the budget, the 50 mentions alone bring 150 requests at once.
-    assert len(rest) / seconds <= BUDGET
+    # n requests span n - 1 intervals: at exactly the budget, 150 requests take 14.9 s, not 15.
+    assert (len(rest) - 1) / seconds <= BUDGET
     assert busiest_5s <= 5 * BUDGET + BUDGET // 2
     assert busiest <= 2 * BUDGET
     assert answered(fake) == RUNS and len(fake.requests_to("POST", "/threads$")) == RUNS

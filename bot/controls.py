@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import discord
 
@@ -34,14 +34,22 @@ def controls(*items: discord.ui.Item[Any]) -> discord.ui.View:
     return view
 
 
-class CancelButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"hg:cancel:{_RUN_ID}"):
+class _RunButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"hg:run:{_RUN_ID}"):
+    """A button about one run; its custom id ``hg:<action>:<run id>`` carries the run across restarts. Each
+    subclass names its action in its own ``template`` (what ``add_dynamic_items`` matches) and ``action``."""
+
+    action: ClassVar[str]
+    label: ClassVar[str]
+    emoji: ClassVar[str]
+    style: ClassVar[discord.ButtonStyle]
+
     def __init__(self, run_id: str, *, disabled: bool = False) -> None:
         super().__init__(
             discord.ui.Button(
-                label="Cancel",
-                emoji="⏹️",
-                style=discord.ButtonStyle.danger,
-                custom_id=f"hg:cancel:{run_id}",
+                label=self.label,
+                emoji=self.emoji,
+                style=self.style,
+                custom_id=f"hg:{self.action}:{run_id}",
                 disabled=disabled,
             )
         )
@@ -50,32 +58,20 @@ class CancelButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"h
     @classmethod
     async def from_custom_id(
         cls, interaction: discord.Interaction[Any], item: discord.ui.Item[Any], match: re.Match[str], /
-    ) -> CancelButton:
+    ) -> Self:
         return cls(match["run"])
+
+
+class CancelButton(_RunButton, template=rf"hg:cancel:{_RUN_ID}"):
+    action, label, emoji, style = "cancel", "Cancel", "⏹️", discord.ButtonStyle.danger
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         bot: HuggingGPTBot = interaction.client
         await bot.cancel_from_button(interaction, self.run_id)
 
 
-class RetryButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"hg:retry:{_RUN_ID}"):
-    def __init__(self, run_id: str, *, disabled: bool = False) -> None:
-        super().__init__(
-            discord.ui.Button(
-                label="Retry",
-                emoji="🔁",
-                style=discord.ButtonStyle.secondary,
-                custom_id=f"hg:retry:{run_id}",
-                disabled=disabled,
-            )
-        )
-        self.run_id = run_id
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction[Any], item: discord.ui.Item[Any], match: re.Match[str], /
-    ) -> RetryButton:
-        return cls(match["run"])
+class RetryButton(_RunButton, template=rf"hg:retry:{_RUN_ID}"):
+    action, label, emoji, style = "retry", "Retry", "🔁", discord.ButtonStyle.secondary
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         bot: HuggingGPTBot = interaction.client

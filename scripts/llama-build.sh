@@ -37,7 +37,9 @@ fi
 pip=$1
 version=$2
 
-if "$pip" show llama-cpp-python 2>/dev/null | grep -qx "Version: $version"; then
+# (the output is read whole first: grep -q stopping early would kill pip show, and pipefail reports that)
+installed=$("$pip" show llama-cpp-python 2>/dev/null || true)
+if grep -qx "Version: $version" <<<"$installed"; then
   exit 0
 fi
 
@@ -52,7 +54,9 @@ wheel=$(ls "$cache"/llama_cpp_python-"$version"-*.whl 2>/dev/null | head -n1 || 
 if [ -z "$wheel" ]; then
   echo "Building llama-cpp-python $version with CMAKE_ARGS='$CMAKE_ARGS' (5-10 minutes on 2 cores, once)"
   mkdir -p "$cache"
-  "$pip" wheel -q --no-deps --no-binary llama-cpp-python -w "$cache" "llama-cpp-python==$version"
+  # --no-cache-dir: pip's own wheel cache is keyed by the source, not by CMAKE_ARGS, and would hand back a
+  # wheel built with other options.
+  "$pip" wheel -q --no-cache-dir --no-deps --no-binary llama-cpp-python -w "$cache" "llama-cpp-python==$version"
   wheel=$(ls "$cache"/llama_cpp_python-"$version"-*.whl | head -n1)
 fi
 "$pip" install -q --no-deps "$wheel"
